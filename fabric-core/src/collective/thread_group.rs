@@ -1,0 +1,414 @@
+//! The in-process engine: ranks are threads of one process and exchange tensors through shared
+//! memory, with no copy for the reduction itself.
+//!
+//! Every operation is a rendezvous of all ranks. Each rank moves its buffer into the group's
+//! shared state; the last rank to arrive checks that everyone called the same operation with
+//! compatible data. For `all_reduce` every rank then reduces its own chunk of the elements across
+//! all buffers (see `reduce.rs`), and a second rendezvous ends the operation before each rank
+//! takes its buffer back. Because the buffers live in the shared state, not on a rank's stack, a
+//! rank that gives up (timeout, peer failure) never leaves another rank writing into freed memory.
+//!
+//! A failure anywhere (a rank's error or panic reported by the launcher, a timeout, a mismatch, a
+//! rank that returned while others wait for it) is recorded once and wakes every waiter, so no
+//! rank blocks for longer than the timeout, and usually not at all.
+
+use super::reduce::{aligned, check_supported, chunk, reduce_range};
+use super::{Collective, ReduceOp};
+use crate::error::CollectiveError;
+use burn::tensor::{DType, TensorData};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// A group of `world_size` thread ranks. Create it once, hand [`ThreadGroup::member`] to each
+/// rank's thread, and report each rank's end with [`ThreadGroup::fail`] or [`ThreadGroup::exit`].
+#[derive(Clone)]
+pub struct ThreadGroup {
+    shared: Arc<Shared>,
+}
+
+/// One rank's handle on a [`ThreadGroup`]; implements [`Collective`].
+pub struct ThreadCollective {
+    shared: Arc<Shared>,
+    rank: usize,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+struct State {
+    /// Rendezvous generation; advances when the last rank arrives.
+    generation: u64,
+    arrived: Vec<bool>,
+    count: usize,
+    /// Each rank's published operation and buffer for the operation in progress.
+    slots: Vec<Option<Slot>>,
+    /// Ranks whose function has returned.
+    exited: Vec<bool>,
+    /// The first failure; once set, every call fails fast.
+    failure: Option<Failure>,
+}
+
+struct Slot {
+    op: Op,
+    data: TensorData,
+}
+
+/// What a rank asked for, compared across ranks at the rendezvous.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    AllReduce(ReduceOp),
+    Broadcast(usize),
+    AllGather,
+    Barrier,
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::AllReduce(_) => "all_reduce",
+            Op::Broadcast(_) => "broadcast",
+            Op::AllGather => "all_gather",
+            Op::Barrier => "barrier",
+        }
+    }
+}
+
+/// The rank held responsible and what happened.
+#[derive(Debug, Clone)]
+struct Failure {
+    rank: usize,
+    reason: String,
+}
+
+impl ThreadGroup {
+    /// A group of `world_size` ranks whose blocking calls give up after `timeout`.
+    pub fn new(world_size: usize, timeout: Duration) -> Self {
+        let world = world_size.max(1);
+        Self {
+            shared: Arc::new(Shared {
+                world,
+                timeout,
+                state: Mutex::new(State {
+                    generation: 0,
+                    arrived: vec![false; world],
+                    count: 0,
+                    slots: (0..world).map(|_| None).collect(),
+                    exited: vec![false; world],
+                    failure: None,
+                }),
+                wake: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The handle of rank `rank`.
+    pub fn member(&self, rank: usize) -> ThreadCollective {
+        ThreadCollective {
+            shared: Arc::clone(&self.shared),
+            rank,
+        }
+    }
+
+    /// Records that `rank` failed (returned an error or panicked) and releases every waiter. Only
+    /// the first failure is kept.
+    pub fn fail(&self, rank: usize, reason: impl Into<String>) {
+        let mut state = self.shared.lock();
+        if state.failure.is_none() {
+            state.failure = Some(Failure {
+                rank,
+                reason: reason.into(),
+            });
+        }
+        self.shared.wake.notify_all();
+    }
+
+    /// Records that `rank` returned normally: a rank still waiting for it fails at once.
+    pub fn exit(&self, rank: usize) {
+        let mut state = self.shared.lock();
+        if let Some(exited) = state.exited.get_mut(rank) {
+            *exited = true;
+        }
+        self.shared.wake.notify_all();
+    }
+
+    /// The first failure recorded: the rank held responsible and why.
+    pub fn failure(&self) -> Option<(usize, String)> {
+        self.shared
+            .lock()
+            .failure
+            .as_ref()
+            .map(|f| (f.rank, f.reason.clone()))
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding the lock; recover the state regardless.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn fail_locked(&self, state: &mut State, rank: usize, reason: String) {
+        if state.failure.is_none() {
+            state.failure = Some(Failure { rank, reason });
+        }
+        self.wake.notify_all();
+    }
+}
+
+fn aborted(rank: usize, op: &'static str, failure: &Failure) -> CollectiveError {
+    CollectiveError::Aborted {
+        rank,
+        operation: op,
+        failed_rank: failure.rank,
+        reason: failure.reason.clone(),
+    }
+}
+
+impl ThreadCollective {
+    /// Waits until every rank has arrived at this rendezvous. The last rank to arrive runs
+    /// `check` on the published slots; a mismatch fails the whole group.
+    fn rendezvous<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        op: &'static str,
+        check: impl Fn(&State) -> Option<(usize, String)>,
+    ) -> Result<MutexGuard<'a, State>, CollectiveError> {
+        let shared = &*self.shared;
+        if let Some(failure) = &state.failure {
+            return Err(aborted(self.rank, op, failure));
+        }
+        let generation = state.generation;
+        state.arrived[self.rank] = true;
+        state.count += 1;
+        if state.count == shared.world {
+            if let Some((culprit, detail)) = check(&state) {
+                shared.fail_locked(&mut state, culprit, detail.clone());
+                return Err(CollectiveError::Mismatch {
+                    rank: self.rank,
+                    detail,
+                });
+            }
+            state.generation += 1;
+            state.count = 0;
+            state.arrived.fill(false);
+            shared.wake.notify_all();
+            return Ok(state);
+        }
+        let deadline = Instant::now() + shared.timeout;
+        loop {
+            if state.generation != generation {
+                return Ok(state);
+            }
+            if let Some(failure) = &state.failure {
+                return Err(aborted(self.rank, op, failure));
+            }
+            if let Some(peer) = (0..shared.world).find(|&r| state.exited[r] && !state.arrived[r]) {
+                let reason = format!(
+                    "returned from its function while rank {} waited for it in `{op}`",
+                    self.rank
+                );
+                shared.fail_locked(&mut state, peer, reason);
+                return Err(CollectiveError::PeerExited {
+                    rank: self.rank,
+                    operation: op,
+                    peer,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> =
+                    (0..shared.world).filter(|&r| !state.arrived[r]).collect();
+                let culprit = missing.first().copied().unwrap_or(self.rank);
+                let reason = format!(
+                    "did not reach `{op}` within the collective timeout of {:?} (rank {} waited)",
+                    shared.timeout, self.rank
+                );
+                shared.fail_locked(&mut state, culprit, reason);
+                return Err(CollectiveError::Timeout {
+                    rank: self.rank,
+                    operation: op,
+                    timeout: shared.timeout,
+                    missing,
+                });
+            }
+            state = shared
+                .wake
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Publishes this rank's operation and buffer, then waits for everyone (first rendezvous).
+    fn publish(
+        &self,
+        op: Op,
+        data: TensorData,
+        check: impl Fn(&State) -> Option<(usize, String)>,
+    ) -> Result<MutexGuard<'_, State>, CollectiveError> {
+        let name = op.name();
+        let mut state = self.shared.lock();
+        if let Some(failure) = &state.failure {
+            return Err(aborted(self.rank, name, failure));
+        }
+        state.slots[self.rank] = Some(Slot { op, data });
+        self.rendezvous(state, name, check)
+    }
+
+    /// Second rendezvous, then takes this rank's buffer back.
+    fn finish(&self, op: &'static str) -> Result<TensorData, CollectiveError> {
+        let state = self.shared.lock();
+        let mut state = self.rendezvous(state, op, |_| None)?;
+        state.slots[self.rank]
+            .take()
+            .map(|slot| slot.data)
+            .ok_or_else(|| CollectiveError::Mismatch {
+                rank: self.rank,
+                detail: format!("rank {}'s buffer vanished during `{op}`", self.rank),
+            })
+    }
+}
+
+/// Checks that every rank published the same operation, and data that agrees on what `same`
+/// compares; names the first rank that differs from rank 0.
+fn same_op(
+    state: &State,
+    same: impl Fn(&TensorData, &TensorData) -> bool,
+) -> Option<(usize, String)> {
+    let first = state.slots[0].as_ref()?;
+    state
+        .slots
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find_map(|(rank, slot)| {
+            let slot = slot.as_ref()?;
+            if slot.op != first.op {
+                return Some((
+                    rank,
+                    format!(
+                        "rank 0 called `{:?}` but rank {rank} called `{:?}`",
+                        first.op, slot.op
+                    ),
+                ));
+            }
+            if !same(&first.data, &slot.data) {
+                return Some((
+                    rank,
+                    format!(
+                        "in `{}` rank 0 has {:?} {:?} but rank {rank} has {:?} {:?}",
+                        first.op.name(),
+                        first.data.dtype,
+                        first.data.shape,
+                        slot.data.dtype,
+                        slot.data.shape
+                    ),
+                ));
+            }
+            None
+        })
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
+        check_supported(&data, op)?;
+        let data = aligned(data);
+        let dtype: DType = data.dtype;
+        let numel = data.num_elements();
+        let mut state = self.publish(Op::AllReduce(op), data, |state| {
+            same_op(state, |a, b| {
+                a.dtype == b.dtype && a.num_elements() == b.num_elements()
+            })
+        })?;
+        // Every slot is present until each rank takes its own back after `finish`, so these
+        // pointers stay valid until this rank reaches the second rendezvous.
+        let ptrs: Vec<*mut u8> = state
+            .slots
+            .iter_mut()
+            .map(|slot| {
+                slot.as_mut()
+                    .map_or(std::ptr::null_mut(), |s| s.data.bytes.as_mut_ptr())
+            })
+            .collect();
+        drop(state);
+        if ptrs.iter().all(|p| !p.is_null()) {
+            // SAFETY: all buffers hold `numel` elements of `dtype` (checked at the rendezvous),
+            // are aligned (`aligned`), are owned by the shared state and not moved until every
+            // rank passed `finish`, and only this rank touches this chunk of them.
+            unsafe { reduce_range(dtype, &ptrs, chunk(self.rank, self.shared.world, numel), op) };
+        }
+        self.finish("all_reduce")
+    }
+
+    fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
+        if src >= self.shared.world {
+            return Err(CollectiveError::InvalidRank {
+                src,
+                world_size: self.shared.world,
+            });
+        }
+        let state = self.publish(Op::Broadcast(src), data, |state| {
+            same_op(state, |_, _| true)
+        })?;
+        let copy = if self.rank == src {
+            None
+        } else {
+            state.slots[src].as_ref().map(|slot| slot.data.clone())
+        };
+        drop(state);
+        let own = self.finish("broadcast")?;
+        Ok(copy.unwrap_or(own))
+    }
+
+    fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
+        let state = self.publish(Op::AllGather, data, |state| {
+            same_op(state, |a, b| a.dtype == b.dtype && a.shape == b.shape)
+        })?;
+        let mut gathered: Vec<Option<TensorData>> = state
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(rank, slot)| {
+                if rank == self.rank {
+                    None
+                } else {
+                    slot.as_ref().map(|s| s.data.clone())
+                }
+            })
+            .collect();
+        drop(state);
+        gathered[self.rank] = Some(self.finish("all_gather")?);
+        gathered
+            .into_iter()
+            .enumerate()
+            .map(|(rank, data)| {
+                data.ok_or_else(|| CollectiveError::Mismatch {
+                    rank: self.rank,
+                    detail: format!("rank {rank}'s buffer was missing in `all_gather`"),
+                })
+            })
+            .collect()
+    }
+
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        let placeholder = TensorData::new(Vec::<u8>::new(), [0]);
+        let mut state = self.publish(Op::Barrier, placeholder, |state| {
+            same_op(state, |_, _| true)
+        })?;
+        // The slots were checked by the last arriver before anyone woke; nobody reads them now.
+        state.slots[self.rank] = None;
+        Ok(())
+    }
+}

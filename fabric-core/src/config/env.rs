@@ -1,0 +1,69 @@
+//! Settings read from the environment that the `fabric run` CLI sets (Lightning's `LT_*` names).
+
+use std::collections::HashMap;
+
+/// Set to `1` by the `fabric run` CLI; then a conflicting value in code is an error.
+pub const LT_CLI_USED: &str = "LT_CLI_USED";
+/// Accelerator set by the CLI.
+pub const LT_ACCELERATOR: &str = "LT_ACCELERATOR";
+/// Strategy set by the CLI.
+pub const LT_STRATEGY: &str = "LT_STRATEGY";
+/// Devices per node set by the CLI.
+pub const LT_DEVICES: &str = "LT_DEVICES";
+/// Number of nodes set by the CLI.
+pub const LT_NUM_NODES: &str = "LT_NUM_NODES";
+/// Precision set by the CLI.
+pub const LT_PRECISION: &str = "LT_PRECISION";
+
+const NAMES: [&str; 6] = [
+    LT_CLI_USED,
+    LT_ACCELERATOR,
+    LT_STRATEGY,
+    LT_DEVICES,
+    LT_NUM_NODES,
+    LT_PRECISION,
+];
+
+/// A snapshot of the `LT_*` variables. Taken once when a Fabric is built, so configuration does
+/// not change under a running job; tests build one from pairs instead of touching the process
+/// environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvVars {
+    vars: HashMap<String, String>,
+}
+
+impl EnvVars {
+    /// Reads the `LT_*` variables of this process.
+    pub fn from_process() -> Self {
+        let vars = NAMES
+            .iter()
+            .filter_map(|name| std::env::var(name).ok().map(|v| (name.to_string(), v)))
+            .collect();
+        Self { vars }
+    }
+
+    /// An explicit set of variables (for tests, or for embedding Fabric in another launcher).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+
+    /// The value of one variable, if set and non-empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Whether the `fabric run` CLI launched this process.
+    pub fn cli_used(&self) -> bool {
+        self.get(LT_CLI_USED) == Some("1")
+    }
+}

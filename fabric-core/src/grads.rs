@@ -1,0 +1,340 @@
+//! A rank's gradients between `backward` and the optimizer step, like PyTorch's `.grad`: they
+//! accumulate across backward passes until a step takes them. Every walk over parameters goes
+//! in module-visit order, which is the same on every rank whatever the random `ParamId`s are.
+
+use crate::FabricError;
+use crate::strategy::{FlatGrad, Strategy};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use std::marker::PhantomData;
+
+/// Accumulated, possibly synchronised, gradients of every module a rank trains, keyed by
+/// parameter id.
+#[derive(Default)]
+pub struct GradStore {
+    grads: GradientsParams,
+}
+
+impl std::fmt::Debug for GradStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradStore")
+            .field("len", &self.grads.len())
+            .finish()
+    }
+}
+
+impl GradStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of parameters holding a gradient.
+    pub fn len(&self) -> usize {
+        self.grads.len()
+    }
+
+    /// Whether no parameter holds a gradient.
+    pub fn is_empty(&self) -> bool {
+        self.grads.is_empty()
+    }
+
+    /// Adds `new` (gradients of `model`'s parameters) to what is stored.
+    pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        mut new: GradientsParams,
+    ) {
+        model.visit(&mut Accumulate::<B> {
+            store: &mut self.grads,
+            new: &mut new,
+            _b: PhantomData,
+        });
+    }
+
+    /// Replaces `model`'s stored gradients by their average over the ranks, as `strategy`
+    /// computes it.
+    pub fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        strategy: &dyn Strategy<B>,
+    ) -> Result<(), FabricError> {
+        let mut flatten = Flatten::<B> {
+            store: &mut self.grads,
+            out: Vec::new(),
+        };
+        model.visit(&mut flatten);
+        let reduced = strategy.reduce_gradients(flatten.out)?;
+        model.visit(&mut Unflatten::<B> {
+            store: &mut self.grads,
+            grads: reduced.into_iter(),
+        });
+        Ok(())
+    }
+
+    /// Removes and returns `model`'s gradients, ready for `Optimizer::step`; other modules'
+    /// gradients stay.
+    pub fn take<B: AutodiffBackend, M: AutodiffModule<B>>(&mut self, model: &M) -> GradientsParams {
+        let mut taken = GradientsParams::new();
+        model.visit(&mut Accumulate::<B> {
+            store: &mut taken,
+            new: &mut self.grads,
+            _b: PhantomData,
+        });
+        taken
+    }
+
+    /// `model`'s gradient of parameter `param`, if stored (for inspection and tests).
+    pub fn get<B: AutodiffBackend, const D: usize>(
+        &self,
+        param: &Param<Tensor<B, D>>,
+    ) -> Option<Tensor<B::InnerBackend, D>> {
+        self.grads.get::<B::InnerBackend, D>(param.id)
+    }
+
+    /// Scales `model`'s gradients so that their joint `norm_type`-norm is at most `max_norm`
+    /// (PyTorch's `clip_grad_norm_`, coefficient `max_norm / (norm + 1e-6)` capped at 1) and
+    /// returns the norm before clipping. `norm_type` may be `f64::INFINITY`.
+    pub fn clip_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64, FabricError> {
+        if !(norm_type > 0.0) {
+            return Err(FabricError::InvalidArgument {
+                name: "norm_type",
+                value: norm_type.to_string(),
+                reason:
+                    "must be positive (2.0 for the Euclidean norm, f64::INFINITY for the max norm)"
+                        .into(),
+            });
+        }
+        if !(max_norm >= 0.0) {
+            return Err(FabricError::InvalidArgument {
+                name: "max_norm",
+                value: max_norm.to_string(),
+                reason: "must be zero or positive".into(),
+            });
+        }
+        let mut norms = PartNorms::<B> {
+            store: &self.grads,
+            norm_type,
+            parts: Vec::new(),
+        };
+        model.visit(&mut norms);
+        let Some(total) = norms.parts.into_iter().reduce(|a, b| {
+            if norm_type.is_infinite() {
+                a.max_pair(b)
+            } else {
+                a + b
+            }
+        }) else {
+            return Ok(0.0);
+        };
+        let total: f64 = total.into_scalar().elem();
+        let norm = if norm_type.is_infinite() {
+            total
+        } else {
+            total.powf(1.0 / norm_type)
+        };
+        if !norm.is_finite() {
+            return Err(FabricError::NonFiniteNorm { norm_type, norm });
+        }
+        let coefficient = max_norm / (norm + 1e-6);
+        if coefficient < 1.0 {
+            self.map::<B, M>(model, |g| g.mul_scalar(coefficient));
+        }
+        Ok(norm)
+    }
+
+    /// Clamps every gradient of `model` into `[-clip_value, clip_value]`.
+    pub fn clip_value<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        clip_value: f64,
+    ) -> Result<(), FabricError> {
+        if !(clip_value >= 0.0) {
+            return Err(FabricError::InvalidArgument {
+                name: "clip_value",
+                value: clip_value.to_string(),
+                reason: "must be zero or positive".into(),
+            });
+        }
+        self.map::<B, M>(model, |g| g.clamp(-clip_value, clip_value));
+        Ok(())
+    }
+
+    /// Applies `f` to each stored gradient of `model`, flattened.
+    fn map<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        f: impl Fn(Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1>,
+    ) {
+        let mut flatten = Flatten::<B> {
+            store: &mut self.grads,
+            out: Vec::new(),
+        };
+        model.visit(&mut flatten);
+        let mapped: Vec<FlatGrad<B::InnerBackend>> = flatten
+            .out
+            .into_iter()
+            .map(|g| FlatGrad {
+                grad: g.grad.map(&f),
+                ..g
+            })
+            .collect();
+        model.visit(&mut Unflatten::<B> {
+            store: &mut self.grads,
+            grads: mapped.into_iter(),
+        });
+    }
+}
+
+/// Whether a parameter takes part in gradient exchange. Decided from the module, identically on
+/// every rank.
+fn trainable<B: AutodiffBackend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+    param.val().is_require_grad()
+}
+
+/// Moves each visited parameter's gradient from `new` into `store`, adding to what is there.
+struct Accumulate<'a, B> {
+    store: &'a mut GradientsParams,
+    new: &'a mut GradientsParams,
+    _b: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.new.remove::<B::InnerBackend, D>(param.id) {
+            let sum = match self.store.remove::<B::InnerBackend, D>(param.id) {
+                Some(old) => old + grad,
+                None => grad,
+            };
+            self.store.register::<B::InnerBackend, D>(param.id, sum);
+        }
+    }
+}
+
+/// Removes the trainable parameters' gradients, flattened, in visit order.
+struct Flatten<'a, B: AutodiffBackend> {
+    store: &'a mut GradientsParams,
+    out: Vec<FlatGrad<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !trainable(param) {
+            return;
+        }
+        let numel = param.lazy_shape().num_elements();
+        let grad = self
+            .store
+            .remove::<B::InnerBackend, D>(param.id)
+            .map(|g| g.reshape([numel]));
+        self.out.push(FlatGrad {
+            numel,
+            dtype: param.val().dtype(),
+            grad,
+        });
+    }
+}
+
+/// Puts flattened gradients back, in the same visit order as [`Flatten`].
+struct Unflatten<'a, B: AutodiffBackend> {
+    store: &'a mut GradientsParams,
+    grads: std::vec::IntoIter<FlatGrad<B::InnerBackend>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !trainable(param) {
+            return;
+        }
+        if let Some(grad) = self.grads.next().and_then(|g| g.grad) {
+            let grad: Tensor<B::InnerBackend, D> = grad.reshape(param.lazy_shape());
+            self.store.register::<B::InnerBackend, D>(param.id, grad);
+        }
+    }
+}
+
+/// Per-parameter `sum |g|^p` (or `max |g|`), each a one-element tensor, summed later with one
+/// device read.
+struct PartNorms<'a, B: AutodiffBackend> {
+    store: &'a GradientsParams,
+    norm_type: f64,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for PartNorms<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(grad) = self.store.get::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        let abs = grad.abs().flatten::<1>(0, D - 1);
+        let part = if self.norm_type.is_infinite() {
+            abs.max()
+        } else if self.norm_type == 2.0 {
+            abs.square().sum()
+        } else {
+            abs.powf_scalar(self.norm_type).sum()
+        };
+        self.parts.push(part);
+    }
+}
+
+/// Overwrites every float parameter with the next value from `values` (flattened, visit order),
+/// keeping its id and whether it requires grad. Used to install rank 0's parameters.
+pub struct AssignParams<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> {
+    values: I,
+    _b: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> AssignParams<B, I> {
+    /// Assigns `values` in module-visit order.
+    pub fn new(values: I) -> Self {
+        Self {
+            values,
+            _b: PhantomData,
+        }
+    }
+}
+
+impl<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> ModuleMapper<B>
+    for AssignParams<B, I>
+{
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(value) = self.values.next() else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let mut tensor = Tensor::<B, D>::from_inner(value.reshape(tensor.shape()));
+        if require_grad {
+            tensor = tensor.require_grad();
+        }
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// Every float parameter's value, flattened, in module-visit order.
+pub struct CollectParams<B: AutodiffBackend> {
+    /// The collected values.
+    pub values: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> Default for CollectParams<B> {
+    fn default() -> Self {
+        Self { values: Vec::new() }
+    }
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let value = param.val().inner();
+        let numel = value.shape().num_elements();
+        self.values.push(value.reshape([numel]));
+    }
+}

@@ -1,0 +1,16 @@
+//! Core of burn-fabric: configuration, the rank context, the collective seam and its in-process
+//! engine, the thread launcher, distributed data loading, gradient storage and the strategy
+//! trait. The `burn-fabric` crate puts a façade over all of this; depend on that one.
+
+pub mod backend;
+pub mod collective;
+pub mod config;
+mod error;
+pub mod grads;
+pub mod launcher;
+pub mod loader;
+pub mod rank;
+pub mod sampler;
+pub mod strategy;
+
+pub use error::{CollectiveError, FabricError};
