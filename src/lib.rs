@@ -1,1 +1,60 @@
-//! burn-fabric
+//! # burn-fabric
+//!
+//! Lightning Fabric for [Burn](https://burn.dev): keep your own training loop, change a handful
+//! of lines, and run it on one CPU or many devices, with the gradients of every rank averaged,
+//! the data sharded, and every rank released with an error naming the culprit if one fails.
+//!
+//! ```text
+//! let mut fabric = Fabric::<DefaultBackend>::builder().devices(2).build()?;
+//! fabric.launch(|fabric| {
+//!     let (mut model, mut optim) = fabric.setup(model, AdamConfig::new().init())?;
+//!     let mut train = fabric.setup_dataloader(loader)?;
+//!     for batch in train.iter() {
+//!         let loss = model.forward(batch);
+//!         fabric.backward(loss, &model)?;          // instead of loss.backward()
+//!         model = optim.step(lr, model)?;          // instead of optim.step(lr, model, grads)
+//!     }
+//!     Ok::<_, FabricError>(())
+//! })?;
+//! ```
+//!
+//! Pick the backend with a Cargo feature (`flex`, the default, or `ndarray`); [`DefaultBackend`]
+//! follows it.
+
+mod collectives;
+mod connector;
+mod fabric;
+mod optimizer;
+
+pub use fabric::{Fabric, FabricBuilder};
+pub use optimizer::FabricOptimizer;
+
+pub use fabric_core::backend::{BackendDevices, DevicePool};
+pub use fabric_core::collective::{Collective, ReduceOp};
+pub use fabric_core::config::{Accelerator, Devices, EnvVars, Precision, StrategyChoice};
+pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
+pub use fabric_core::rank::RankInfo;
+pub use fabric_core::sampler::DistributedSampler;
+pub use fabric_core::{CollectiveError, FabricError};
+
+/// The crates behind the façade, for what it does not re-export.
+pub use burn;
+pub use fabric_core;
+pub use fabric_precision;
+pub use fabric_strategies;
+
+/// The autodiff backend the enabled Cargo feature selects (`ndarray` wins over the default
+/// `flex` when both are on, since it can only have been asked for explicitly).
+#[cfg(feature = "ndarray")]
+pub type DefaultBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+
+/// The autodiff backend the enabled Cargo feature selects.
+#[cfg(all(feature = "flex", not(feature = "ndarray")))]
+pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// What a training script usually imports.
+pub mod prelude {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    pub use crate::DefaultBackend;
+    pub use crate::{DataLoader, Fabric, FabricError, FabricOptimizer, RankDataLoader, ReduceOp};
+}

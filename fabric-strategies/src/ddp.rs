@@ -2,7 +2,7 @@
 //! are averaged across ranks after each synchronised backward pass, in buckets.
 
 use crate::bucket::plan_buckets;
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use fabric_core::FabricError;
 use fabric_core::collective::{Collective, ReduceOp};
@@ -20,17 +20,13 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 /// no gradient (its optimizer state is left alone, as in PyTorch).
 pub struct Ddp<B: AutodiffBackend> {
     collective: Box<dyn Collective>,
-    device: <B as Backend>::Device,
+    device: B::Device,
     bucket_bytes: usize,
 }
 
 impl<B: AutodiffBackend> Ddp<B> {
     /// DDP over `collective` for the rank whose device is `device`.
-    pub fn new(
-        collective: Box<dyn Collective>,
-        device: <B as Backend>::Device,
-        bucket_bytes: usize,
-    ) -> Self {
+    pub fn new(collective: Box<dyn Collective>, device: B::Device, bucket_bytes: usize) -> Self {
         Self {
             collective,
             device,

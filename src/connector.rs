@@ -1,0 +1,99 @@
+//! Turns the resolved configuration into what a rank runs with (Lightning's `_Connector`): the
+//! devices, the concrete strategy, and the checks that reject what this build cannot run.
+
+use burn::tensor::backend::AutodiffBackend;
+use fabric_core::FabricError;
+use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
+use fabric_core::collective::Collective;
+use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
+use fabric_core::strategy::Strategy;
+use fabric_strategies::{Ddp, SingleDevice};
+
+/// Everything rank-independent about a job.
+pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
+    pub config: FabricConfig,
+    pub placement: Placement<B::Device>,
+    /// `SingleDevice` or `Ddp`, never `Auto`.
+    pub strategy: StrategyChoice,
+}
+
+impl<B: AutodiffBackend + BackendDevices> Connector<B> {
+    pub fn new(config: FabricConfig) -> Result<Self, FabricError> {
+        fabric_precision::check_available(config.precision)?;
+        if config.num_nodes > 1 {
+            return Err(FabricError::Unsupported {
+                what: format!("num_nodes={}", config.num_nodes),
+                reason: "ranks on several nodes need the MPI engine (the `mpi` feature), which this build does not have".into(),
+            });
+        }
+        let placement = resolve_placement::<B>(config.accelerator, &config.devices)?;
+        let local = placement.devices.len();
+        let strategy = match config.strategy {
+            StrategyChoice::Auto if local * config.num_nodes == 1 => StrategyChoice::SingleDevice,
+            StrategyChoice::Auto => StrategyChoice::Ddp,
+            StrategyChoice::SingleDevice if local > 1 => {
+                return Err(FabricError::InvalidSetting {
+                    setting: "strategy",
+                    value: format!("single_device with devices={local}"),
+                    valid: "`ddp` (or `auto`) for more than one device, or devices=1".into(),
+                });
+            }
+            other => other,
+        };
+        Ok(Self {
+            config,
+            placement,
+            strategy,
+        })
+    }
+
+    /// Ranks on this node.
+    pub fn local_world_size(&self) -> usize {
+        self.placement.devices.len()
+    }
+
+    /// Ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.local_world_size() * self.config.num_nodes
+    }
+
+    /// The strategy of one rank, talking through `collective`.
+    pub fn strategy_for(
+        &self,
+        local_rank: usize,
+        collective: Box<dyn Collective>,
+    ) -> Box<dyn Strategy<B>> {
+        match self.strategy {
+            StrategyChoice::SingleDevice => Box::new(SingleDevice::<B>::default()),
+            StrategyChoice::Auto | StrategyChoice::Ddp => Box::new(Ddp::<B>::new(
+                collective,
+                self.placement.devices[local_rank].clone(),
+                self.config.bucket_bytes,
+            )),
+        }
+    }
+
+    /// Rayon threads per rank: CPU ranks split the cores between them.
+    pub fn threads_per_rank(&self) -> Option<usize> {
+        let local = self.local_world_size();
+        if self.placement.accelerator != Accelerator::Cpu || local <= 1 {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some((cores / local).max(1))
+    }
+
+    /// The first line the examples print.
+    pub fn describe(&self) -> String {
+        format!(
+            "backend={} accelerator={} devices={} num_nodes={} world_size={} strategy={} precision={}",
+            B::backend_name(),
+            self.placement.accelerator,
+            self.local_world_size(),
+            self.config.num_nodes,
+            self.world_size(),
+            self.strategy,
+            self.config.precision,
+        )
+    }
+}

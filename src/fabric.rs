@@ -1,0 +1,422 @@
+//! The façade: one `Fabric<B>` per rank, forwarding to the strategy and the collective.
+
+use crate::connector::Connector;
+use crate::optimizer::{FabricOptimizer, lock};
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsParams, Optimizer};
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use fabric_core::FabricError;
+use fabric_core::backend::BackendDevices;
+use fabric_core::collective::{Collective, SingleProcess};
+use fabric_core::config::{
+    Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
+};
+use fabric_core::grads::{AssignParams, CollectParams, GradStore};
+use fabric_core::launcher::{ThreadLaunch, launch_threads};
+use fabric_core::loader::{DataLoader, RankDataLoader};
+use fabric_core::rank::RankInfo;
+use fabric_core::strategy::Strategy;
+use std::error::Error;
+use std::fmt::Display;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Lightning Fabric for Burn: keep your training loop, let Fabric place it on devices, ranks
+/// and precisions.
+///
+/// ```no_run
+/// # use burn_fabric::{Fabric, DefaultBackend};
+/// let mut fabric = Fabric::<DefaultBackend>::builder().devices(2).build()?;
+/// let accuracy = fabric.launch(|fabric| -> Result<f64, burn_fabric::FabricError> {
+///     // build the model and optimizer, then `fabric.setup(model, optimizer)?`,
+///     // `fabric.setup_dataloader(loader)?`, and in the loop `fabric.backward(loss, &model)?`
+///     // followed by `model = optimizer.step(lr, model)?`.
+///     Ok(0.97)
+/// })?;
+/// # Ok::<(), burn_fabric::FabricError>(())
+/// ```
+///
+/// A `Fabric` built with one device is ready at once; with several, [`launch`](Self::launch)
+/// runs the training function once per rank (each on its own thread with its own `Fabric`) and
+/// the methods that need ranks return [`FabricError::NotLaunched`] before that.
+pub struct Fabric<B: AutodiffBackend + BackendDevices> {
+    connector: Arc<Connector<B>>,
+    rank: Option<Rank<B>>,
+    seed: u64,
+    launched: bool,
+}
+
+/// What one running rank holds.
+struct Rank<B: AutodiffBackend> {
+    info: RankInfo,
+    device: B::Device,
+    strategy: Box<dyn Strategy<B>>,
+    grads: Arc<Mutex<GradStore>>,
+    backward_sync: bool,
+}
+
+/// Builds a [`Fabric`] from typed values or Lightning's strings.
+pub struct FabricBuilder<B> {
+    raw: RawConfig,
+    env: Option<EnvVars>,
+    _backend: PhantomData<fn() -> B>,
+}
+
+impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
+    /// `auto` (default), `cpu`, `gpu`, `cuda`, `wgpu`, or an [`Accelerator`].
+    pub fn accelerator(mut self, accelerator: impl Into<Setting<Accelerator>>) -> Self {
+        self.raw.accelerator = Some(accelerator.into());
+        self
+    }
+
+    /// Devices per node: a count (`2`), `-1` (all), `"auto"`, ids (`"0,2"`, `vec![0, 2]`).
+    pub fn devices(mut self, devices: impl Into<Setting<Devices>>) -> Self {
+        self.raw.devices = Some(devices.into());
+        self
+    }
+
+    /// Number of nodes (default 1).
+    pub fn num_nodes(mut self, num_nodes: usize) -> Self {
+        self.raw.num_nodes = Some(num_nodes);
+        self
+    }
+
+    /// `auto` (default), `single_device`, `ddp` (and Lightning's DDP aliases), or a
+    /// [`StrategyChoice`].
+    pub fn strategy(mut self, strategy: impl Into<Setting<StrategyChoice>>) -> Self {
+        self.raw.strategy = Some(strategy.into());
+        self
+    }
+
+    /// `32-true` (default) or any of Lightning's precision strings, aliases or integers.
+    pub fn precision(mut self, precision: impl Into<Setting<Precision>>) -> Self {
+        self.raw.precision = Some(precision.into());
+        self
+    }
+
+    /// How long a collective waits for the other ranks before failing (default 30 minutes).
+    pub fn collective_timeout(mut self, timeout: Duration) -> Self {
+        self.raw.collective_timeout = Some(timeout);
+        self
+    }
+
+    /// Size of one gradient bucket in bytes (default 25 MiB, as PyTorch DDP).
+    pub fn bucket_bytes(mut self, bytes: usize) -> Self {
+        self.raw.bucket_bytes = Some(bytes);
+        self
+    }
+
+    /// Reads the `LT_*` settings from `env` instead of the process environment.
+    pub fn env(mut self, env: EnvVars) -> Self {
+        self.env = Some(env);
+        self
+    }
+
+    /// Resolves every setting against the environment and the backend's devices.
+    pub fn build(self) -> Result<Fabric<B>, FabricError> {
+        let env = self.env.unwrap_or_else(EnvVars::from_process);
+        let config = self.raw.resolve(&env)?;
+        let connector = Arc::new(Connector::<B>::new(config)?);
+        let rank = (connector.world_size() == 1)
+            .then(|| Fabric::make_rank(&connector, 0, Box::new(SingleProcess)));
+        Ok(Fabric {
+            connector,
+            rank,
+            seed: 0,
+            launched: false,
+        })
+    }
+}
+
+impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
+    /// A builder with every setting at its default.
+    pub fn builder() -> FabricBuilder<B> {
+        FabricBuilder {
+            raw: RawConfig::default(),
+            env: None,
+            _backend: PhantomData,
+        }
+    }
+
+    fn make_rank(
+        connector: &Connector<B>,
+        local_rank: usize,
+        collective: Box<dyn Collective>,
+    ) -> Rank<B> {
+        Rank {
+            info: RankInfo::new(
+                0,
+                connector.config.num_nodes,
+                local_rank,
+                connector.local_world_size(),
+            ),
+            device: connector.placement.devices[local_rank].clone(),
+            strategy: connector.strategy_for(local_rank, collective),
+            grads: Arc::new(Mutex::new(GradStore::new())),
+            backward_sync: true,
+        }
+    }
+
+    fn rank(&self, operation: &'static str) -> Result<&Rank<B>, FabricError> {
+        self.rank.as_ref().ok_or(FabricError::NotLaunched {
+            operation,
+            world_size: self.connector.world_size(),
+        })
+    }
+
+    /// The rank's collective, for the façade's collective operations.
+    pub(crate) fn collective(
+        &self,
+        operation: &'static str,
+    ) -> Result<&dyn Collective, FabricError> {
+        Ok(self.rank(operation)?.strategy.collective())
+    }
+
+    /// One line stating the resolved configuration:
+    /// `backend=flex accelerator=cpu devices=2 num_nodes=1 world_size=2 strategy=ddp precision=32-true`.
+    pub fn describe(&self) -> String {
+        self.connector.describe()
+    }
+
+    /// Runs `train` on every rank and returns rank 0's result.
+    ///
+    /// With one device `train` runs on the calling thread with this `Fabric`. With `N` devices
+    /// it runs on `N` threads, each with its own `Fabric` bound to its rank and device. If any
+    /// rank returns an error or panics, the ranks waiting for it in a collective are released
+    /// at once and `launch` returns [`FabricError::RankFailed`] naming the rank that failed
+    /// first; a rank stuck elsewhere is reported when the collective timeout expires.
+    pub fn launch<T, E, F>(&mut self, train: F) -> Result<T, FabricError>
+    where
+        T: Send,
+        E: Into<Box<dyn Error + Send + Sync>>,
+        F: Fn(&mut Fabric<B>) -> Result<T, E> + Sync,
+    {
+        if self.launched {
+            return Err(FabricError::AlreadyLaunched {
+                rank: self.global_rank(),
+            });
+        }
+        self.launched = true;
+        if self.connector.world_size() == 1 {
+            return train(self).map_err(|e| FabricError::RankFailed {
+                rank: 0,
+                message: error_chain(e.into().as_ref()),
+            });
+        }
+        let launch = ThreadLaunch {
+            world_size: self.connector.local_world_size(),
+            timeout: self.connector.config.collective_timeout,
+            threads_per_rank: self.connector.threads_per_rank(),
+        };
+        let connector = &self.connector;
+        let seed = self.seed;
+        launch_threads(&launch, |local_rank, member| {
+            let mut fabric = Fabric {
+                connector: Arc::clone(connector),
+                rank: Some(Self::make_rank(connector, local_rank, Box::new(member))),
+                seed,
+                launched: true,
+            };
+            train(&mut fabric).map_err(|e| error_chain(e.into().as_ref()))
+        })
+    }
+
+    /// This rank's index among all ranks (0 before launch).
+    pub fn global_rank(&self) -> usize {
+        self.rank.as_ref().map_or(0, |r| r.info.global_rank)
+    }
+
+    /// This rank's index on its node (0 before launch).
+    pub fn local_rank(&self) -> usize {
+        self.rank.as_ref().map_or(0, |r| r.info.local_rank)
+    }
+
+    /// This node's index.
+    pub fn node_rank(&self) -> usize {
+        self.rank.as_ref().map_or(0, |r| r.info.node_rank)
+    }
+
+    /// Number of ranks in the job.
+    pub fn world_size(&self) -> usize {
+        self.connector.world_size()
+    }
+
+    /// Whether this is global rank 0.
+    pub fn is_global_zero(&self) -> bool {
+        self.global_rank() == 0
+    }
+
+    /// This rank's device (local rank 0's before launch).
+    pub fn device(&self) -> &B::Device {
+        self.rank
+            .as_ref()
+            .map_or(&self.connector.placement.devices[0], |r| &r.device)
+    }
+
+    /// The resolved accelerator.
+    pub fn accelerator(&self) -> Accelerator {
+        self.connector.placement.accelerator
+    }
+
+    /// The resolved strategy (`single_device` or `ddp`).
+    pub fn strategy(&self) -> StrategyChoice {
+        self.connector.strategy
+    }
+
+    /// The precision.
+    pub fn precision(&self) -> Precision {
+        self.connector.config.precision
+    }
+
+    /// Prints `message` on global rank 0 only (Lightning prints once per node; once per job is
+    /// what a log wants).
+    pub fn print(&self, message: impl Display) {
+        if self.is_global_zero() {
+            println!("{message}");
+        }
+    }
+
+    /// Seeds the backend's random generator with `seed` and makes it the shuffle seed of data
+    /// loaders set up afterwards; every rank gets the same seed, as in Lightning. Returns it.
+    ///
+    /// CPU backends keep one generator per process, so ranks that are threads draw from it in
+    /// an unspecified order: use it for reproducible initialisation before `launch` or with one
+    /// device, and rely on `setup` (which copies rank 0's parameters) for identical models.
+    pub fn seed_everything(&mut self, seed: u64) -> u64 {
+        B::seed(self.device(), seed);
+        self.seed = seed;
+        seed
+    }
+
+    /// Moves `model` to this rank's device and makes its parameters equal to rank 0's, so every
+    /// rank starts from the same model however each was initialised.
+    pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
+        let rank = self.rank("setup_module")?;
+        let model = model.fork(&rank.device);
+        if rank.info.world_size == 1 {
+            return Ok(model);
+        }
+        let mut collect = CollectParams::<B>::default();
+        model.visit(&mut collect);
+        let values = rank.strategy.broadcast_parameters(collect.values)?;
+        Ok(model.map(&mut AssignParams::<B, _>::new(values.into_iter())))
+    }
+
+    /// Wraps `optimizer` so that it steps with the gradients `backward` stores.
+    pub fn setup_optimizer<M: AutodiffModule<B>, O: Optimizer<M, B>>(
+        &mut self,
+        optimizer: O,
+    ) -> Result<FabricOptimizer<B, M, O>, FabricError> {
+        let rank = self.rank("setup_optimizer")?;
+        Ok(FabricOptimizer::new(optimizer, Arc::clone(&rank.grads)))
+    }
+
+    /// [`setup_module`](Self::setup_module) and [`setup_optimizer`](Self::setup_optimizer).
+    pub fn setup<M: AutodiffModule<B>, O: Optimizer<M, B>>(
+        &mut self,
+        model: M,
+        optimizer: O,
+    ) -> Result<(M, FabricOptimizer<B, M, O>), FabricError> {
+        let model = self.setup_module(model)?;
+        let optimizer = self.setup_optimizer(optimizer)?;
+        Ok((model, optimizer))
+    }
+
+    /// Binds `loader` to this rank: a distributed sampler shards the data (same number of
+    /// batches on every rank), each `iter()` starts the next epoch with a new shuffle, and
+    /// batches land on this rank's device.
+    pub fn setup_dataloader<BT, I, O>(
+        &mut self,
+        loader: DataLoader<BT, I, O>,
+    ) -> Result<RankDataLoader<BT, I, O>, FabricError>
+    where
+        BT: Backend<Device = B::Device>,
+        I: Send + Sync + 'static,
+    {
+        let rank = self.rank("setup_dataloader")?;
+        loader.into_rank(
+            rank.strategy.sampler_shard(),
+            self.seed,
+            rank.device.clone(),
+        )
+    }
+
+    /// Back-propagates `loss` and stores the gradients of `model`'s parameters, adding to any
+    /// not yet consumed by a step. Outside [`no_backward_sync`](Self::no_backward_sync) the
+    /// stored gradients are then averaged across ranks.
+    pub fn backward<M: AutodiffModule<B>, const D: usize>(
+        &mut self,
+        loss: Tensor<B, D>,
+        model: &M,
+    ) -> Result<(), FabricError> {
+        let rank = self.rank("backward")?;
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let mut store = lock(&rank.grads);
+        store.accumulate::<B, M>(model, grads);
+        if rank.backward_sync && rank.info.world_size > 1 {
+            store.reduce::<B, M>(model, rank.strategy.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Runs `body` with gradient synchronisation skipped when `enabled`: `backward` inside only
+    /// accumulates locally, and the next synchronised `backward` averages the total. Use it for
+    /// gradient accumulation (scale each micro-batch loss by 1 / micro-batches yourself).
+    pub fn no_backward_sync<R>(&mut self, enabled: bool, body: impl FnOnce(&mut Self) -> R) -> R {
+        let previous = self.rank.as_ref().map(|r| r.backward_sync);
+        if let (true, Some(rank)) = (enabled, self.rank.as_mut()) {
+            rank.backward_sync = false;
+        }
+        let out = body(self);
+        if let (Some(previous), Some(rank)) = (previous, self.rank.as_mut()) {
+            rank.backward_sync = previous;
+        }
+        out
+    }
+
+    /// Scales `model`'s stored gradients so that their total `norm_type`-norm (2.0 for
+    /// Euclidean, `f64::INFINITY` for max) is at most `max_norm`; returns the norm before
+    /// clipping. Call it after `backward`, before the step. A NaN or infinite norm is an error.
+    pub fn clip_gradients_norm<M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64, FabricError> {
+        let rank = self.rank("clip_gradients_norm")?;
+        lock(&rank.grads).clip_norm::<B, M>(model, max_norm, norm_type)
+    }
+
+    /// Clamps each of `model`'s stored gradients into `[-clip_value, clip_value]`.
+    pub fn clip_gradients_value<M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        clip_value: f64,
+    ) -> Result<(), FabricError> {
+        let rank = self.rank("clip_gradients_value")?;
+        lock(&rank.grads).clip_value::<B, M>(model, clip_value)
+    }
+
+    /// Gradient of one parameter as stored now (after `backward`, before the step).
+    pub fn gradient<const D: usize>(
+        &self,
+        param: &burn::module::Param<Tensor<B, D>>,
+    ) -> Option<Tensor<B::InnerBackend, D>> {
+        let rank = self.rank.as_ref()?;
+        lock(&rank.grads).get::<B, D>(param)
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn error_chain(error: &(dyn Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

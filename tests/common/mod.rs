@@ -1,0 +1,166 @@
+//! A small model, deterministic data and a training loop shared by the integration tests.
+#![allow(dead_code)]
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::Optimizer;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use burn_fabric::fabric_core::grads::CollectParams;
+use burn_fabric::{Fabric, FabricError};
+
+pub type B = burn::backend::Autodiff<burn::backend::Flex>;
+
+pub const D_IN: usize = 8;
+pub const D_HIDDEN: usize = 16;
+pub const D_OUT: usize = 3;
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub l1: Linear<B>,
+    pub l2: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.l2
+            .forward(burn::tensor::activation::relu(self.l1.forward(x)))
+    }
+
+    /// Same values on every call and every rank.
+    pub fn deterministic(device: &B::Device) -> Self {
+        let param = |rows: usize, cols: usize, salt: f32| -> Vec<f32> {
+            (0..rows * cols)
+                .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
+                .collect()
+        };
+        let linear = |din: usize, dout: usize, salt: f32| Linear {
+            weight: Param::from_tensor(Tensor::from_data(
+                TensorData::new(param(din, dout, salt), [din, dout]),
+                device,
+            )),
+            bias: Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(param(1, dout, salt + 1.0), [dout]),
+                device,
+            ))),
+        };
+        Self {
+            l1: linear(D_IN, D_HIDDEN, 0.0),
+            l2: linear(D_HIDDEN, D_OUT, 2.0),
+        }
+    }
+
+    /// Randomly initialised (differs between ranks).
+    pub fn random(device: &B::Device) -> Self {
+        Self {
+            l1: LinearConfig::new(D_IN, D_HIDDEN).init(device),
+            l2: LinearConfig::new(D_HIDDEN, D_OUT).init(device),
+        }
+    }
+}
+
+/// Row `i` of the inputs and targets.
+pub fn sample(i: usize) -> (Vec<f32>, Vec<f32>) {
+    let x: Vec<f32> = (0..D_IN)
+        .map(|j| ((i * 31 + j * 7) as f32 * 0.137).sin())
+        .collect();
+    let y: Vec<f32> = (0..D_OUT)
+        .map(|k| ((i * 13 + k * 5) as f32 * 0.291).cos())
+        .collect();
+    (x, y)
+}
+
+/// Rows `start..start + n` as tensors.
+pub fn batch<BK: Backend>(
+    start: usize,
+    n: usize,
+    device: &BK::Device,
+) -> (Tensor<BK, 2>, Tensor<BK, 2>) {
+    let (xs, ys): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (start..start + n).map(sample).unzip();
+    (
+        Tensor::from_data(TensorData::new(xs.concat(), [n, D_IN]), device),
+        Tensor::from_data(TensorData::new(ys.concat(), [n, D_OUT]), device),
+    )
+}
+
+/// Every parameter's values in module-visit order.
+pub fn params(model: &Mlp<B>) -> Vec<Vec<f32>> {
+    let mut collect = CollectParams::<B>::default();
+    model.visit(&mut collect);
+    collect
+        .values
+        .into_iter()
+        .map(|t| t.into_data().to_vec::<f32>().unwrap())
+        .collect()
+}
+
+/// Trains `steps` steps on global batches of `batch` rows split over `devices` ranks, each rank
+/// splitting its share into `micro` micro-batches accumulated under `no_backward_sync`. Rank 0
+/// starts from the deterministic model, the others from random ones. Returns rank 0's
+/// parameters after checking that every rank holds the same.
+pub fn train<O, F>(
+    devices: usize,
+    micro: usize,
+    steps: usize,
+    batch_rows: usize,
+    lr: f64,
+    make_optimizer: F,
+) -> Result<Vec<Vec<f32>>, FabricError>
+where
+    O: Optimizer<Mlp<B>, B>,
+    F: Fn() -> O + Sync,
+{
+    let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
+    fabric.launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
+        let device = fabric.device().clone();
+        let model = if fabric.global_rank() == 0 {
+            Mlp::deterministic(&device)
+        } else {
+            Mlp::random(&device)
+        };
+        let (mut model, mut optimizer) = fabric.setup(model, make_optimizer())?;
+        let per_rank = batch_rows / fabric.world_size();
+        let per_micro = per_rank / micro;
+        for step in 0..steps {
+            for m in 0..micro {
+                let start = step * batch_rows + fabric.global_rank() * per_rank + m * per_micro;
+                let (x, y) = batch::<B>(start, per_micro, &device);
+                let loss = (model.forward(x) - y)
+                    .powi_scalar(2)
+                    .mean()
+                    .div_scalar(micro as f64);
+                let accumulating = m + 1 < micro;
+                fabric.no_backward_sync(accumulating, |f| f.backward(loss, &model))?;
+            }
+            model = optimizer.step(lr, model)?;
+        }
+        let mine = params(&model);
+        let flat: Tensor<burn::backend::Flex, 1> = Tensor::from_data(
+            TensorData::new(mine.concat(), [mine.concat().len()]),
+            &device,
+        );
+        let all: Tensor<burn::backend::Flex, 2> = fabric.all_gather(flat)?;
+        let all = all.into_data().to_vec::<f32>().unwrap();
+        let n = all.len() / fabric.world_size();
+        for rank in 1..fabric.world_size() {
+            if all[rank * n..(rank + 1) * n] != all[..n] {
+                return Err(FabricError::InvalidArgument {
+                    name: "parameters",
+                    value: format!("rank {rank}"),
+                    reason: "differ from rank 0's after training".into(),
+                });
+            }
+        }
+        Ok(mine)
+    })
+}
+
+/// Largest `|a - b| / (atol + rtol * |b|)` over all parameters; at most 1 means within tolerance.
+pub fn worst_ratio(a: &[Vec<f32>], b: &[Vec<f32>], rtol: f32, atol: f32) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs() / (atol + rtol * y.abs()))
+        .fold(0.0, f32::max)
+}
