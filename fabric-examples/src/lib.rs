@@ -1,1 +1,5 @@
-//! Shared code of the examples.
+//! Code the examples share: the command-line flags that map onto the Fabric configuration, and
+//! the UCI handwritten digits data set.
+
+pub mod args;
+pub mod digits;
