@@ -1,1 +1,135 @@
-//! Shared code of the benchmarks.
+//! The training loops the benchmarks compare: the same MLP, data, batch and optimizer written in
+//! plain Burn and with burn-fabric on one or more ranks. Each function times only the steps
+//! (after a warm-up), never the set-up.
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_fabric::{Fabric, FabricError};
+use std::time::{Duration, Instant};
+
+/// The backend of every benchmark.
+pub type B = burn::backend::Autodiff<burn::backend::Flex>;
+
+/// Steps run before timing starts.
+pub const WARMUP_STEPS: u64 = 3;
+
+/// An MLP `input → hidden → hidden → classes`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    l1: Linear<B>,
+    l2: Linear<B>,
+    l3: Linear<B>,
+}
+
+/// Layer sizes of a benchmark model.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Input features.
+    pub input: usize,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Classes.
+    pub classes: usize,
+}
+
+/// The image classifier example's model (UCI digits).
+pub const DIGITS_MLP: Shape = Shape {
+    input: 64,
+    hidden: 256,
+    classes: 10,
+};
+/// The model of the Lightning Fabric comparison (784-1024-1024-10).
+pub const MNIST_MLP: Shape = Shape {
+    input: 784,
+    hidden: 1024,
+    classes: 10,
+};
+
+impl<B: Backend> Mlp<B> {
+    /// A fresh model of the given shape.
+    pub fn new(shape: Shape, device: &B::Device) -> Self {
+        Self {
+            l1: LinearConfig::new(shape.input, shape.hidden).init(device),
+            l2: LinearConfig::new(shape.hidden, shape.hidden).init(device),
+            l3: LinearConfig::new(shape.hidden, shape.classes).init(device),
+        }
+    }
+
+    /// Logits.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.l3
+            .forward(relu(self.l2.forward(relu(self.l1.forward(x)))))
+    }
+}
+
+/// A synthetic batch of `rows` inputs and labels (deterministic).
+pub fn batch<BK: Backend>(
+    shape: Shape,
+    rows: usize,
+    device: &BK::Device,
+) -> (Tensor<BK, 2>, Tensor<BK, 1, Int>) {
+    let x: Vec<f32> = (0..rows * shape.input)
+        .map(|i| ((i as f32) * 0.618).sin())
+        .collect();
+    let y: Vec<i64> = (0..rows).map(|i| (i % shape.classes) as i64).collect();
+    (
+        Tensor::from_data(TensorData::new(x, [rows, shape.input]), device),
+        Tensor::from_data(TensorData::new(y, [rows]), device),
+    )
+}
+
+/// Plain Burn: `loss.backward()`, `GradientsParams::from_grads`, `optimizer.step`.
+pub fn plain_burn(shape: Shape, rows: usize, steps: u64) -> Duration {
+    let device = Default::default();
+    let mut model = Mlp::<B>::new(shape, &device);
+    let mut optimizer = AdamConfig::new().init::<B, Mlp<B>>();
+    let (x, y) = batch::<B>(shape, rows, &device);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut start = Instant::now();
+    for step in 0..WARMUP_STEPS + steps {
+        if step == WARMUP_STEPS {
+            start = Instant::now();
+        }
+        let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(1e-3, model, grads);
+    }
+    // Finish pending work before stopping the clock (a no-op on CPU backends).
+    let _ = model.l3.weight.val().into_data();
+    start.elapsed()
+}
+
+/// The same loop through burn-fabric on `devices` ranks, each with `rows / devices` rows.
+/// Returns rank 0's time for the timed steps.
+pub fn fabric(
+    shape: Shape,
+    rows: usize,
+    devices: usize,
+    steps: u64,
+) -> Result<Duration, FabricError> {
+    let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
+    fabric.launch(|fabric| {
+        let device = fabric.device().clone();
+        let (mut model, mut optimizer) =
+            fabric.setup(Mlp::<B>::new(shape, &device), AdamConfig::new().init())?;
+        let (x, y) = batch::<B>(shape, rows / fabric.world_size(), &device);
+        let loss_fn = CrossEntropyLossConfig::new().init(&device);
+        let mut start = Instant::now();
+        for step in 0..WARMUP_STEPS + steps {
+            if step == WARMUP_STEPS {
+                fabric.barrier()?;
+                start = Instant::now();
+            }
+            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+            fabric.backward(loss, &model)?;
+            model = optimizer.step(1e-3, model)?;
+        }
+        let _ = model.l3.weight.val().into_data();
+        Ok::<_, FabricError>(start.elapsed())
+    })
+}

@@ -1,7 +1,8 @@
 //! Grouping many small tensors into few large buffers, one collective per buffer (PyTorch DDP's
 //! gradient buckets).
 
-use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
 use std::ops::Range;
 
 /// A run of consecutive tensors that travel together; all share one dtype.
@@ -38,9 +39,32 @@ pub fn plan_buckets(tensors: &[(usize, DType)], cap_bytes: usize) -> Vec<Bucket>
     buckets
 }
 
+/// Splits a packed buffer back into tensors of `sizes` elements on `device` (views of one
+/// allocation where the backend allows).
+pub fn unpack<B: Backend>(
+    data: TensorData,
+    sizes: Vec<usize>,
+    device: &B::Device,
+) -> Vec<Tensor<B, 1>> {
+    let dtype = data.dtype;
+    Tensor::<B, 1>::from_data(data, (device, dtype)).split_with_sizes(sizes, 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpack_splits_into_tensors() {
+        type F = burn::backend::Flex;
+        let data = TensorData::new(vec![1.0f32, 2.0, 3.0, 0.0, 0.0, 0.0], [6]);
+        let back = unpack::<F>(data, vec![2, 1, 3], &Default::default());
+        let values: Vec<Vec<f32>> = back
+            .into_iter()
+            .map(|t| t.into_data().to_vec().unwrap())
+            .collect();
+        assert_eq!(values, vec![vec![1.0, 2.0], vec![3.0], vec![0.0; 3]]);
+    }
 
     #[test]
     fn fills_buckets_up_to_the_cap() {

@@ -1,13 +1,12 @@
 //! Distributed data parallel: every rank holds the whole model and its own optimizer; gradients
 //! are averaged across ranks after each synchronised backward pass, in buckets.
 
-use crate::bucket::plan_buckets;
+use crate::bucket::{plan_buckets, unpack};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, ReduceOp};
+use fabric_core::collective::{Collective, ReduceOp, pack};
 use fabric_core::strategy::{FlatGrad, Strategy};
-use half::{bf16, f16};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -40,73 +39,44 @@ impl<B: AutodiffBackend> Ddp<B> {
         dtype: DType,
     ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
         let k = members.len();
-        let mut sizes = Vec::with_capacity(k + 1);
         let mut flags = Vec::with_capacity(k);
-        let mut parts = Vec::with_capacity(k + 1);
-        for member in members {
-            sizes.push(member.numel);
+        let mut buffers = Vec::with_capacity(k + 1);
+        for member in &members {
             flags.push(if member.grad.is_some() { 1.0f32 } else { 0.0 });
-            parts.push(
-                member
-                    .grad
-                    .unwrap_or_else(|| Tensor::zeros([member.numel], (&self.device, dtype))),
-            );
         }
-        parts.push(Tensor::from_data(
-            TensorData::new(flags, [k]),
-            (&self.device, dtype),
-        ));
-        sizes.push(k);
-        let data = Tensor::cat(parts, 0).into_data();
-        let data = self.collective.all_reduce(data, ReduceOp::Mean)?;
-        let present = presence(&data, k)?;
-        let flat = Tensor::<Inner<B>, 1>::from_data(data, (&self.device, dtype));
-        Ok(flat
-            .split_with_sizes(sizes.clone(), 0)
+        for member in members {
+            buffers.push(match member.grad {
+                // Zero-copy on CPU backends when the gradient is not shared.
+                Some(grad) => grad.into_data(),
+                None => TensorData::full_dtype([member.numel], 0.0, dtype),
+            });
+        }
+        buffers.push(TensorData::new(flags, [k]));
+        let mut reduced = self.collective.all_reduce_many(buffers, ReduceOp::Mean)?;
+        let present = reduced
+            .pop()
+            .map(|flags| presence(&flags))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(reduced
             .into_iter()
-            .zip(sizes)
             .zip(present)
-            .map(|((grad, numel), present)| FlatGrad {
-                numel,
+            .map(|(data, present)| FlatGrad {
+                numel: data.num_elements(),
                 dtype,
-                grad: present.then_some(grad),
+                grad: present.then(|| Tensor::from_data(data, (&self.device, dtype))),
             })
             .collect())
     }
 }
 
-/// Reads the `k` presence flags at the end of a reduced bucket.
-fn presence(data: &TensorData, k: usize) -> Result<Vec<bool>, FabricError> {
-    let tail = |n: usize| n.saturating_sub(k)..n;
-    let bad = |e: burn::tensor::DataError| FabricError::Data {
+/// Reads the reduced presence flags: a gradient exists if any rank had it.
+fn presence(flags: &TensorData) -> Result<Vec<bool>, FabricError> {
+    let flags = flags.as_slice::<f32>().map_err(|e| FabricError::Data {
         context: "ddp gradient bucket",
         message: format!("{e:?}"),
-    };
-    let n = data.num_elements();
-    Ok(match data.dtype {
-        DType::F32 | DType::Flex32 => data.as_slice::<f32>().map_err(bad)?[tail(n)]
-            .iter()
-            .map(|v| *v > 0.0)
-            .collect(),
-        DType::F64 => data.as_slice::<f64>().map_err(bad)?[tail(n)]
-            .iter()
-            .map(|v| *v > 0.0)
-            .collect(),
-        DType::F16 => data.as_slice::<f16>().map_err(bad)?[tail(n)]
-            .iter()
-            .map(|v| v.to_f32() > 0.0)
-            .collect(),
-        DType::BF16 => data.as_slice::<bf16>().map_err(bad)?[tail(n)]
-            .iter()
-            .map(|v| v.to_f32() > 0.0)
-            .collect(),
-        other => {
-            return Err(FabricError::Data {
-                context: "ddp gradient bucket",
-                message: format!("gradients must be floats, found {other:?}"),
-            });
-        }
-    })
+    })?;
+    Ok(flags.iter().map(|v| *v > 0.0).collect())
 }
 
 impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
@@ -129,12 +99,14 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
         let mut params = params.into_iter();
         let mut out = Vec::with_capacity(layout.len());
         for bucket in plan_buckets(&layout, self.bucket_bytes) {
-            let members: Vec<_> = params.by_ref().take(bucket.tensors.len()).collect();
+            let members: Vec<TensorData> = params
+                .by_ref()
+                .take(bucket.tensors.len())
+                .map(Tensor::into_data)
+                .collect();
             let sizes: Vec<usize> = layout[bucket.tensors].iter().map(|(n, _)| *n).collect();
-            let data = Tensor::cat(members, 0).into_data();
-            let data = self.collective.broadcast(data, 0)?;
-            let flat = Tensor::<Inner<B>, 1>::from_data(data, (&self.device, bucket.dtype));
-            out.extend(flat.split_with_sizes(sizes, 0));
+            let data = self.collective.broadcast(pack(members, bucket.dtype), 0)?;
+            out.extend(unpack::<Inner<B>>(data, sizes, &self.device));
         }
         Ok(out)
     }

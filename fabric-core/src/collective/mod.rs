@@ -6,16 +6,19 @@
 //! `TensorData` and back is free for Flex when the tensor is not shared, so the in-process engine
 //! reduces straight in the tensors' own memory.
 
+mod host;
 mod reduce;
 mod single;
 mod thread_group;
+
+pub use host::{pack, split};
 
 pub use single::SingleProcess;
 pub use thread_group::{ThreadCollective, ThreadGroup};
 
 use crate::FabricError;
 use crate::error::CollectiveError;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 use std::fmt;
 use std::str::FromStr;
 
@@ -82,6 +85,42 @@ pub trait Collective: Send + Sync {
     /// count must match across ranks.
     fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError>;
 
+    /// [`all_reduce`](Self::all_reduce) of several buffers in one operation (a gradient bucket
+    /// without packing it first). Every rank passes the same number of buffers with matching
+    /// dtypes and element counts. The default packs the buffers of each dtype into one
+    /// contiguous buffer, reduces it, and cuts it back; engines that can reduce buffers where
+    /// they lie override it.
+    fn all_reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        let shapes: Vec<Vec<usize>> = data.iter().map(|d| d.shape.to_vec()).collect();
+        let dtypes: Vec<DType> = data.iter().map(|d| d.dtype).collect();
+        let mut groups: Vec<DType> = Vec::new();
+        for dtype in &dtypes {
+            if !groups.contains(dtype) {
+                groups.push(*dtype);
+            }
+        }
+        let mut parts: Vec<Option<TensorData>> = data.into_iter().map(Some).collect();
+        let mut out: Vec<Option<TensorData>> = vec![None; parts.len()];
+        for dtype in groups {
+            let members: Vec<usize> = (0..dtypes.len()).filter(|&i| dtypes[i] == dtype).collect();
+            let packed = pack(
+                members.iter().filter_map(|&i| parts[i].take()).collect(),
+                dtype,
+            );
+            let reduced = self.all_reduce(packed, op)?;
+            let member_shapes: Vec<Vec<usize>> =
+                members.iter().map(|&i| shapes[i].clone()).collect();
+            for (i, part) in members.into_iter().zip(split(&reduced, &member_shapes)) {
+                out[i] = Some(part);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     /// Returns rank `src`'s `data` on every rank. The other ranks' `data` is ignored, so its
     /// shape may differ (it may be a placeholder).
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError>;
@@ -91,4 +130,102 @@ pub trait Collective: Send + Sync {
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launcher::{ThreadLaunch, launch_threads};
+    use std::time::Duration;
+
+    /// Forwards everything but `all_reduce_many`, so the trait's packing default runs.
+    struct PackingOnly(ThreadCollective);
+
+    impl Collective for PackingOnly {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_reduce(
+            &self,
+            data: TensorData,
+            op: ReduceOp,
+        ) -> Result<TensorData, CollectiveError> {
+            self.0.all_reduce(data, op)
+        }
+        fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
+            self.0.broadcast(data, src)
+        }
+        fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
+            self.0.all_gather(data)
+        }
+        fn barrier(&self) -> Result<(), CollectiveError> {
+            self.0.barrier()
+        }
+    }
+
+    /// Rank r's buffers: f32 [5], f64 [3], i32 [2, 2], each holding r + index.
+    fn buffers(rank: usize) -> Vec<TensorData> {
+        let r = rank as f64;
+        vec![
+            TensorData::new(
+                (0..5).map(|i| (r + i as f64) as f32).collect::<Vec<_>>(),
+                [5],
+            ),
+            TensorData::new((0..3).map(|i| r + i as f64).collect::<Vec<_>>(), [3]),
+            TensorData::new((0..4).map(|i| rank as i32 + i).collect::<Vec<_>>(), [2, 2]),
+        ]
+    }
+
+    fn check(results: Vec<TensorData>, world: usize) {
+        let sum_r: f64 = (0..world).map(|r| r as f64).sum();
+        let expect = |i: usize| sum_r + (world * i) as f64;
+        assert_eq!(
+            results[0].to_vec::<f32>().unwrap(),
+            (0..5).map(|i| expect(i) as f32).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            results[1].to_vec::<f64>().unwrap(),
+            (0..3).map(expect).collect::<Vec<_>>()
+        );
+        assert_eq!(results[2].shape.to_vec(), vec![2, 2]);
+        assert_eq!(
+            results[2].to_vec::<i32>().unwrap(),
+            (0..4).map(|i| expect(i) as i32).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn all_reduce_many_in_place_and_packed_agree() {
+        for world in [1, 2, 3] {
+            let launch = ThreadLaunch {
+                world_size: world,
+                timeout: Duration::from_secs(30),
+                threads_per_rank: Some(1),
+            };
+            let direct = launch_threads(&launch, |rank, c| {
+                c.all_reduce_many(buffers(rank), ReduceOp::Sum)
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap();
+            check(direct, world);
+            let packed = launch_threads(&launch, |rank, c| {
+                PackingOnly(c)
+                    .all_reduce_many(buffers(rank), ReduceOp::Sum)
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap();
+            check(packed, world);
+        }
+    }
+
+    #[test]
+    fn reduce_op_names_parse() {
+        assert_eq!("AVG".parse::<ReduceOp>().unwrap(), ReduceOp::Mean);
+        assert_eq!("sum".parse::<ReduceOp>().unwrap(), ReduceOp::Sum);
+        let err = "product".parse::<ReduceOp>().unwrap_err().to_string();
+        assert!(err.contains("product") && err.contains("`max`"), "{err}");
+    }
 }

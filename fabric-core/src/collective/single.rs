@@ -22,6 +22,17 @@ impl Collective for SingleProcess {
         Ok(data)
     }
 
+    fn all_reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        for buffer in &data {
+            super::reduce::check_supported(buffer, op)?;
+        }
+        Ok(data)
+    }
+
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
         if src != 0 {
             return Err(CollectiveError::InvalidRank { src, world_size: 1 });

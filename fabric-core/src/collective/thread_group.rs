@@ -54,7 +54,7 @@ struct State {
 
 struct Slot {
     op: Op,
-    data: TensorData,
+    data: Vec<TensorData>,
 }
 
 /// What a rank asked for, compared across ranks at the rendezvous.
@@ -247,7 +247,7 @@ impl ThreadCollective {
     fn publish(
         &self,
         op: Op,
-        data: TensorData,
+        data: Vec<TensorData>,
         check: impl Fn(&State) -> Option<(usize, String)>,
     ) -> Result<MutexGuard<'_, State>, CollectiveError> {
         let name = op.name();
@@ -259,8 +259,8 @@ impl ThreadCollective {
         self.rendezvous(state, name, check)
     }
 
-    /// Second rendezvous, then takes this rank's buffer back.
-    fn finish(&self, op: &'static str) -> Result<TensorData, CollectiveError> {
+    /// Second rendezvous, then takes this rank's buffers back.
+    fn finish(&self, op: &'static str) -> Result<Vec<TensorData>, CollectiveError> {
         let state = self.shared.lock();
         let mut state = self.rendezvous(state, op, |_| None)?;
         state.slots[self.rank]
@@ -273,13 +273,19 @@ impl ThreadCollective {
     }
 }
 
-/// Checks that every rank published the same operation, and data that agrees on what `same`
-/// compares; names the first rank that differs from rank 0.
+/// Checks that every rank published the same operation, and buffers that agree on what `same`
+/// compares (entry by entry); names the first rank that differs from rank 0.
 fn same_op(
     state: &State,
     same: impl Fn(&TensorData, &TensorData) -> bool,
 ) -> Option<(usize, String)> {
     let first = state.slots[0].as_ref()?;
+    let describe = |data: &[TensorData]| -> String {
+        data.iter()
+            .map(|d| format!("{:?} {:?}", d.dtype, d.shape))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     state
         .slots
         .iter()
@@ -296,21 +302,36 @@ fn same_op(
                     ),
                 ));
             }
-            if !same(&first.data, &slot.data) {
+            let agree = slot.data.len() == first.data.len()
+                && first.data.iter().zip(&slot.data).all(|(a, b)| same(a, b));
+            if !agree {
                 return Some((
                     rank,
                     format!(
-                        "in `{}` rank 0 has {:?} {:?} but rank {rank} has {:?} {:?}",
+                        "in `{}` rank 0 has [{}] but rank {rank} has [{}]",
                         first.op.name(),
-                        first.data.dtype,
-                        first.data.shape,
-                        slot.data.dtype,
-                        slot.data.shape
+                        describe(&first.data),
+                        describe(&slot.data)
                     ),
                 ));
             }
             None
         })
+}
+
+/// Takes the single buffer out of a one-buffer operation.
+fn single(
+    mut data: Vec<TensorData>,
+    rank: usize,
+    op: &'static str,
+) -> Result<TensorData, CollectiveError> {
+    match (data.pop(), data.is_empty()) {
+        (Some(only), true) => Ok(only),
+        _ => Err(CollectiveError::Mismatch {
+            rank,
+            detail: format!("`{op}` expected exactly one buffer back"),
+        }),
+    }
 }
 
 impl Collective for ThreadCollective {
@@ -323,10 +344,26 @@ impl Collective for ThreadCollective {
     }
 
     fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
-        check_supported(&data, op)?;
-        let data = aligned(data);
-        let dtype: DType = data.dtype;
-        let numel = data.num_elements();
+        single(
+            self.all_reduce_many(vec![data], op)?,
+            self.rank,
+            "all_reduce",
+        )
+    }
+
+    /// One rendezvous for all buffers, reduced where they lie: the elements of all buffers form
+    /// one index space that the ranks split into equal chunks.
+    fn all_reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        for buffer in &data {
+            check_supported(buffer, op)?;
+        }
+        let data: Vec<TensorData> = data.into_iter().map(aligned).collect();
+        let layout: Vec<(DType, usize)> =
+            data.iter().map(|d| (d.dtype, d.num_elements())).collect();
         let mut state = self.publish(Op::AllReduce(op), data, |state| {
             same_op(state, |a, b| {
                 a.dtype == b.dtype && a.num_elements() == b.num_elements()
@@ -334,20 +371,34 @@ impl Collective for ThreadCollective {
         })?;
         // Every slot is present until each rank takes its own back after `finish`, so these
         // pointers stay valid until this rank reaches the second rendezvous.
-        let ptrs: Vec<*mut u8> = state
-            .slots
-            .iter_mut()
-            .map(|slot| {
-                slot.as_mut()
-                    .map_or(std::ptr::null_mut(), |s| s.data.bytes.as_mut_ptr())
+        let ptrs: Vec<Vec<*mut u8>> = (0..layout.len())
+            .map(|entry| {
+                state
+                    .slots
+                    .iter_mut()
+                    .map(|slot| {
+                        slot.as_mut()
+                            .and_then(|s| s.data.get_mut(entry))
+                            .map_or(std::ptr::null_mut(), |d| d.bytes.as_mut_ptr())
+                    })
+                    .collect()
             })
             .collect();
         drop(state);
-        if ptrs.iter().all(|p| !p.is_null()) {
-            // SAFETY: all buffers hold `numel` elements of `dtype` (checked at the rendezvous),
-            // are aligned (`aligned`), are owned by the shared state and not moved until every
-            // rank passed `finish`, and only this rank touches this chunk of them.
-            unsafe { reduce_range(dtype, &ptrs, chunk(self.rank, self.shared.world, numel), op) };
+        let total = layout.iter().map(|(_, n)| n).sum();
+        let mine = chunk(self.rank, self.shared.world, total);
+        let mut offset = 0;
+        for ((dtype, numel), ptrs) in layout.into_iter().zip(&ptrs) {
+            let lo = mine.start.max(offset);
+            let hi = mine.end.min(offset + numel);
+            if lo < hi && ptrs.iter().all(|p| !p.is_null()) {
+                // SAFETY: entry `entry` of every rank holds `numel` elements of `dtype` (checked
+                // at the rendezvous), is aligned (`aligned`), is owned by the shared state and
+                // not moved until every rank passed `finish`, and only this rank touches
+                // elements `lo..hi` of the joint index space.
+                unsafe { reduce_range(dtype, ptrs, (lo - offset)..(hi - offset), op) };
+            }
+            offset += numel;
         }
         self.finish("all_reduce")
     }
@@ -359,21 +410,23 @@ impl Collective for ThreadCollective {
                 world_size: self.shared.world,
             });
         }
-        let state = self.publish(Op::Broadcast(src), data, |state| {
+        let state = self.publish(Op::Broadcast(src), vec![data], |state| {
             same_op(state, |_, _| true)
         })?;
         let copy = if self.rank == src {
             None
         } else {
-            state.slots[src].as_ref().map(|slot| slot.data.clone())
+            state.slots[src]
+                .as_ref()
+                .and_then(|slot| slot.data.first().cloned())
         };
         drop(state);
-        let own = self.finish("broadcast")?;
+        let own = single(self.finish("broadcast")?, self.rank, "broadcast")?;
         Ok(copy.unwrap_or(own))
     }
 
     fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
-        let state = self.publish(Op::AllGather, data, |state| {
+        let state = self.publish(Op::AllGather, vec![data], |state| {
             same_op(state, |a, b| a.dtype == b.dtype && a.shape == b.shape)
         })?;
         let mut gathered: Vec<Option<TensorData>> = state
@@ -384,12 +437,12 @@ impl Collective for ThreadCollective {
                 if rank == self.rank {
                     None
                 } else {
-                    slot.as_ref().map(|s| s.data.clone())
+                    slot.as_ref().and_then(|s| s.data.first().cloned())
                 }
             })
             .collect();
         drop(state);
-        gathered[self.rank] = Some(self.finish("all_gather")?);
+        gathered[self.rank] = Some(single(self.finish("all_gather")?, self.rank, "all_gather")?);
         gathered
             .into_iter()
             .enumerate()
@@ -403,10 +456,8 @@ impl Collective for ThreadCollective {
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
-        let placeholder = TensorData::new(Vec::<u8>::new(), [0]);
-        let mut state = self.publish(Op::Barrier, placeholder, |state| {
-            same_op(state, |_, _| true)
-        })?;
+        let mut state =
+            self.publish(Op::Barrier, Vec::new(), |state| same_op(state, |_, _| true))?;
         // The slots were checked by the last arriver before anyone woke; nobody reads them now.
         state.slots[self.rank] = None;
         Ok(())
