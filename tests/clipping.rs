@@ -53,7 +53,7 @@ fn backward(fabric: &mut Fabric<B>, model: &Mlp<B>, device: &burn::backend::flex
 #[test]
 fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
     let mut fabric = Fabric::<B>::builder().build().unwrap();
-    let device = fabric.device().clone();
+    let device = *fabric.device();
     let model = fabric
         .setup_module(Mlp::<B>::deterministic(&device))
         .unwrap();
@@ -96,7 +96,7 @@ fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
 #[test]
 fn value_clipping_clamps_each_element() {
     let mut fabric = Fabric::<B>::builder().build().unwrap();
-    let device = fabric.device().clone();
+    let device = *fabric.device();
     let model = fabric
         .setup_module(Mlp::<B>::deterministic(&device))
         .unwrap();
@@ -114,7 +114,7 @@ fn value_clipping_clamps_each_element() {
 #[test]
 fn bad_arguments_and_non_finite_norms_are_errors() {
     let mut fabric = Fabric::<B>::builder().build().unwrap();
-    let device = fabric.device().clone();
+    let device = *fabric.device();
     let model = fabric
         .setup_module(Mlp::<B>::deterministic(&device))
         .unwrap();
@@ -133,7 +133,7 @@ fn ddp_clipping_sees_the_same_synced_norm_on_every_rank() {
     let mut fabric = Fabric::<B>::builder().devices(2).build().unwrap();
     fabric
         .launch(|fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             let (model, mut optim) =
                 fabric.setup(Mlp::<B>::random(&device), SgdConfig::new().init())?;
             backward(fabric, &model, &device);

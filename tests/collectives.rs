@@ -46,7 +46,7 @@ fn expected(world: usize, op: ReduceOp) -> Vec<f64> {
 fn all_reduce_float_and_int_every_op() {
     for world in [1, 2, 4] {
         let results = on_ranks(world, |fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             let mut out = Vec::new();
             for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Min, ReduceOp::Max] {
                 let v = values(fabric.global_rank());
@@ -77,7 +77,7 @@ fn all_reduce_float_and_int_every_op() {
 #[test]
 fn all_reduce_of_autodiff_tensors_and_booleans() {
     let (sum, any, all) = on_ranks(2, |fabric| {
-        let device = fabric.device().clone();
+        let device = *fabric.device();
         let x = Tensor::<B, 2>::from_data(
             TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]),
             &device,
@@ -105,7 +105,7 @@ fn all_reduce_of_autodiff_tensors_and_booleans() {
 fn all_gather_stacks_along_a_new_first_dimension() {
     for world in [1, 2, 4] {
         let (shape, rows, int_rows) = on_ranks(world, |fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             let r = fabric.global_rank() as f32;
             let x = Tensor::<Flex, 2>::from_data(
                 TensorData::new(vec![r, r + 0.5, -r, 1.0], [2, 2]),
@@ -144,7 +144,7 @@ fn broadcast_tensor_and_object_from_any_source() {
     for world in [1, 2, 4] {
         let src = world - 1;
         let (tensor, text) = on_ranks(world, |fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             let mine = vec![fabric.global_rank() as f32; 3];
             let t = fabric.broadcast(
                 Tensor::<Flex, 1>::from_data(TensorData::new(mine, [3]), &device),
@@ -168,7 +168,7 @@ fn broadcast_from_a_rank_that_does_not_exist_is_an_error() {
     let mut fabric = Fabric::<B>::builder().devices(2).build().unwrap();
     let err = fabric
         .launch(|fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             fabric.broadcast(Tensor::<Flex, 1>::zeros([1], &device), 5)
         })
         .unwrap_err();

@@ -30,7 +30,7 @@ fn a_panicking_rank_is_named_and_the_others_released_at_once() {
     let start = Instant::now();
     let err = fabric
         .launch(|fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             if fabric.global_rank() == 3 {
                 std::thread::sleep(Duration::from_millis(100));
                 panic!("rank three exploded");
@@ -72,7 +72,7 @@ fn a_stalled_rank_is_named_when_the_timeout_expires() {
     let start = Instant::now();
     let err = fabric
         .launch(|fabric| {
-            let device = fabric.device().clone();
+            let device = *fabric.device();
             if fabric.global_rank() == 0 {
                 std::thread::sleep(Duration::from_secs(3));
             }

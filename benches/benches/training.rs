@@ -3,7 +3,7 @@
 //! efficiency = time per step on 1 rank ÷ time per step on 2 ranks).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use fabric_benches::{DIGITS_MLP, MNIST_MLP, Shape, fabric, plain_burn};
+use fabric_benches::{DIGITS_MLP, MNIST_MLP, Shape, fabric, plain_burn, total};
 use std::time::Duration;
 
 const GLOBAL_BATCH: usize = 128;
@@ -15,13 +15,13 @@ fn bench_model(c: &mut Criterion, name: &str, shape: Shape) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(6));
     group.bench_function("plain_burn", |b| {
-        b.iter_custom(|steps| plain_burn(shape, GLOBAL_BATCH, steps))
+        b.iter_custom(|steps| total(&plain_burn(shape, GLOBAL_BATCH, steps)))
     });
     group.bench_function("fabric_1_device", |b| {
-        b.iter_custom(|steps| fabric(shape, GLOBAL_BATCH, 1, steps).expect("fabric run"))
+        b.iter_custom(|steps| total(&fabric(shape, GLOBAL_BATCH, 1, steps).expect("fabric run")))
     });
     group.bench_function("fabric_ddp_2_devices", |b| {
-        b.iter_custom(|steps| fabric(shape, GLOBAL_BATCH, 2, steps).expect("fabric run"))
+        b.iter_custom(|steps| total(&fabric(shape, GLOBAL_BATCH, 2, steps).expect("fabric run")))
     });
     group.finish();
 }

@@ -1,6 +1,6 @@
 //! The training loops the benchmarks compare: the same MLP, data, batch and optimizer written in
-//! plain Burn and with burn-fabric on one or more ranks. Each function times only the steps
-//! (after a warm-up), never the set-up.
+//! plain Burn and with burn-fabric on one or more ranks. Each function returns the time of every
+//! step after a warm-up (rank 0's under DDP), never the set-up.
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -83,53 +83,62 @@ pub fn batch<BK: Backend>(
     )
 }
 
+/// Total time of the steps.
+pub fn total(steps: &[Duration]) -> Duration {
+    steps.iter().sum()
+}
+
+/// Median time of one step: robust to the page-fault and scheduler spikes of a shared machine.
+pub fn median(steps: &[Duration]) -> Duration {
+    let mut sorted = steps.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+}
+
 /// Plain Burn: `loss.backward()`, `GradientsParams::from_grads`, `optimizer.step`.
-pub fn plain_burn(shape: Shape, rows: usize, steps: u64) -> Duration {
+pub fn plain_burn(shape: Shape, rows: usize, steps: u64) -> Vec<Duration> {
     let device = Default::default();
     let mut model = Mlp::<B>::new(shape, &device);
     let mut optimizer = AdamConfig::new().init::<B, Mlp<B>>();
     let (x, y) = batch::<B>(shape, rows, &device);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
-    let mut start = Instant::now();
+    let mut times = Vec::with_capacity(steps as usize);
     for step in 0..WARMUP_STEPS + steps {
-        if step == WARMUP_STEPS {
-            start = Instant::now();
-        }
+        let start = Instant::now();
         let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(1e-3, model, grads);
+        if step >= WARMUP_STEPS {
+            times.push(start.elapsed());
+        }
     }
-    // Finish pending work before stopping the clock (a no-op on CPU backends).
-    let _ = model.l3.weight.val().into_data();
-    start.elapsed()
+    times
 }
 
 /// The same loop through burn-fabric on `devices` ranks, each with `rows / devices` rows.
-/// Returns rank 0's time for the timed steps.
 pub fn fabric(
     shape: Shape,
     rows: usize,
     devices: usize,
     steps: u64,
-) -> Result<Duration, FabricError> {
+) -> Result<Vec<Duration>, FabricError> {
     let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
     fabric.launch(|fabric| {
-        let device = fabric.device().clone();
+        let device = *fabric.device();
         let (mut model, mut optimizer) =
             fabric.setup(Mlp::<B>::new(shape, &device), AdamConfig::new().init())?;
         let (x, y) = batch::<B>(shape, rows / fabric.world_size(), &device);
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        let mut start = Instant::now();
+        let mut times = Vec::with_capacity(steps as usize);
         for step in 0..WARMUP_STEPS + steps {
-            if step == WARMUP_STEPS {
-                fabric.barrier()?;
-                start = Instant::now();
-            }
+            let start = Instant::now();
             let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
             fabric.backward(loss, &model)?;
             model = optimizer.step(1e-3, model)?;
+            if step >= WARMUP_STEPS {
+                times.push(start.elapsed());
+            }
         }
-        let _ = model.l3.weight.val().into_data();
-        Ok::<_, FabricError>(start.elapsed())
+        Ok::<_, FabricError>(times)
     })
 }

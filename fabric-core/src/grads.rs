@@ -103,7 +103,7 @@ impl GradStore {
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64, FabricError> {
-        if !(norm_type > 0.0) {
+        if norm_type.is_nan() || norm_type <= 0.0 {
             return Err(FabricError::InvalidArgument {
                 name: "norm_type",
                 value: norm_type.to_string(),
@@ -112,7 +112,7 @@ impl GradStore {
                         .into(),
             });
         }
-        if !(max_norm >= 0.0) {
+        if max_norm.is_nan() || max_norm < 0.0 {
             return Err(FabricError::InvalidArgument {
                 name: "max_norm",
                 value: max_norm.to_string(),
@@ -156,7 +156,7 @@ impl GradStore {
         model: &M,
         clip_value: f64,
     ) -> Result<(), FabricError> {
-        if !(clip_value >= 0.0) {
+        if clip_value.is_nan() || clip_value < 0.0 {
             return Err(FabricError::InvalidArgument {
                 name: "clip_value",
                 value: clip_value.to_string(),

@@ -112,7 +112,7 @@ where
 {
     let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
     fabric.launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
-        let device = fabric.device().clone();
+        let device = *fabric.device();
         let model = if fabric.global_rank() == 0 {
             Mlp::deterministic(&device)
         } else {
