@@ -4,13 +4,32 @@
 use crate::fabric::Fabric;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{BasicOps, Tensor, TensorData};
-use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
+use fabric_core::collective::Collective;
 use fabric_core::collective::ReduceOp;
+use fabric_core::{CollectiveError, FabricError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
+    /// Moves `tensor` to the host, through `exchange` on this rank's collective, and back to
+    /// its device with its dtype.
+    fn exchange<BT, const D: usize, K>(
+        &self,
+        operation: &'static str,
+        tensor: Tensor<BT, D, K>,
+        exchange: impl FnOnce(&dyn Collective, TensorData) -> Result<TensorData, CollectiveError>,
+    ) -> Result<Tensor<BT, D, K>, FabricError>
+    where
+        BT: Backend<Device = B::Device>,
+        K: BasicOps<BT>,
+    {
+        let collective = self.collective(operation)?;
+        let (device, dtype) = (tensor.device(), tensor.dtype());
+        let data = exchange(collective, tensor.into_data())?;
+        Ok(Tensor::from_data(data, (&device, dtype)))
+    }
+
     /// Waits until every rank gets here.
     pub fn barrier(&self) -> Result<(), FabricError> {
         Ok(self.collective("barrier")?.barrier()?)
@@ -28,10 +47,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         BT: Backend<Device = B::Device>,
         K: BasicOps<BT>,
     {
-        let collective = self.collective("all_reduce")?;
-        let (device, dtype) = (tensor.device(), tensor.dtype());
-        let data = collective.all_reduce(tensor.into_data(), op)?;
-        Ok(Tensor::from_data(data, (&device, dtype)))
+        self.exchange("all_reduce", tensor, |c, data| c.all_reduce(data, op))
     }
 
     /// [`all_reduce`](Self::all_reduce) of one number.
@@ -57,10 +73,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         BT: Backend<Device = B::Device>,
         K: BasicOps<BT>,
     {
-        let collective = self.collective("broadcast")?;
-        let (device, dtype) = (tensor.device(), tensor.dtype());
-        let data = collective.broadcast(tensor.into_data(), src)?;
-        Ok(Tensor::from_data(data, (&device, dtype)))
+        self.exchange("broadcast", tensor, |c, data| c.broadcast(data, src))
     }
 
     /// Rank `src`'s `value` on every rank, for any serde value (Lightning broadcasts any

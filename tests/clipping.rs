@@ -50,8 +50,8 @@ fn backward(fabric: &mut Fabric<B>, model: &Mlp<B>, device: &burn::backend::flex
     fabric.backward(loss, model).unwrap();
 }
 
-#[test]
-fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
+/// A one-device Fabric whose deterministic model holds gradients, and those gradients.
+fn with_gradients() -> (Fabric<B>, Mlp<B>, Vec<f32>) {
     let mut fabric = Fabric::<B>::builder().build().unwrap();
     let device = *fabric.device();
     let model = fabric
@@ -59,6 +59,12 @@ fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
         .unwrap();
     backward(&mut fabric, &model, &device);
     let before = grads(&fabric, &model);
+    (fabric, model, before)
+}
+
+#[test]
+fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
+    let (mut fabric, model, before) = with_gradients();
     let norm = fabric.clip_gradients_norm(&model, 0.5, 2.0).unwrap();
     assert!(
         (norm - l2(&before)).abs() < 1e-4 * norm,
@@ -95,13 +101,7 @@ fn norm_clipping_returns_the_pre_clip_norm_and_scales_to_max_norm() {
 
 #[test]
 fn value_clipping_clamps_each_element() {
-    let mut fabric = Fabric::<B>::builder().build().unwrap();
-    let device = *fabric.device();
-    let model = fabric
-        .setup_module(Mlp::<B>::deterministic(&device))
-        .unwrap();
-    backward(&mut fabric, &model, &device);
-    let before = grads(&fabric, &model);
+    let (mut fabric, model, before) = with_gradients();
     let limit = 0.05f32;
     assert!(before.iter().any(|g| g.abs() > limit) && before.iter().any(|g| g.abs() < limit));
     fabric.clip_gradients_value(&model, limit as f64).unwrap();

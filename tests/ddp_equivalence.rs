@@ -80,3 +80,81 @@ fn no_backward_sync_over_two_micro_batches() {
         );
     }
 }
+
+mod partial_use {
+    //! Parameters that only some ranks use are averaged with zeros from the others; parameters
+    //! no rank uses keep no gradient and are not stepped.
+    use burn::module::Module;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::SgdConfig;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Tensor, TensorData};
+    use burn_fabric::{Fabric, FabricError};
+
+    type B = burn::backend::Autodiff<burn::backend::Flex>;
+
+    #[derive(Module, Debug)]
+    struct Heads<B: Backend> {
+        a: Linear<B>,
+        b: Linear<B>,
+        unused: Linear<B>,
+    }
+
+    #[test]
+    fn gradients_of_rank_local_heads_are_averaged_with_zeros() {
+        let mut fabric = Fabric::<B>::builder().devices(2).build().unwrap();
+        let (a, b, unused, a_only_rank0) = fabric
+            .launch(|fabric| {
+                let device = *fabric.device();
+                let heads = Heads {
+                    a: LinearConfig::new(2, 1).init(&device),
+                    b: LinearConfig::new(2, 1).init(&device),
+                    unused: LinearConfig::new(2, 1).init(&device),
+                };
+                let (heads, mut optim) = fabric.setup(heads, SgdConfig::new().init())?;
+                let x =
+                    Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, 2.0], [1, 2]), &device);
+                // rank 0 trains head a, rank 1 head b; nobody touches `unused`
+                let head = if fabric.global_rank() == 0 {
+                    &heads.a
+                } else {
+                    &heads.b
+                };
+                let loss = head.forward(x.clone()).sum();
+                // what rank 0 alone would compute for head a's weight: d(sum(xW + b))/dW = x^T
+                fabric.backward(loss, &heads)?;
+                let grad = |p: &burn::module::Param<Tensor<B, 2>>| {
+                    fabric
+                        .gradient(p)
+                        .map(|g| g.into_data().to_vec::<f32>().unwrap())
+                };
+                let out = (
+                    grad(&heads.a.weight),
+                    grad(&heads.b.weight),
+                    grad(&heads.unused.weight),
+                    vec![1.0f32, 2.0],
+                );
+                let before = heads.unused.weight.val().into_data();
+                let heads = optim.step(0.1, heads)?;
+                assert_eq!(
+                    heads.unused.weight.val().into_data(),
+                    before,
+                    "an unused parameter moved"
+                );
+                Ok::<_, FabricError>(out)
+            })
+            .unwrap();
+        let half: Vec<f32> = a_only_rank0.iter().map(|g| g / 2.0).collect();
+        assert_eq!(
+            a,
+            Some(half.clone()),
+            "head a: rank 0's gradient averaged with rank 1's zero"
+        );
+        assert_eq!(
+            b,
+            Some(half),
+            "head b: rank 1's gradient averaged with rank 0's zero"
+        );
+        assert_eq!(unused, None, "no rank used this head");
+    }
+}

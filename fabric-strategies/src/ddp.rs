@@ -106,6 +106,19 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
                 .collect();
             let sizes: Vec<usize> = layout[bucket.tensors].iter().map(|(n, _)| *n).collect();
             let data = self.collective.broadcast(pack(members, bucket.dtype), 0)?;
+            let expected: usize = sizes.iter().sum();
+            if data.num_elements() != expected || data.dtype != bucket.dtype {
+                return Err(FabricError::Data {
+                    context: "setup",
+                    message: format!(
+                        "rank {}'s model differs from rank 0's: a parameter bucket holds {} {:?} values on rank 0 and {expected} {:?} here",
+                        self.collective.rank(),
+                        data.num_elements(),
+                        data.dtype,
+                        bucket.dtype
+                    ),
+                });
+            }
             out.extend(unpack::<Inner<B>>(data, sizes, &self.device));
         }
         Ok(out)
