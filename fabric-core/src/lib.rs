@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod collective;
 pub mod config;
+pub mod environment;
 mod error;
 pub mod grads;
 pub mod launcher;

@@ -15,29 +15,37 @@ pub const LT_NUM_NODES: &str = "LT_NUM_NODES";
 /// Precision set by the CLI.
 pub const LT_PRECISION: &str = "LT_PRECISION";
 
-const NAMES: [&str; 6] = [
-    LT_CLI_USED,
-    LT_ACCELERATOR,
-    LT_STRATEGY,
-    LT_DEVICES,
-    LT_NUM_NODES,
-    LT_PRECISION,
+/// Variables read by name: torchrun's (and Lightning's) launch variables.
+const NAMES: [&str; 9] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
 ];
 
-/// A snapshot of the `LT_*` variables. Taken once when a Fabric is built, so configuration does
-/// not change under a running job; tests build one from pairs instead of touching the process
-/// environment.
+/// Variables read by prefix: ours (`LT_`), SLURM's, Open MPI's and the PMI launchers'.
+const PREFIXES: [&str; 5] = ["LT_", "SLURM_", "OMPI_", "PMI_", "PMIX_"];
+
+/// A snapshot of the variables Fabric reads: the `LT_*` settings and the cluster launchers'
+/// rank variables. Taken once when a Fabric is built, so configuration does not change under a
+/// running job; tests build one from pairs instead of touching the process environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnvVars {
     vars: HashMap<String, String>,
 }
 
 impl EnvVars {
-    /// Reads the `LT_*` variables of this process.
+    /// Reads the variables of this process that Fabric uses.
     pub fn from_process() -> Self {
-        let vars = NAMES
-            .iter()
-            .filter_map(|name| std::env::var(name).ok().map(|v| (name.to_string(), v)))
+        let vars = std::env::vars()
+            .filter(|(name, _)| {
+                NAMES.contains(&name.as_str()) || PREFIXES.iter().any(|p| name.starts_with(p))
+            })
             .collect();
         Self { vars }
     }
