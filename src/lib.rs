@@ -21,6 +21,7 @@
 //! Pick the backend with a Cargo feature (`flex`, the default, or `ndarray`); [`DefaultBackend`]
 //! follows it.
 
+pub mod cli;
 mod collectives;
 mod connector;
 mod fabric;
