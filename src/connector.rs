@@ -6,8 +6,11 @@ use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
 use fabric_core::collective::Collective;
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
+use fabric_core::environment::ClusterEnvironment;
 use fabric_core::strategy::Strategy;
 use fabric_strategies::{Ddp, SingleDevice};
+
+use crate::processes::Processes;
 
 /// Everything rank-independent about a job.
 pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
@@ -15,18 +18,15 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub placement: Placement<B::Device>,
     /// `SingleDevice` or `Ddp`, never `Auto`.
     pub strategy: StrategyChoice,
+    /// The other processes of a multi-process job.
+    pub processes: Option<Processes>,
 }
 
 impl<B: AutodiffBackend + BackendDevices> Connector<B> {
-    pub fn new(config: FabricConfig) -> Result<Self, FabricError> {
+    pub fn new(config: FabricConfig, env: &ClusterEnvironment) -> Result<Self, FabricError> {
         fabric_precision::check_available(config.precision)?;
-        if config.num_nodes > 1 {
-            return Err(FabricError::Unsupported {
-                what: format!("num_nodes={}", config.num_nodes),
-                reason: "ranks on several nodes need the MPI engine (the `mpi` feature), which this build does not have".into(),
-            });
-        }
         let placement = resolve_placement::<B>(config.accelerator, &config.devices)?;
+        let processes = Processes::join(env, &config, placement.devices.len())?;
         let local = placement.devices.len();
         let strategy = match config.strategy {
             StrategyChoice::Auto if local * config.num_nodes == 1 => StrategyChoice::SingleDevice,
@@ -44,7 +44,13 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             config,
             placement,
             strategy,
+            processes,
         })
+    }
+
+    /// This process's node index.
+    pub fn node_rank(&self) -> usize {
+        self.processes.as_ref().map_or(0, Processes::node_rank)
     }
 
     /// Ranks on this node.

@@ -12,6 +12,7 @@ use fabric_core::collective::{Collective, SingleProcess};
 use fabric_core::config::{
     Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
 };
+use fabric_core::environment::ClusterEnvironment;
 use fabric_core::grads::{AssignParams, CollectParams, GradStore};
 use fabric_core::launcher::{ThreadLaunch, launch_threads};
 use fabric_core::loader::{DataLoader, RankDataLoader};
@@ -118,7 +119,8 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
     pub fn build(self) -> Result<Fabric<B>, FabricError> {
         let env = self.env.unwrap_or_else(EnvVars::from_process);
         let config = self.raw.resolve(&env)?;
-        let connector = Arc::new(Connector::<B>::new(config)?);
+        let cluster = ClusterEnvironment::detect(&env)?;
+        let connector = Arc::new(Connector::<B>::new(config, &cluster)?);
         let rank = (connector.world_size() == 1)
             .then(|| Fabric::make_rank(&connector, 0, Box::new(SingleProcess)));
         Ok(Fabric {
@@ -147,7 +149,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     ) -> Rank<B> {
         Rank {
             info: RankInfo::new(
-                0,
+                connector.node_rank(),
                 connector.config.num_nodes,
                 local_rank,
                 connector.local_world_size(),
@@ -212,15 +214,26 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         };
         let connector = &self.connector;
         let seed = self.seed;
-        launch_threads(&launch, |local_rank, member| {
+        let training = connector.processes.as_ref().map(|p| p.training());
+        let result = launch_threads(&launch, |local_rank, member| {
+            let collective: Box<dyn Collective> = match &connector.processes {
+                Some(processes) => processes.collective(member),
+                None => Box::new(member),
+            };
             let mut fabric = Fabric {
                 connector: Arc::clone(connector),
-                rank: Some(Self::make_rank(connector, local_rank, Box::new(member))),
+                rank: Some(Self::make_rank(connector, local_rank, collective)),
                 seed,
                 launched: true,
             };
             train(&mut fabric).map_err(|e| error_chain(e.into().as_ref()))
-        })
+        });
+        // The other processes would wait for this one forever: take the whole job down.
+        if let (Err(err), Some(processes)) = (&result, &connector.processes) {
+            processes.abort(&err.to_string());
+        }
+        drop(training);
+        result
     }
 
     /// This rank's index among all ranks (0 before launch).

@@ -26,6 +26,7 @@ mod collectives;
 mod connector;
 mod fabric;
 mod optimizer;
+mod processes;
 
 pub use fabric::{Fabric, FabricBuilder};
 pub use optimizer::FabricOptimizer;

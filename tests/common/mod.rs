@@ -110,7 +110,26 @@ where
     O: Optimizer<Mlp<B>, B>,
     F: Fn() -> O + Sync,
 {
-    let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
+    let fabric = Fabric::<B>::builder()
+        .devices(devices)
+        .env(burn_fabric::EnvVars::default())
+        .build()?;
+    train_on(fabric, micro, steps, batch_rows, lr, make_optimizer)
+}
+
+/// [`train`] on a given Fabric (for example one configured by `fabric run`).
+pub fn train_on<O, F>(
+    mut fabric: Fabric<B>,
+    micro: usize,
+    steps: usize,
+    batch_rows: usize,
+    lr: f64,
+    make_optimizer: F,
+) -> Result<Vec<Vec<f32>>, FabricError>
+where
+    O: Optimizer<Mlp<B>, B>,
+    F: Fn() -> O + Sync,
+{
     fabric.launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
         let device = *fabric.device();
         let model = if fabric.global_rank() == 0 {

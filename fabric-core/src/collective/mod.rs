@@ -6,11 +6,17 @@
 //! `TensorData` and back is free for Flex when the tensor is not shared, so the in-process engine
 //! reduces straight in the tensors' own memory.
 
+#[cfg(feature = "mpi")]
+mod hierarchical;
 mod host;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod reduce;
 mod single;
 mod thread_group;
 
+#[cfg(feature = "mpi")]
+pub use hierarchical::HierarchicalCollective;
 pub use host::{pack, split};
 
 pub use single::SingleProcess;

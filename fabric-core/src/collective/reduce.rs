@@ -85,6 +85,44 @@ pub(crate) unsafe fn reduce_range(
     }
 }
 
+/// Divides every element by `world` (the `Mean` after a `Sum`), rounding integers to nearest.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn divide(data: &mut TensorData, world: usize) {
+    let bytes: &mut [u8] = &mut data.bytes;
+    let ptr = bytes.as_mut_ptr();
+    let len = bytes.len();
+    // SAFETY: `ptr..ptr + len` is this buffer, aligned for its dtype by the callers (which pass
+    // buffers through `aligned`), and uniquely borrowed here.
+    unsafe {
+        match data.dtype {
+            DType::F32 | DType::Flex32 => scale::<f32>(ptr, len, world),
+            DType::F64 => scale::<f64>(ptr, len, world),
+            DType::F16 => scale::<f16>(ptr, len, world),
+            DType::BF16 => scale::<bf16>(ptr, len, world),
+            DType::I64 => scale::<i64>(ptr, len, world),
+            DType::I32 => scale::<i32>(ptr, len, world),
+            DType::I16 => scale::<i16>(ptr, len, world),
+            DType::I8 => scale::<i8>(ptr, len, world),
+            DType::U64 => scale::<u64>(ptr, len, world),
+            DType::U32 => scale::<u32>(ptr, len, world),
+            DType::U16 => scale::<u16>(ptr, len, world),
+            DType::U8 => scale::<u8>(ptr, len, world),
+            DType::Bool(_) | DType::QFloat(_) => {}
+        }
+    }
+}
+
+/// # Safety
+/// `ptr` addresses `len` bytes of aligned, exclusively borrowed `T`s.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+unsafe fn scale<T: Elem>(ptr: *mut u8, len: usize, world: usize) {
+    // SAFETY: forwarded from the caller.
+    let values = unsafe { std::slice::from_raw_parts_mut(ptr as *mut T, len / size_of::<T>()) };
+    for v in values {
+        *v = T::store(T::mean(v.load(), world));
+    }
+}
+
 /// # Safety
 /// See [`reduce_range`]; `T` is the element type of every buffer.
 unsafe fn fold<T: Elem>(ptrs: &[*mut u8], range: Range<usize>, op: ReduceOp) {
@@ -269,6 +307,16 @@ mod tests {
         reduce_all(&mut bufs, DType::BF16, ReduceOp::Sum);
         // Summed pairwise in bf16, 256 + 1 rounds back to 256 twice; in f32 it is 258.
         assert_eq!(bufs[0][0].to_f32(), 258.0);
+    }
+
+    #[test]
+    fn divide_is_the_mean_after_a_sum() {
+        let mut data = aligned(TensorData::new(vec![3.0f32, -6.0], [2]));
+        divide(&mut data, 3);
+        assert_eq!(data.to_vec::<f32>().unwrap(), vec![1.0, -2.0]);
+        let mut data = aligned(TensorData::new(vec![5i64, -5], [2]));
+        divide(&mut data, 2);
+        assert_eq!(data.to_vec::<i64>().unwrap(), vec![3, -3]);
     }
 
     #[test]

@@ -274,10 +274,10 @@ impl ThreadCollective {
 }
 
 /// Checks that every rank published the same operation, and buffers that agree on what `same`
-/// compares (entry by entry); names the first rank that differs from rank 0.
+/// compares; names the first rank that differs from rank 0.
 fn same_op(
     state: &State,
-    same: impl Fn(&TensorData, &TensorData) -> bool,
+    same: impl Fn(&[TensorData], &[TensorData]) -> bool,
 ) -> Option<(usize, String)> {
     let first = state.slots[0].as_ref()?;
     let describe = |data: &[TensorData]| -> String {
@@ -302,9 +302,7 @@ fn same_op(
                     ),
                 ));
             }
-            let agree = slot.data.len() == first.data.len()
-                && first.data.iter().zip(&slot.data).all(|(a, b)| same(a, b));
-            if !agree {
+            if !same(&first.data, &slot.data) {
                 return Some((
                     rank,
                     format!(
@@ -319,6 +317,13 @@ fn same_op(
         })
 }
 
+/// `same` for buffer lists that must agree entry by entry on `entry`.
+fn pairwise(
+    entry: impl Fn(&TensorData, &TensorData) -> bool,
+) -> impl Fn(&[TensorData], &[TensorData]) -> bool {
+    move |a, b| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| entry(x, y))
+}
+
 /// Takes the single buffer out of a one-buffer operation.
 fn single(
     mut data: Vec<TensorData>,
@@ -331,6 +336,31 @@ fn single(
             rank,
             detail: format!("`{op}` expected exactly one buffer back"),
         }),
+    }
+}
+
+impl ThreadCollective {
+    /// Rank `src`'s buffers on every rank; the other ranks' `data` is ignored (it may be empty).
+    pub fn broadcast_many(
+        &self,
+        data: Vec<TensorData>,
+        src: usize,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        if src >= self.shared.world {
+            return Err(CollectiveError::InvalidRank {
+                src,
+                world_size: self.shared.world,
+            });
+        }
+        let state = self.publish(Op::Broadcast(src), data, |state| {
+            same_op(state, |_, _| true)
+        })?;
+        let copy = (self.rank != src)
+            .then(|| state.slots[src].as_ref().map(|slot| slot.data.clone()))
+            .flatten();
+        drop(state);
+        let own = self.finish("broadcast")?;
+        Ok(copy.unwrap_or(own))
     }
 }
 
@@ -365,9 +395,10 @@ impl Collective for ThreadCollective {
         let layout: Vec<(DType, usize)> =
             data.iter().map(|d| (d.dtype, d.num_elements())).collect();
         let mut state = self.publish(Op::AllReduce(op), data, |state| {
-            same_op(state, |a, b| {
-                a.dtype == b.dtype && a.num_elements() == b.num_elements()
-            })
+            same_op(
+                state,
+                pairwise(|a, b| a.dtype == b.dtype && a.num_elements() == b.num_elements()),
+            )
         })?;
         // Every slot is present until each rank takes its own back after `finish`, so these
         // pointers stay valid until this rank reaches the second rendezvous.
@@ -404,30 +435,19 @@ impl Collective for ThreadCollective {
     }
 
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
-        if src >= self.shared.world {
-            return Err(CollectiveError::InvalidRank {
-                src,
-                world_size: self.shared.world,
-            });
-        }
-        let state = self.publish(Op::Broadcast(src), vec![data], |state| {
-            same_op(state, |_, _| true)
-        })?;
-        let copy = if self.rank == src {
-            None
-        } else {
-            state.slots[src]
-                .as_ref()
-                .and_then(|slot| slot.data.first().cloned())
-        };
-        drop(state);
-        let own = single(self.finish("broadcast")?, self.rank, "broadcast")?;
-        Ok(copy.unwrap_or(own))
+        single(
+            self.broadcast_many(vec![data], src)?,
+            self.rank,
+            "broadcast",
+        )
     }
 
     fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
         let state = self.publish(Op::AllGather, vec![data], |state| {
-            same_op(state, |a, b| a.dtype == b.dtype && a.shape == b.shape)
+            same_op(
+                state,
+                pairwise(|a, b| a.dtype == b.dtype && a.shape == b.shape),
+            )
         })?;
         let mut gathered: Vec<Option<TensorData>> = state
             .slots

@@ -1,0 +1,479 @@
+//! Processes joined by MPI (the `mpi` feature, Open MPI through rsmpi).
+//!
+//! One [`MpiProcesses`] per process wraps the world communicator. Only one thread of a process
+//! (its local rank 0) calls into MPI at a time; MPI is initialised with `MPI_THREAD_MULTIPLE` so
+//! that thread may be any thread, and so the watchdog may abort the job from its own thread.
+//!
+//! * Every operation first agrees on a fingerprint of what each process passes (operation,
+//!   dtypes, shapes): a mismatch becomes an error on every process instead of a hang or silent
+//!   corruption.
+//! * The watchdog turns an operation that outlives the collective timeout into `MPI_Abort`,
+//!   after printing which rank waited in which operation; `mpirun` then ends every process
+//!   with a non-zero exit.
+//! * Reduction buffers are recycled, so a steady training loop allocates nothing here.
+//!
+//! MPI can be initialised only once per process, so the world lives until the process exits
+//! (finalised by an `atexit` handler): several Fabrics in one process share it.
+
+use super::ReduceOp;
+use super::reduce::aligned;
+use crate::FabricError;
+use crate::error::CollectiveError;
+use burn::tensor::{BoolStore, DType, TensorData};
+use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
+use mpi::environment::{Threading, Universe};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, CommunicatorCollectives, Root};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The MPI world of this process, shared by its rank threads.
+pub struct MpiProcesses {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    watchdog: Watchdog,
+    recycled: Mutex<Vec<TensorData>>,
+    /// Never dropped (dropping finalises MPI); `finalize_at_exit` ends MPI instead.
+    #[allow(dead_code)]
+    universe: std::mem::ManuallyDrop<Universe>,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE (checked in `init`), which allows any
+// thread to use the communicator; rsmpi's handles are plain MPI handles.
+unsafe impl Send for MpiProcesses {}
+// SAFETY: as above; `recycled` and the watchdog synchronise themselves.
+unsafe impl Sync for MpiProcesses {}
+
+static WORLD: Mutex<Option<Arc<MpiProcesses>>> = Mutex::new(None);
+/// Launches in progress in this process, and the process's MPI rank.
+static TRAINING: AtomicUsize = AtomicUsize::new(0);
+static PROCESS_RANK: AtomicUsize = AtomicUsize::new(0);
+
+/// At exit: a process leaving in the middle of a launch would leave the others waiting, so it
+/// aborts the job; otherwise MPI is finalised (every process of the job must).
+extern "C" fn finalize_at_exit() {
+    if TRAINING.load(Ordering::SeqCst) > 0 {
+        eprintln!(
+            "burn-fabric: process {} exited in the middle of training; aborting the job",
+            PROCESS_RANK.load(Ordering::SeqCst)
+        );
+        // SAFETY: MPI is initialised (TRAINING is only raised after that); MPI_Abort does not
+        // return on success.
+        unsafe {
+            mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 5);
+        }
+        return;
+    }
+    if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
+        // SAFETY: called once, at exit, after every MPI operation of this process.
+        unsafe {
+            mpi::ffi::MPI_Finalize();
+        }
+    }
+}
+
+impl MpiProcesses {
+    /// The process's MPI world, initialising MPI on first use; later calls (later Fabrics)
+    /// share it. `timeout` is the watchdog's, set by the first call.
+    pub fn get(timeout: Duration) -> Result<Arc<Self>, FabricError> {
+        let mut world = WORLD.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = world.as_ref() {
+            return Ok(Arc::clone(existing));
+        }
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Multiple)
+            .ok_or_else(|| FabricError::Unsupported {
+                what: "initialising MPI".into(),
+                reason: "MPI was already initialised outside burn-fabric".into(),
+            })?;
+        if threading < Threading::Multiple {
+            return Err(FabricError::Unsupported {
+                what: format!("MPI with thread support {threading:?}"),
+                reason: "burn-fabric needs MPI_THREAD_MULTIPLE (rank threads and the watchdog call MPI); use an Open MPI built with it (Debian's is)".into(),
+            });
+        }
+        // SAFETY: registering a plain `extern "C"` function.
+        unsafe {
+            libc::atexit(finalize_at_exit);
+        }
+        let communicator = universe.world();
+        let rank = usize::try_from(communicator.rank()).unwrap_or(0);
+        let size = usize::try_from(communicator.size()).unwrap_or(1);
+        PROCESS_RANK.store(rank, Ordering::SeqCst);
+        let processes = Arc::new(Self {
+            world: communicator,
+            rank,
+            size,
+            // A little later than the in-process timeout, so that when the late rank is a thread
+            // of some process, that process names it before the watchdog fires.
+            watchdog: Watchdog::start(timeout + (timeout / 10).max(Duration::from_secs(1))),
+            recycled: Mutex::new(Vec::new()),
+            universe: std::mem::ManuallyDrop::new(universe),
+        });
+        *world = Some(Arc::clone(&processes));
+        Ok(processes)
+    }
+
+    /// Marks a launch in progress until the guard drops: exiting the process meanwhile aborts
+    /// the job instead of finalising MPI quietly while the other processes wait.
+    pub fn training(&self) -> Training {
+        TRAINING.fetch_add(1, Ordering::SeqCst);
+        Training(())
+    }
+
+    /// This process's index.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of processes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Prints `message` and ends the whole job with a non-zero exit.
+    pub fn abort(&self, message: &str) -> ! {
+        eprintln!("burn-fabric: aborting the MPI job: {message}");
+        self.world.abort(3)
+    }
+
+    /// Agrees that every process calls the same operation on compatible data: each contributes a
+    /// fingerprint; a process whose fingerprint differs from process 0's is named.
+    fn agree(
+        &self,
+        rank: usize,
+        operation: &'static str,
+        fingerprint: u64,
+    ) -> Result<(), CollectiveError> {
+        let mut all = vec![0u64; self.size];
+        self.world.all_gather_into(&fingerprint, &mut all[..]);
+        match all.iter().position(|f| *f != all[0]) {
+            None => Ok(()),
+            Some(process) => Err(CollectiveError::Mismatch {
+                rank,
+                detail: format!(
+                    "process {process} called `{operation}` with other data (or another operation) than process 0"
+                ),
+            }),
+        }
+    }
+
+    /// Combines each buffer across processes with `op` (`Mean` sums; the caller divides).
+    pub fn all_reduce_many(
+        &self,
+        rank: usize,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "all_reduce");
+        self.agree(rank, "all_reduce", fingerprint(1 + op as u64, &data))?;
+        data.into_iter().map(|d| self.reduce(d, op)).collect()
+    }
+
+    fn reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
+        let op = match op {
+            ReduceOp::Sum | ReduceOp::Mean => SystemOperation::sum(),
+            ReduceOp::Min => SystemOperation::min(),
+            ReduceOp::Max => SystemOperation::max(),
+        };
+        match data.dtype {
+            DType::F32 | DType::Flex32 => self.reduce_as::<f32>(data, op),
+            DType::F64 => self.reduce_as::<f64>(data, op),
+            DType::I64 => self.reduce_as::<i64>(data, op),
+            DType::I32 => self.reduce_as::<i32>(data, op),
+            DType::I16 => self.reduce_as::<i16>(data, op),
+            DType::I8 => self.reduce_as::<i8>(data, op),
+            DType::U64 => self.reduce_as::<u64>(data, op),
+            DType::U32 | DType::Bool(BoolStore::U32) => self.reduce_as::<u32>(data, op),
+            DType::U16 => self.reduce_as::<u16>(data, op),
+            DType::U8 | DType::Bool(_) => self.reduce_as::<u8>(data, op),
+            // MPI has no half types: reduce in f32 (as the in-process engine accumulates).
+            DType::F16 | DType::BF16 => {
+                let dtype = data.dtype;
+                Ok(self
+                    .reduce_as::<f32>(data.convert_dtype(DType::F32), op)?
+                    .convert_dtype(dtype))
+            }
+            DType::QFloat(_) => Err(CollectiveError::UnsupportedDtype {
+                operation: "all_reduce",
+                dtype: format!("{:?}", data.dtype),
+            }),
+        }
+    }
+
+    fn reduce_as<T: Equivalence + bytemuck::Pod>(
+        &self,
+        send: TensorData,
+        op: SystemOperation,
+    ) -> Result<TensorData, CollectiveError> {
+        let send = aligned(send);
+        let mut recv = self.scratch(&send);
+        let bad = |e: bytemuck::PodCastError| CollectiveError::Mismatch {
+            rank: self.rank,
+            detail: format!(
+                "buffer of {:?} cannot be read as its elements: {e}",
+                send.dtype
+            ),
+        };
+        {
+            let input: &[T] = bytemuck::try_cast_slice(&send.bytes).map_err(bad)?;
+            let output: &mut [T] = bytemuck::try_cast_slice_mut(&mut recv.bytes).map_err(bad)?;
+            self.world.all_reduce_into(input, output, op);
+        }
+        self.recycle(send);
+        Ok(recv)
+    }
+
+    /// A buffer shaped like `like`, from the recycled ones when one has the same size.
+    fn scratch(&self, like: &TensorData) -> TensorData {
+        let mut recycled = self.recycled.lock().unwrap_or_else(PoisonError::into_inner);
+        let found = recycled
+            .iter()
+            .position(|d| d.dtype == like.dtype && d.bytes.len() == like.bytes.len());
+        let mut buffer = match found {
+            Some(i) => recycled.swap_remove(i),
+            None => aligned(TensorData::full_dtype([like.num_elements()], 0, like.dtype)),
+        };
+        buffer.shape = like.shape.clone();
+        buffer
+    }
+
+    fn recycle(&self, buffer: TensorData) {
+        let mut recycled = self.recycled.lock().unwrap_or_else(PoisonError::into_inner);
+        recycled.push(buffer);
+        if recycled.len() > 16 {
+            recycled.remove(0);
+        }
+    }
+
+    /// Process `root`'s buffers on every process (the others' `data` is ignored).
+    pub fn broadcast_many(
+        &self,
+        rank: usize,
+        data: Vec<TensorData>,
+        root: usize,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "broadcast");
+        if root >= self.size {
+            return Err(CollectiveError::InvalidRank {
+                src: root,
+                world_size: self.size,
+            });
+        }
+        self.agree(rank, "broadcast", root as u64 + 0xB0)?;
+        let root_process = self.world.process_at_rank(root as i32);
+        // Header: number of buffers, then dtype code, rank and dims of each.
+        let mut header: Vec<u64> = if self.rank == root {
+            describe(&data)
+        } else {
+            Vec::new()
+        };
+        let mut len = header.len() as u64;
+        root_process.broadcast_into(&mut len);
+        header.resize(len as usize, 0);
+        root_process.broadcast_into(&mut header[..]);
+        let mut buffers = if self.rank == root {
+            data.into_iter().map(aligned).collect()
+        } else {
+            allocate(&header).map_err(|detail| CollectiveError::Mismatch { rank, detail })?
+        };
+        for buffer in &mut buffers {
+            let bytes: &mut [u8] = &mut buffer.bytes;
+            root_process.broadcast_into(bytes);
+        }
+        Ok(buffers)
+    }
+
+    /// Every process's `data`, by process; dtypes and shapes must match.
+    pub fn all_gather(
+        &self,
+        rank: usize,
+        data: TensorData,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "all_gather");
+        self.agree(
+            rank,
+            "all_gather",
+            fingerprint(0xA6, std::slice::from_ref(&data)),
+        )?;
+        let data = aligned(data);
+        let size = data.bytes.len();
+        let mut all = vec![0u8; size * self.size];
+        let send: &[u8] = &data.bytes;
+        self.world.all_gather_into(send, &mut all[..]);
+        Ok(all
+            .chunks(size.max(1))
+            .take(self.size)
+            .map(|chunk| TensorData::from_bytes_vec(chunk.to_vec(), data.shape.clone(), data.dtype))
+            .collect())
+    }
+
+    /// Returns once every process has called it.
+    pub fn barrier(&self, rank: usize) -> Result<(), CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "barrier");
+        self.agree(rank, "barrier", 0xBA)?;
+        self.world.barrier();
+        Ok(())
+    }
+}
+
+/// A launch in progress (see [`MpiProcesses::training`]).
+pub struct Training(());
+
+impl Drop for Training {
+    fn drop(&mut self) {
+        TRAINING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+const DTYPES: [DType; 16] = [
+    DType::F64,
+    DType::F32,
+    DType::Flex32,
+    DType::F16,
+    DType::BF16,
+    DType::I64,
+    DType::I32,
+    DType::I16,
+    DType::I8,
+    DType::U64,
+    DType::U32,
+    DType::U16,
+    DType::U8,
+    DType::Bool(BoolStore::Native),
+    DType::Bool(BoolStore::U8),
+    DType::Bool(BoolStore::U32),
+];
+
+fn dtype_code(dtype: DType) -> u64 {
+    DTYPES
+        .iter()
+        .position(|d| *d == dtype)
+        .map_or(u64::MAX, |i| i as u64)
+}
+
+/// Buffer count, then for each: dtype code, rank, dims.
+fn describe(data: &[TensorData]) -> Vec<u64> {
+    let mut header = vec![data.len() as u64];
+    for d in data {
+        header.push(dtype_code(d.dtype));
+        header.push(d.shape.num_dims() as u64);
+        header.extend(d.shape.iter().map(|&n| n as u64));
+    }
+    header
+}
+
+/// Zeroed buffers as a [`describe`] header lays out.
+fn allocate(header: &[u64]) -> Result<Vec<TensorData>, String> {
+    let mut words = header.iter().map(|&w| w as usize);
+    let count = words.next().ok_or("empty broadcast header")?;
+    (0..count)
+        .map(|_| {
+            let dtype = words
+                .next()
+                .and_then(|code| DTYPES.get(code).copied())
+                .ok_or("unknown dtype in broadcast header")?;
+            let rank = words.next().ok_or("truncated broadcast header")?;
+            let dims: Vec<usize> = words.by_ref().take(rank).collect();
+            if dims.len() != rank {
+                return Err("truncated broadcast header".to_string());
+            }
+            Ok(aligned(TensorData::full_dtype(dims, 0, dtype)))
+        })
+        .collect()
+}
+
+/// FNV-1a over the operation and each buffer's dtype and shape.
+fn fingerprint(op: u64, data: &[TensorData]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for word in std::iter::once(op).chain(describe(data)) {
+        for byte in word.to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// Aborts the job when an MPI operation outlives the timeout. MPI collectives cannot time out
+/// by themselves; this is what keeps a dead or stuck peer from hanging everyone forever.
+struct Watchdog {
+    shared: Arc<(Mutex<Watch>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Watch {
+    active: Option<(usize, &'static str, Instant)>,
+    stop: bool,
+}
+
+/// Clears the watched operation when dropped.
+struct Watching<'a>(&'a Watchdog);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        let (lock, _) = &*self.0.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).active = None;
+    }
+}
+
+impl Watchdog {
+    fn start(timeout: Duration) -> Self {
+        let shared = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+        let watched = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("fabric-mpi-watchdog".into())
+            .spawn(move || watch(&watched, timeout))
+            .ok();
+        Self { shared, thread }
+    }
+
+    fn enter(&self, rank: usize, operation: &'static str) -> Watching<'_> {
+        let (lock, _) = &*self.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).active =
+            Some((rank, operation, Instant::now()));
+        Watching(self)
+    }
+}
+
+fn watch(shared: &(Mutex<Watch>, Condvar), timeout: Duration) {
+    let (lock, wake) = shared;
+    let mut state = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        if state.stop {
+            return;
+        }
+        if let Some((rank, operation, since)) = state.active
+            && since.elapsed() > timeout
+        {
+            eprintln!(
+                "burn-fabric: rank {rank} waited {timeout:?} in MPI `{operation}` for a process that never joined it; aborting the job"
+            );
+            // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; MPI_Abort may be called from
+            // any thread and does not return on success.
+            unsafe {
+                mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 4);
+            }
+            std::process::exit(4);
+        }
+        state = wake
+            .wait_timeout(state, Duration::from_millis(100))
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Jobs of several processes joined by MPI, started through `fabric run` (needs the `mpi`
+//! feature and Open MPI: `cargo test --features mpi --test mpi`).
+//!
+//! Each test starts this same test binary under `fabric run --num-nodes 2`, filtered to itself,
+//! with `FABRIC_MPI_CHILD` set; in that mode the test body is one process of the job. The
+//! parent checks the job's exit status and output.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use burn::backend::Flex;
+use burn::optim::momentum::MomentumConfig;
+use burn::optim::{AdamConfig, SgdConfig};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_fabric::{Fabric, FabricError, ReduceOp};
+use common::{B, train, train_on, worst_ratio};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const CHILD: &str = "FABRIC_MPI_CHILD";
+
+/// Whether this process is one process of a job (rather than the test that starts it).
+fn child() -> bool {
+    std::env::var_os(CHILD).is_some()
+}
+
+/// Runs test `name` of this binary as a job of `nodes` processes with `devices` ranks each.
+fn job(name: &str, nodes: usize, devices: usize) -> (Output, Duration) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let start = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_fabric"))
+        .args([
+            "run",
+            "--num-nodes",
+            &nodes.to_string(),
+            "--devices",
+            &devices.to_string(),
+            "--",
+        ])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .output()
+        .expect("start fabric run");
+    (output, start.elapsed())
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn succeeds(name: &str, nodes: usize, devices: usize) {
+    let (output, _) = job(name, nodes, devices);
+    assert!(
+        output.status.success(),
+        "{nodes} x {devices}: {}",
+        text(&output)
+    );
+    // the child really ran (the filter matched one test)
+    assert!(text(&output).contains("1 passed"), "{}", text(&output));
+}
+
+const STEPS: usize = 10;
+const BATCH: usize = 16;
+
+fn sgd() -> impl burn::optim::Optimizer<common::Mlp<B>, B> {
+    SgdConfig::new()
+        .with_momentum(Some(MomentumConfig::new()))
+        .init()
+}
+
+fn adam() -> impl burn::optim::Optimizer<common::Mlp<B>, B> {
+    AdamConfig::new().init()
+}
+
+#[test]
+fn ddp_equivalence_across_processes() {
+    if !child() {
+        succeeds("ddp_equivalence_across_processes", 2, 1);
+        succeeds("ddp_equivalence_across_processes", 2, 2);
+        return;
+    }
+    // One process of the job: the same training as the single-rank reference, within the
+    // tolerance of the in-process DDP test (|ddp - single| <= 1e-6 + 1e-5 |single|).
+    let fabric = Fabric::<B>::builder().build().unwrap();
+    let world = fabric.world_size();
+    assert!(
+        world >= 2,
+        "expected a multi-process job, got world size {world}"
+    );
+    let ddp = train_on(fabric, 1, STEPS, BATCH, 0.1, sgd).unwrap();
+    let single = train(1, 1, STEPS, BATCH, 0.1, sgd).unwrap();
+    let ratio = worst_ratio(&ddp, &single, 1e-5, 1e-6);
+    assert!(
+        ratio <= 1.0,
+        "sgd across {world} ranks: {ratio} x tolerance"
+    );
+    let fabric = Fabric::<B>::builder().build().unwrap();
+    let ddp = train_on(fabric, 2, STEPS, BATCH, 0.01, adam).unwrap();
+    let single = train(1, 1, STEPS, BATCH, 0.01, adam).unwrap();
+    let ratio = worst_ratio(&ddp, &single, 1e-5, 1e-6);
+    assert!(
+        ratio <= 1.0,
+        "adam with no_backward_sync across {world} ranks: {ratio} x tolerance"
+    );
+}
+
+#[test]
+fn every_collective_across_processes() {
+    if !child() {
+        succeeds("every_collective_across_processes", 2, 1);
+        succeeds("every_collective_across_processes", 2, 2);
+        return;
+    }
+    let mut fabric = Fabric::<B>::builder().build().unwrap();
+    fabric
+        .launch(|fabric| {
+            let world = fabric.world_size();
+            let rank = fabric.global_rank();
+            let device = *fabric.device();
+            fabric.barrier()?;
+            // all_reduce, float and int, every op
+            let v = |r: usize| vec![r as f32 + 1.0, -2.0 * r as f32, 10.0];
+            for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Min, ReduceOp::Max] {
+                let f = fabric.all_reduce(
+                    Tensor::<Flex, 1>::from_data(TensorData::new(v(rank), [3]), &device),
+                    op,
+                )?;
+                let i = fabric.all_reduce(
+                    Tensor::<Flex, 1, Int>::from_data(
+                        TensorData::new(v(rank).iter().map(|x| *x as i64).collect::<Vec<_>>(), [3]),
+                        &device,
+                    ),
+                    op,
+                )?;
+                let want: Vec<f64> = (0..3)
+                    .map(|k| {
+                        let col: Vec<f64> = (0..world).map(|r| v(r)[k] as f64).collect();
+                        match op {
+                            ReduceOp::Sum => col.iter().sum(),
+                            ReduceOp::Mean => col.iter().sum::<f64>() / world as f64,
+                            ReduceOp::Min => col.iter().cloned().fold(f64::INFINITY, f64::min),
+                            ReduceOp::Max => col.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    f.into_data().to_vec::<f32>().unwrap(),
+                    want.iter().map(|x| *x as f32).collect::<Vec<_>>(),
+                    "float {op}"
+                );
+                assert_eq!(
+                    i.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+                    want.iter().map(|x| x.round() as i64).collect::<Vec<_>>(),
+                    "int {op}"
+                );
+            }
+            // all_gather stacks every rank, in global rank order
+            let mine = Tensor::<Flex, 2>::from_data(
+                TensorData::new(vec![rank as f32, 0.5], [1, 2]),
+                &device,
+            );
+            let all: Tensor<Flex, 3> = fabric.all_gather(mine)?;
+            assert_eq!(all.dims(), [world, 1, 2]);
+            let all = all.into_data().to_vec::<f32>().unwrap();
+            for r in 0..world {
+                assert_eq!(all[r * 2..r * 2 + 2], [r as f32, 0.5]);
+            }
+            // broadcast from the last rank (in the last process), tensor and object
+            let src = world - 1;
+            let t = fabric.broadcast(
+                Tensor::<Flex, 1>::from_data(TensorData::new(vec![rank as f32; 4], [4]), &device),
+                src,
+            )?;
+            assert_eq!(t.into_data().to_vec::<f32>().unwrap(), vec![src as f32; 4]);
+            let text = fabric.broadcast_object(&format!("from {rank}"), src)?;
+            assert_eq!(text, format!("from {src}"));
+            assert_eq!(
+                fabric.all_reduce_scalar(rank as f64, ReduceOp::Sum)?,
+                (0..world).sum::<usize>() as f64
+            );
+            fabric.barrier()?;
+            Ok::<_, FabricError>(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_process_that_exits_mid_training_ends_the_job() {
+    if !child() {
+        let (output, took) = job("a_process_that_exits_mid_training_ends_the_job", 2, 1);
+        assert!(!output.status.success(), "{}", text(&output));
+        assert!(took < Duration::from_secs(60), "took {took:?}");
+        let out = text(&output);
+        assert!(out.contains("process 1 exits now"), "{out}");
+        assert!(
+            out.contains("process 1 exited in the middle of training"),
+            "{out}"
+        );
+        // well before the 20 s collective timeout: the exit itself ends the job
+        assert!(took < Duration::from_secs(15), "took {took:?}");
+        return;
+    }
+    let mut fabric = Fabric::<B>::builder()
+        .collective_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    fabric
+        .launch(|fabric| {
+            let device = *fabric.device();
+            for step in 0..100 {
+                if step == 3 && fabric.global_rank() == 1 {
+                    eprintln!("process 1 exits now");
+                    std::process::exit(3);
+                }
+                fabric.all_reduce(Tensor::<Flex, 1>::ones([1024], &device), ReduceOp::Sum)?;
+            }
+            Ok::<_, FabricError>(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_rank_stuck_before_a_collective_is_reported_and_the_job_aborted() {
+    if !child() {
+        for devices in [1, 2] {
+            let (output, took) = job(
+                "a_rank_stuck_before_a_collective_is_reported_and_the_job_aborted",
+                2,
+                devices,
+            );
+            let out = text(&output);
+            assert!(!output.status.success(), "{out}");
+            assert!(took < Duration::from_secs(40), "took {took:?}: {out}");
+            assert!(out.contains("all_reduce") && out.contains("rank "), "{out}");
+        }
+        return;
+    }
+    let mut fabric = Fabric::<B>::builder()
+        .collective_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    fabric
+        .launch(|fabric| {
+            let device = *fabric.device();
+            if fabric.global_rank() == fabric.world_size() - 1 {
+                std::thread::sleep(Duration::from_secs(60));
+            }
+            fabric.all_reduce(Tensor::<Flex, 1>::ones([8], &device), ReduceOp::Sum)?;
+            Ok::<_, FabricError>(())
+        })
+        .unwrap();
+}
