@@ -14,7 +14,7 @@ use fabric_core::config::{
 };
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::grads::{AssignParams, CollectParams, GradStore};
-use fabric_core::launcher::{ThreadLaunch, launch_threads};
+use fabric_core::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::rank::RankInfo;
 use fabric_core::strategy::Strategy;
@@ -209,31 +209,37 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         }
         let launch = ThreadLaunch {
             world_size: self.connector.local_world_size(),
+            first_rank: self.connector.node_rank() * self.connector.local_world_size(),
             timeout: self.connector.config.collective_timeout,
             threads_per_rank: self.connector.threads_per_rank(),
         };
         let connector = &self.connector;
         let seed = self.seed;
-        let training = connector.processes.as_ref().map(|p| p.training());
-        let result = launch_threads(&launch, |local_rank, member| {
-            let collective: Box<dyn Collective> = match &connector.processes {
-                Some(processes) => processes.collective(member),
-                None => Box::new(member),
-            };
-            let mut fabric = Fabric {
-                connector: Arc::clone(connector),
-                rank: Some(Self::make_rank(connector, local_rank, collective)),
-                seed,
-                launched: true,
-            };
-            train(&mut fabric).map_err(|e| error_chain(e.into().as_ref()))
-        });
-        // The other processes would wait for this one forever: take the whole job down.
-        if let (Err(err), Some(processes)) = (&result, &connector.processes) {
-            processes.abort(&err.to_string());
-        }
-        drop(training);
-        result
+        let _training = connector.processes.as_ref().map(|p| p.training());
+        // The other processes would wait for this one forever: take the whole job down as soon
+        // as a rank fails, without waiting for this process's other threads.
+        let abort_job = |rank: usize, message: &str| {
+            if let Some(processes) = &connector.processes {
+                processes.abort(&format!("rank {rank} failed: {message}"));
+            }
+        };
+        launch_threads_with(
+            &launch,
+            |local_rank, member| {
+                let collective: Box<dyn Collective> = match &connector.processes {
+                    Some(processes) => processes.collective(member),
+                    None => Box::new(member),
+                };
+                let mut fabric = Fabric {
+                    connector: Arc::clone(connector),
+                    rank: Some(Self::make_rank(connector, local_rank, collective)),
+                    seed,
+                    launched: true,
+                };
+                train(&mut fabric).map_err(|e| error_chain(e.into().as_ref()))
+            },
+            &abort_job,
+        )
     }
 
     /// This rank's index among all ranks (0 before launch).

@@ -11,6 +11,13 @@ pub(crate) struct Processes {
     mpi: std::sync::Arc<fabric_core::collective::mpi::MpiProcesses>,
 }
 
+/// Marks a launch in progress (see [`Processes::training`]).
+#[cfg(feature = "mpi")]
+pub(crate) type Training = fabric_core::collective::mpi::Training;
+/// Marks a launch in progress (nothing to mark without other processes).
+#[cfg(not(feature = "mpi"))]
+pub(crate) type Training = ();
+
 /// Without the `mpi` feature there are never other processes: this type has no values.
 #[cfg(not(feature = "mpi"))]
 pub(crate) enum Processes {}
@@ -25,21 +32,22 @@ impl Processes {
         if !env.is_distributed() && config.num_nodes == 1 {
             return Ok(None);
         }
-        env.validate(config.num_nodes, devices)?;
         if env.kind == EnvironmentKind::TorchElastic {
             return Err(FabricError::Unsupported {
                 what: format!("a job of {} processes started by torchrun", env.world_size),
                 reason: "burn-fabric joins processes with MPI: start them with `fabric run --num-nodes N` or mpirun".into(),
             });
         }
-        Self::join_mpi(env, config)
+        Self::join_mpi(env, config, devices)
     }
 
     #[cfg(feature = "mpi")]
     fn join_mpi(
         env: &ClusterEnvironment,
         config: &FabricConfig,
+        devices: usize,
     ) -> Result<Option<Self>, FabricError> {
+        env.validate(config.num_nodes, devices)?;
         let mpi = fabric_core::collective::mpi::MpiProcesses::get(config.collective_timeout)?;
         if mpi.size() != config.num_nodes {
             return Err(FabricError::InvalidSetting {
@@ -64,6 +72,7 @@ impl Processes {
     fn join_mpi(
         env: &ClusterEnvironment,
         config: &FabricConfig,
+        _devices: usize,
     ) -> Result<Option<Self>, FabricError> {
         Err(FabricError::Unsupported {
             what: format!(
@@ -97,7 +106,7 @@ impl Processes {
     }
 
     /// Held while ranks train: if the process exits meanwhile, the job is aborted.
-    pub fn training(&self) -> impl Drop {
+    pub fn training(&self) -> Training {
         #[cfg(feature = "mpi")]
         return self.mpi.training();
         #[cfg(not(feature = "mpi"))]

@@ -107,8 +107,8 @@ impl ClusterEnvironment {
                     self.kind, self.world_size
                 ),
                 valid: format!(
-                    "num_nodes={} (one process per node, each running devices={devices} ranks), e.g. `fabric run --num-nodes {}`",
-                    self.world_size, self.world_size
+                    "num_nodes={} (one process per node, each running devices={devices} ranks); to run {num_nodes} processes start them with `fabric run --num-nodes {num_nodes}` (burn-fabric's `mpi` feature)",
+                    self.world_size
                 ),
             });
         }

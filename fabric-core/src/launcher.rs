@@ -15,6 +15,8 @@ const RANK_STACK_BYTES: usize = 32 * 1024 * 1024;
 pub struct ThreadLaunch {
     /// Number of ranks (threads) to start.
     pub world_size: usize,
+    /// Global rank of the first thread (ranks of other processes come before it).
+    pub first_rank: usize,
     /// Timeout of every collective among them.
     pub timeout: Duration,
     /// Size of the rayon pool each rank's work runs in; `None` shares the global pool. CPU
@@ -34,8 +36,23 @@ where
     T: Send,
     F: Fn(usize, ThreadCollective) -> Result<T, String> + Sync,
 {
+    launch_threads_with(launch, rank_fn, &|_, _| {})
+}
+
+/// [`launch_threads`], calling `on_failure(rank, message)` with the group's first failure as
+/// soon as a rank fails, before waiting for the other threads to finish. A multi-process job
+/// uses it to end every process at once, even while a rank of this one is stuck.
+pub fn launch_threads_with<T, F>(
+    launch: &ThreadLaunch,
+    rank_fn: F,
+    on_failure: &(dyn Fn(usize, &str) + Sync),
+) -> Result<T, FabricError>
+where
+    T: Send,
+    F: Fn(usize, ThreadCollective) -> Result<T, String> + Sync,
+{
     let world = launch.world_size.max(1);
-    let group = ThreadGroup::new(world, launch.timeout);
+    let group = ThreadGroup::starting_at(world, launch.timeout, launch.first_rank);
     let rank_fn = &rank_fn;
     let mut results: Vec<Option<T>> = std::thread::scope(|scope| {
         let mut handles = Vec::with_capacity(world);
@@ -46,7 +63,7 @@ where
                 .name(format!("fabric-rank-{rank}"))
                 .stack_size(RANK_STACK_BYTES)
                 .spawn_scoped(scope, move || {
-                    run_rank(rank, &member_group, pool_size, rank_fn)
+                    run_rank(rank, &member_group, pool_size, rank_fn, on_failure)
                 });
             match spawned {
                 Ok(handle) => handles.push(Some(handle)),
@@ -75,6 +92,7 @@ fn run_rank<T, F>(
     group: &ThreadGroup,
     pool_size: Option<usize>,
     rank_fn: &F,
+    on_failure: &(dyn Fn(usize, &str) + Sync),
 ) -> Option<T>
 where
     T: Send,
@@ -94,20 +112,19 @@ where
         Some(pool) => pool.install(run),
         None => run(),
     };
-    match outcome {
+    let failure = match outcome {
         Ok(Ok(value)) => {
             group.exit(rank);
-            Some(value)
+            return Some(value);
         }
-        Ok(Err(message)) => {
-            group.fail(rank, message);
-            None
-        }
-        Err(panic) => {
-            group.fail(rank, format!("panicked: {}", panic_message(panic.as_ref())));
-            None
-        }
+        Ok(Err(message)) => message,
+        Err(panic) => format!("panicked: {}", panic_message(panic.as_ref())),
+    };
+    group.fail(rank, failure);
+    if let Some((first, message)) = group.failure() {
+        on_failure(first, &message);
     }
+    None
 }
 
 /// The text of a panic payload.
@@ -131,6 +148,7 @@ mod tests {
     fn launch(world: usize, timeout_ms: u64) -> ThreadLaunch {
         ThreadLaunch {
             world_size: world,
+            first_rank: 0,
             timeout: Duration::from_millis(timeout_ms),
             threads_per_rank: Some(1),
         }

@@ -31,7 +31,9 @@ impl HierarchicalCollective {
         self.local.rank() == 0
     }
 
-    /// Runs `across` on local rank 0 and gives its result to every local rank.
+    /// Runs `across` on local rank 0 and gives its result to every local rank. The others wait
+    /// past the MPI watchdog's deadline: if the leader is stuck in MPI, the watchdog (or the
+    /// process holding the late rank) ends the job and names the rank.
     fn lead_and_share(
         &self,
         data: Vec<TensorData>,
@@ -45,7 +47,8 @@ impl HierarchicalCollective {
         if self.local_size() == 1 {
             return Ok(data);
         }
-        self.local.broadcast_many(data, 0)
+        let patience = self.local.timeout() * 2 + std::time::Duration::from_secs(2);
+        self.local.broadcast_many_within(data, 0, patience)
     }
 }
 

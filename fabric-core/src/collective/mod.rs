@@ -208,6 +208,7 @@ mod tests {
         for world in [1, 2, 3] {
             let launch = ThreadLaunch {
                 world_size: world,
+                first_rank: 0,
                 timeout: Duration::from_secs(30),
                 threads_per_rank: Some(1),
             };

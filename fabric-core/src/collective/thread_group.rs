@@ -34,6 +34,9 @@ pub struct ThreadCollective {
 
 struct Shared {
     world: usize,
+    /// Global rank of local rank 0 (non-zero when other processes hold lower ranks); every
+    /// rank this group reports is global.
+    first_rank: usize,
     timeout: Duration,
     state: Mutex<State>,
     wake: Condvar,
@@ -87,10 +90,17 @@ struct Failure {
 impl ThreadGroup {
     /// A group of `world_size` ranks whose blocking calls give up after `timeout`.
     pub fn new(world_size: usize, timeout: Duration) -> Self {
+        Self::starting_at(world_size, timeout, 0)
+    }
+
+    /// As [`new`](Self::new), for the ranks `first_rank..first_rank + world_size` of a larger
+    /// job: errors and failures name global ranks.
+    pub fn starting_at(world_size: usize, timeout: Duration, first_rank: usize) -> Self {
         let world = world_size.max(1);
         Self {
             shared: Arc::new(Shared {
                 world,
+                first_rank,
                 timeout,
                 state: Mutex::new(State {
                     generation: 0,
@@ -113,17 +123,12 @@ impl ThreadGroup {
         }
     }
 
-    /// Records that `rank` failed (returned an error or panicked) and releases every waiter. Only
-    /// the first failure is kept.
+    /// Records that local rank `rank` failed (returned an error or panicked) and releases every
+    /// waiter. Only the first failure is kept.
     pub fn fail(&self, rank: usize, reason: impl Into<String>) {
         let mut state = self.shared.lock();
-        if state.failure.is_none() {
-            state.failure = Some(Failure {
-                rank,
-                reason: reason.into(),
-            });
-        }
-        self.shared.wake.notify_all();
+        let global = self.shared.first_rank + rank;
+        self.shared.fail_locked(&mut state, global, reason.into());
     }
 
     /// Records that `rank` returned normally: a rank still waiting for it fails at once.
@@ -135,7 +140,7 @@ impl ThreadGroup {
         self.shared.wake.notify_all();
     }
 
-    /// The first failure recorded: the rank held responsible and why.
+    /// The first failure recorded: the (global) rank held responsible and why.
     pub fn failure(&self) -> Option<(usize, String)> {
         self.shared
             .lock()
@@ -151,6 +156,7 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records the first failure (`rank` is global) and wakes every waiter.
     fn fail_locked(&self, state: &mut State, rank: usize, reason: String) {
         if state.failure.is_none() {
             state.failure = Some(Failure { rank, reason });
@@ -169,28 +175,32 @@ fn aborted(rank: usize, op: &'static str, failure: &Failure) -> CollectiveError 
 }
 
 impl ThreadCollective {
-    /// Waits until every rank has arrived at this rendezvous. The last rank to arrive runs
-    /// `check` on the published slots; a mismatch fails the whole group.
+    /// This rank's global index.
+    fn global(&self) -> usize {
+        self.shared.first_rank + self.rank
+    }
+
+    /// Waits until every rank has arrived at this rendezvous, for at most `timeout`. The last
+    /// rank to arrive runs `check` on the published slots; a mismatch fails the whole group.
     fn rendezvous<'a>(
         &'a self,
         mut state: MutexGuard<'a, State>,
         op: &'static str,
         check: impl Fn(&State) -> Option<(usize, String)>,
+        timeout: Duration,
     ) -> Result<MutexGuard<'a, State>, CollectiveError> {
         let shared = &*self.shared;
+        let me = self.global();
         if let Some(failure) = &state.failure {
-            return Err(aborted(self.rank, op, failure));
+            return Err(aborted(me, op, failure));
         }
         let generation = state.generation;
         state.arrived[self.rank] = true;
         state.count += 1;
         if state.count == shared.world {
             if let Some((culprit, detail)) = check(&state) {
-                shared.fail_locked(&mut state, culprit, detail.clone());
-                return Err(CollectiveError::Mismatch {
-                    rank: self.rank,
-                    detail,
-                });
+                shared.fail_locked(&mut state, shared.first_rank + culprit, detail.clone());
+                return Err(CollectiveError::Mismatch { rank: me, detail });
             }
             state.generation += 1;
             state.count = 0;
@@ -198,40 +208,40 @@ impl ThreadCollective {
             shared.wake.notify_all();
             return Ok(state);
         }
-        let deadline = Instant::now() + shared.timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             if state.generation != generation {
                 return Ok(state);
             }
             if let Some(failure) = &state.failure {
-                return Err(aborted(self.rank, op, failure));
+                return Err(aborted(me, op, failure));
             }
             if let Some(peer) = (0..shared.world).find(|&r| state.exited[r] && !state.arrived[r]) {
-                let reason = format!(
-                    "returned from its function while rank {} waited for it in `{op}`",
-                    self.rank
-                );
+                let peer = shared.first_rank + peer;
+                let reason =
+                    format!("returned from its function while rank {me} waited for it in `{op}`");
                 shared.fail_locked(&mut state, peer, reason);
                 return Err(CollectiveError::PeerExited {
-                    rank: self.rank,
+                    rank: me,
                     operation: op,
                     peer,
                 });
             }
             let now = Instant::now();
             if now >= deadline {
-                let missing: Vec<usize> =
-                    (0..shared.world).filter(|&r| !state.arrived[r]).collect();
-                let culprit = missing.first().copied().unwrap_or(self.rank);
+                let missing: Vec<usize> = (0..shared.world)
+                    .filter(|&r| !state.arrived[r])
+                    .map(|r| shared.first_rank + r)
+                    .collect();
+                let culprit = missing.first().copied().unwrap_or(me);
                 let reason = format!(
-                    "did not reach `{op}` within the collective timeout of {:?} (rank {} waited)",
-                    shared.timeout, self.rank
+                    "did not reach `{op}` within the collective timeout of {timeout:?} (rank {me} waited)"
                 );
                 shared.fail_locked(&mut state, culprit, reason);
                 return Err(CollectiveError::Timeout {
-                    rank: self.rank,
+                    rank: me,
                     operation: op,
-                    timeout: shared.timeout,
+                    timeout,
                     missing,
                 });
             }
@@ -249,26 +259,31 @@ impl ThreadCollective {
         op: Op,
         data: Vec<TensorData>,
         check: impl Fn(&State) -> Option<(usize, String)>,
+        timeout: Duration,
     ) -> Result<MutexGuard<'_, State>, CollectiveError> {
         let name = op.name();
         let mut state = self.shared.lock();
         if let Some(failure) = &state.failure {
-            return Err(aborted(self.rank, name, failure));
+            return Err(aborted(self.global(), name, failure));
         }
         state.slots[self.rank] = Some(Slot { op, data });
-        self.rendezvous(state, name, check)
+        self.rendezvous(state, name, check, timeout)
     }
 
     /// Second rendezvous, then takes this rank's buffers back.
-    fn finish(&self, op: &'static str) -> Result<Vec<TensorData>, CollectiveError> {
+    fn finish(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
         let state = self.shared.lock();
-        let mut state = self.rendezvous(state, op, |_| None)?;
+        let mut state = self.rendezvous(state, op, |_| None, timeout)?;
         state.slots[self.rank]
             .take()
             .map(|slot| slot.data)
             .ok_or_else(|| CollectiveError::Mismatch {
-                rank: self.rank,
-                detail: format!("rank {}'s buffer vanished during `{op}`", self.rank),
+                rank: self.global(),
+                detail: format!("rank {}'s buffer vanished during `{op}`", self.global()),
             })
     }
 }
@@ -277,9 +292,11 @@ impl ThreadCollective {
 /// compares; names the first rank that differs from rank 0.
 fn same_op(
     state: &State,
+    first_rank: usize,
     same: impl Fn(&[TensorData], &[TensorData]) -> bool,
 ) -> Option<(usize, String)> {
     let first = state.slots[0].as_ref()?;
+    let r0 = first_rank;
     let describe = |data: &[TensorData]| -> String {
         data.iter()
             .map(|d| format!("{:?} {:?}", d.dtype, d.shape))
@@ -297,8 +314,10 @@ fn same_op(
                 return Some((
                     rank,
                     format!(
-                        "rank 0 called `{:?}` but rank {rank} called `{:?}`",
-                        first.op, slot.op
+                        "rank {r0} called `{:?}` but rank {} called `{:?}`",
+                        first.op,
+                        first_rank + rank,
+                        slot.op
                     ),
                 ));
             }
@@ -306,9 +325,10 @@ fn same_op(
                 return Some((
                     rank,
                     format!(
-                        "in `{}` rank 0 has [{}] but rank {rank} has [{}]",
+                        "in `{}` rank {r0} has [{}] but rank {} has [{}]",
                         first.op.name(),
                         describe(&first.data),
+                        first_rank + rank,
                         describe(&slot.data)
                     ),
                 ));
@@ -340,11 +360,24 @@ fn single(
 }
 
 impl ThreadCollective {
-    /// Rank `src`'s buffers on every rank; the other ranks' `data` is ignored (it may be empty).
+    /// Rank `src`'s buffers on every rank (`src` local); the other ranks' `data` is ignored
+    /// (it may be empty).
     pub fn broadcast_many(
         &self,
         data: Vec<TensorData>,
         src: usize,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        self.broadcast_many_within(data, src, self.shared.timeout)
+    }
+
+    /// [`broadcast_many`](Self::broadcast_many) waiting up to `timeout` instead of the group's:
+    /// for ranks that wait while `src` is busy in a longer operation (an MPI call watched by its
+    /// own, later, deadline).
+    pub fn broadcast_many_within(
+        &self,
+        data: Vec<TensorData>,
+        src: usize,
+        timeout: Duration,
     ) -> Result<Vec<TensorData>, CollectiveError> {
         if src >= self.shared.world {
             return Err(CollectiveError::InvalidRank {
@@ -352,15 +385,24 @@ impl ThreadCollective {
                 world_size: self.shared.world,
             });
         }
-        let state = self.publish(Op::Broadcast(src), data, |state| {
-            same_op(state, |_, _| true)
-        })?;
+        let first_rank = self.shared.first_rank;
+        let state = self.publish(
+            Op::Broadcast(src),
+            data,
+            |state| same_op(state, first_rank, |_, _| true),
+            timeout,
+        )?;
         let copy = (self.rank != src)
             .then(|| state.slots[src].as_ref().map(|slot| slot.data.clone()))
             .flatten();
         drop(state);
-        let own = self.finish("broadcast")?;
+        let own = self.finish("broadcast", timeout)?;
         Ok(copy.unwrap_or(own))
+    }
+
+    /// The group's timeout.
+    pub fn timeout(&self) -> Duration {
+        self.shared.timeout
     }
 }
 
@@ -376,7 +418,7 @@ impl Collective for ThreadCollective {
     fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
         single(
             self.all_reduce_many(vec![data], op)?,
-            self.rank,
+            self.global(),
             "all_reduce",
         )
     }
@@ -394,12 +436,19 @@ impl Collective for ThreadCollective {
         let data: Vec<TensorData> = data.into_iter().map(aligned).collect();
         let layout: Vec<(DType, usize)> =
             data.iter().map(|d| (d.dtype, d.num_elements())).collect();
-        let mut state = self.publish(Op::AllReduce(op), data, |state| {
-            same_op(
-                state,
-                pairwise(|a, b| a.dtype == b.dtype && a.num_elements() == b.num_elements()),
-            )
-        })?;
+        let (first_rank, timeout) = (self.shared.first_rank, self.shared.timeout);
+        let mut state = self.publish(
+            Op::AllReduce(op),
+            data,
+            |state| {
+                same_op(
+                    state,
+                    first_rank,
+                    pairwise(|a, b| a.dtype == b.dtype && a.num_elements() == b.num_elements()),
+                )
+            },
+            timeout,
+        )?;
         // Every slot is present until each rank takes its own back after `finish`, so these
         // pointers stay valid until this rank reaches the second rendezvous.
         let ptrs: Vec<Vec<*mut u8>> = (0..layout.len())
@@ -431,24 +480,31 @@ impl Collective for ThreadCollective {
             }
             offset += numel;
         }
-        self.finish("all_reduce")
+        self.finish("all_reduce", timeout)
     }
 
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
         single(
             self.broadcast_many(vec![data], src)?,
-            self.rank,
+            self.global(),
             "broadcast",
         )
     }
 
     fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
-        let state = self.publish(Op::AllGather, vec![data], |state| {
-            same_op(
-                state,
-                pairwise(|a, b| a.dtype == b.dtype && a.shape == b.shape),
-            )
-        })?;
+        let (first_rank, timeout) = (self.shared.first_rank, self.shared.timeout);
+        let state = self.publish(
+            Op::AllGather,
+            vec![data],
+            |state| {
+                same_op(
+                    state,
+                    first_rank,
+                    pairwise(|a, b| a.dtype == b.dtype && a.shape == b.shape),
+                )
+            },
+            timeout,
+        )?;
         let mut gathered: Vec<Option<TensorData>> = state
             .slots
             .iter()
@@ -462,22 +518,34 @@ impl Collective for ThreadCollective {
             })
             .collect();
         drop(state);
-        gathered[self.rank] = Some(single(self.finish("all_gather")?, self.rank, "all_gather")?);
+        gathered[self.rank] = Some(single(
+            self.finish("all_gather", timeout)?,
+            self.global(),
+            "all_gather",
+        )?);
         gathered
             .into_iter()
             .enumerate()
             .map(|(rank, data)| {
                 data.ok_or_else(|| CollectiveError::Mismatch {
-                    rank: self.rank,
-                    detail: format!("rank {rank}'s buffer was missing in `all_gather`"),
+                    rank: self.global(),
+                    detail: format!(
+                        "rank {}'s buffer was missing in `all_gather`",
+                        first_rank + rank
+                    ),
                 })
             })
             .collect()
     }
 
     fn barrier(&self) -> Result<(), CollectiveError> {
-        let mut state =
-            self.publish(Op::Barrier, Vec::new(), |state| same_op(state, |_, _| true))?;
+        let first_rank = self.shared.first_rank;
+        let mut state = self.publish(
+            Op::Barrier,
+            Vec::new(),
+            |state| same_op(state, first_rank, |_, _| true),
+            self.shared.timeout,
+        )?;
         // The slots were checked by the last arriver before anyone woke; nobody reads them now.
         state.slots[self.rank] = None;
         Ok(())
