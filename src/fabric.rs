@@ -182,10 +182,13 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         self.connector.describe()
     }
 
-    /// Runs `train` on every rank and returns rank 0's result.
+    /// Runs `train` on every rank and returns the result of this process's first rank (global
+    /// rank 0 in a single-process job; print with [`print`](Self::print) to report once).
     ///
     /// With one device `train` runs on the calling thread with this `Fabric`. With `N` devices
-    /// it runs on `N` threads, each with its own `Fabric` bound to its rank and device. If any
+    /// it runs on `N` threads, each with its own `Fabric` bound to its rank and device; with
+    /// several processes (`num_nodes > 1`, the `mpi` feature) every process does the same and
+    /// the ranks of all processes form one job. If any
     /// rank returns an error or panics, the ranks waiting for it in a collective are released
     /// at once and `launch` returns [`FabricError::RankFailed`] naming the rank that failed
     /// first; a rank stuck elsewhere is reported when the collective timeout expires.
@@ -242,9 +245,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         )
     }
 
-    /// This rank's index among all ranks (0 before launch).
+    /// This rank's index among all ranks (before launch: that of this process's first rank).
     pub fn global_rank(&self) -> usize {
-        self.rank.as_ref().map_or(0, |r| r.info.global_rank)
+        self.rank.as_ref().map_or(
+            self.connector.node_rank() * self.connector.local_world_size(),
+            |r| r.info.global_rank,
+        )
     }
 
     /// This rank's index on its node (0 before launch).
@@ -252,9 +258,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         self.rank.as_ref().map_or(0, |r| r.info.local_rank)
     }
 
-    /// This node's index.
+    /// This node's (process's) index.
     pub fn node_rank(&self) -> usize {
-        self.rank.as_ref().map_or(0, |r| r.info.node_rank)
+        self.rank
+            .as_ref()
+            .map_or(self.connector.node_rank(), |r| r.info.node_rank)
     }
 
     /// Number of ranks in the job.

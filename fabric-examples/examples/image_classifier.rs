@@ -84,19 +84,19 @@ fn main() -> ExitCode {
 
 pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
     let mut fabric = args.fabric.builder::<DefaultBackend>().build()?;
-    println!("{}", fabric.describe());
+    fabric.print(fabric.describe());
     let (train, test) = digits::train_test_split(digits::load()?);
     // Initialise once, before the ranks start, so every world size trains the same model.
     fabric.seed_everything(args.fabric.seed);
     let model = Mlp::new(args.hidden, fabric.device());
     let report = fabric.launch(|fabric| train_rank(fabric, args, &model, &train, &test))?;
-    println!(
+    fabric.print(format!(
         "{} steps, mean step {:.2} ms, {:.0} samples/s over all ranks",
         report.steps,
         report.mean_step.as_secs_f64() * 1e3,
         report.samples_per_second
-    );
-    println!("test accuracy: {:.3}", report.test_accuracy);
+    ));
+    fabric.print(format!("test accuracy: {:.3}", report.test_accuracy));
     Ok(report)
 }
 

@@ -4,6 +4,8 @@
 //!   printed as a Markdown table of ratios (overhead and DDP efficiency).
 //! * `collective` (Criterion): the in-process all-reduce of 10M f32 beside a 40 MB memcpy.
 //! * `training` (Criterion, skipped with `--quick`): the per-step times behind the ratios.
+//! * `mpi_all_reduce` (when `mpirun` is installed): burn-fabric's collective vs raw rsmpi
+//!   across 2 processes.
 
 use clap::{Parser, Subcommand};
 use std::process::{Command, ExitCode};
@@ -29,6 +31,9 @@ fn cargo_bench(bench: &str, extra: &[&str]) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command.args(["bench", "-p", "fabric-benches", "--bench", bench]);
+    if bench.starts_with("mpi") {
+        command.args(["--features", "mpi"]);
+    }
     if !extra.is_empty() {
         command.arg("--").args(extra);
     }
