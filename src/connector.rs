@@ -8,6 +8,7 @@ use fabric_core::collective::Collective;
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::strategy::Strategy;
+use fabric_precision::PrecisionPlugin;
 use fabric_strategies::{Ddp, SingleDevice};
 
 use crate::processes::Processes;
@@ -20,12 +21,19 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub strategy: StrategyChoice,
     /// The other processes of a multi-process job.
     pub processes: Option<Processes>,
+    /// The precision plugin every rank uses.
+    pub precision: PrecisionPlugin,
 }
 
 impl<B: AutodiffBackend + BackendDevices> Connector<B> {
     pub fn new(config: FabricConfig, env: &ClusterEnvironment) -> Result<Self, FabricError> {
-        fabric_precision::check_available(config.precision)?;
+        let precision = PrecisionPlugin::new(config.precision)?;
         let placement = resolve_placement::<B>(config.accelerator, &config.devices)?;
+        fabric_precision::check_backend::<B>(
+            config.precision,
+            B::backend_name(),
+            &placement.devices[0],
+        )?;
         let processes = Processes::join(env, &config, placement.devices.len())?;
         let local = placement.devices.len();
         let strategy = match config.strategy {
@@ -45,6 +53,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             placement,
             strategy,
             processes,
+            precision,
         })
     }
 

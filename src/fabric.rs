@@ -1,23 +1,25 @@
 //! The façade: one `Fabric<B>` per rank, forwarding to the strategy and the collective.
 
 use crate::connector::Connector;
-use crate::optimizer::{FabricOptimizer, lock};
-use burn::module::AutodiffModule;
+use crate::optimizer::{FabricOptimizer, StepState, lock};
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsParams, Optimizer};
-use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
 use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
+use fabric_core::collective::ReduceOp;
 use fabric_core::collective::{Collective, SingleProcess};
 use fabric_core::config::{
     Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
 };
 use fabric_core::environment::ClusterEnvironment;
-use fabric_core::grads::{AssignParams, CollectParams, GradStore};
+use fabric_core::grads::{AssignParams, CollectParams};
 use fabric_core::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::rank::RankInfo;
 use fabric_core::strategy::Strategy;
+use fabric_precision::{GradScaler, GradScalerState, PrecisionPlugin};
 use std::error::Error;
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -54,7 +56,8 @@ struct Rank<B: AutodiffBackend> {
     info: RankInfo,
     device: B::Device,
     strategy: Box<dyn Strategy<B>>,
-    grads: Arc<Mutex<GradStore>>,
+    precision: PrecisionPlugin,
+    state: Arc<Mutex<StepState>>,
     backward_sync: bool,
 }
 
@@ -156,7 +159,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
             ),
             device: connector.placement.devices[local_rank].clone(),
             strategy: connector.strategy_for(local_rank, collective),
-            grads: Arc::new(Mutex::new(GradStore::new())),
+            precision: connector.precision.clone(),
+            state: Arc::new(Mutex::new(StepState {
+                scaler: connector.precision.grad_scaler(),
+                ..StepState::default()
+            })),
             backward_sync: true,
         }
     }
@@ -317,11 +324,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         seed
     }
 
-    /// Moves `model` to this rank's device and makes its parameters equal to rank 0's, so every
-    /// rank starts from the same model however each was initialised.
+    /// Moves `model` to this rank's device, converts it to the precision (`*-true`: parameters
+    /// in that dtype; `*-mixed`: f32 master parameters) and makes its parameters equal to rank
+    /// 0's, so every rank starts from the same model however each was initialised.
     pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
         let rank = self.rank("setup_module")?;
-        let model = model.fork(&rank.device);
+        let model = rank.precision.convert_module(model.fork(&rank.device));
         if rank.info.world_size == 1 {
             return Ok(model);
         }
@@ -337,7 +345,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         optimizer: O,
     ) -> Result<FabricOptimizer<B, M, O>, FabricError> {
         let rank = self.rank("setup_optimizer")?;
-        Ok(FabricOptimizer::new(optimizer, Arc::clone(&rank.grads)))
+        Ok(FabricOptimizer::new(optimizer, Arc::clone(&rank.state)))
     }
 
     /// [`setup_module`](Self::setup_module) and [`setup_optimizer`](Self::setup_optimizer).
@@ -373,17 +381,41 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// Back-propagates `loss` and stores the gradients of `model`'s parameters, adding to any
     /// not yet consumed by a step. Outside [`no_backward_sync`](Self::no_backward_sync) the
     /// stored gradients are then averaged across ranks.
+    ///
+    /// Under `16-mixed` the loss is multiplied by the loss scale first and the gradients divided
+    /// by it before they are stored, so clipping and the step see true gradients; an inf or NaN
+    /// on any rank marks the next step to be skipped on every rank.
     pub fn backward<M: AutodiffModule<B>, const D: usize>(
         &mut self,
         loss: Tensor<B, D>,
         model: &M,
     ) -> Result<(), FabricError> {
         let rank = self.rank("backward")?;
+        let mut state = lock(&rank.state);
+        let scale = state.scaler.as_ref().map(|s| s.scale());
+        let loss = match scale {
+            Some(scale) => loss.mul_scalar(scale),
+            None => loss,
+        };
         let grads = GradientsParams::from_grads(loss.backward(), model);
-        let mut store = lock(&rank.grads);
-        store.accumulate::<B, M>(model, grads);
-        if rank.backward_sync && rank.info.world_size > 1 {
-            store.reduce::<B, M>(model, rank.strategy.as_ref())?;
+        match scale {
+            Some(scale) => {
+                let finite = state
+                    .grads
+                    .accumulate_scaled::<B, M>(model, grads, 1.0 / scale);
+                state.overflow |= !finite;
+            }
+            None => state.grads.accumulate::<B, M>(model, grads),
+        }
+        if !rank.backward_sync || rank.info.world_size == 1 {
+            return Ok(());
+        }
+        state.grads.reduce::<B, M>(model, rank.strategy.as_ref())?;
+        if state.scaler.is_some() {
+            // Every rank must skip the same steps.
+            let flag = TensorData::new(vec![u8::from(state.overflow)], [1]);
+            let any = rank.strategy.collective().all_reduce(flag, ReduceOp::Max)?;
+            state.overflow = any.as_slice::<u8>().is_ok_and(|v| v.first() == Some(&1));
         }
         Ok(())
     }
@@ -413,7 +445,9 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         norm_type: f64,
     ) -> Result<f64, FabricError> {
         let rank = self.rank("clip_gradients_norm")?;
-        lock(&rank.grads).clip_norm::<B, M>(model, max_norm, norm_type)
+        lock(&rank.state)
+            .grads
+            .clip_norm::<B, M>(model, max_norm, norm_type)
     }
 
     /// Clamps each of `model`'s stored gradients into `[-clip_value, clip_value]`.
@@ -423,7 +457,9 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         clip_value: f64,
     ) -> Result<(), FabricError> {
         let rank = self.rank("clip_gradients_value")?;
-        lock(&rank.grads).clip_value::<B, M>(model, clip_value)
+        lock(&rank.state)
+            .grads
+            .clip_value::<B, M>(model, clip_value)
     }
 
     /// Gradient of one parameter as stored now (after `backward`, before the step).
@@ -432,7 +468,78 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         param: &burn::module::Param<Tensor<B, D>>,
     ) -> Option<Tensor<B::InnerBackend, D>> {
         let rank = self.rank.as_ref()?;
-        lock(&rank.grads).get::<B, D>(param)
+        lock(&rank.state).grads.get::<B, D>(param)
+    }
+
+    /// Runs `forward` on `model` as the precision wants: `input` cast to the compute dtype, the
+    /// model's half-precision view under `*-mixed`, the output cast back to f32. The identity
+    /// under `32-true`.
+    ///
+    /// ```text
+    /// let logits = fabric.forward(&model, batch.images, |m, x| m.forward(x));
+    /// ```
+    ///
+    /// Works for a training module and for its `valid()` inner module alike.
+    pub fn forward<BT, M, const DI: usize, const DO: usize>(
+        &self,
+        model: &M,
+        input: Tensor<BT, DI>,
+        forward: impl FnOnce(&M, Tensor<BT, DI>) -> Tensor<BT, DO>,
+    ) -> Tensor<BT, DO>
+    where
+        BT: Backend,
+        M: Module<BT>,
+    {
+        let precision = self.precision_plugin();
+        let input = precision.convert_input(input);
+        let output = self.autocast(model, |m| forward(m, input));
+        precision.convert_output(output)
+    }
+
+    /// Runs `body` with the module a forward pass should use: the half-precision view of the
+    /// f32 master parameters under `*-mixed`, `model` itself otherwise. Cast the inputs with
+    /// [`cast_input`](Self::cast_input) and the outputs with [`cast_output`](Self::cast_output)
+    /// (or use [`forward`](Self::forward), which does all three).
+    pub fn autocast<BT: Backend, M: Module<BT>, R>(
+        &self,
+        model: &M,
+        body: impl FnOnce(&M) -> R,
+    ) -> R {
+        match self.precision_plugin().forward_module(model) {
+            Some(view) => body(&view),
+            None => body(model),
+        }
+    }
+
+    /// Casts a float input to the precision's compute dtype.
+    pub fn cast_input<BT: Backend, const D: usize>(&self, input: Tensor<BT, D>) -> Tensor<BT, D> {
+        self.precision_plugin().convert_input(input)
+    }
+
+    /// Casts a float output back to f32.
+    pub fn cast_output<BT: Backend, const D: usize>(&self, output: Tensor<BT, D>) -> Tensor<BT, D> {
+        self.precision_plugin().convert_output(output)
+    }
+
+    /// The loss scaler's state under `16-mixed` (for checkpoints), `None` otherwise.
+    pub fn grad_scaler(&self) -> Option<GradScalerState> {
+        let rank = self.rank.as_ref()?;
+        lock(&rank.state).scaler.as_ref().map(GradScaler::state)
+    }
+
+    /// Restores the loss scaler's state (from a checkpoint); ignored without a scaler.
+    pub fn load_grad_scaler(&mut self, scaler: GradScalerState) {
+        if let Some(rank) = self.rank.as_ref()
+            && let Some(current) = lock(&rank.state).scaler.as_mut()
+        {
+            current.load_state(scaler);
+        }
+    }
+
+    fn precision_plugin(&self) -> &PrecisionPlugin {
+        self.rank
+            .as_ref()
+            .map_or(&self.connector.precision, |r| &r.precision)
     }
 }
 

@@ -38,6 +38,7 @@ pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
 pub use fabric_core::rank::RankInfo;
 pub use fabric_core::sampler::DistributedSampler;
 pub use fabric_core::{CollectiveError, FabricError};
+pub use fabric_precision::{GradScalerState, PrecisionMode};
 
 /// The crates behind the façade, for what it does not re-export.
 pub use burn;

@@ -7,18 +7,31 @@ use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
 use fabric_core::grads::GradStore;
+use fabric_precision::GradScaler;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// What `backward` leaves for the optimizer step of one rank.
+#[derive(Debug, Default)]
+pub(crate) struct StepState {
+    /// Accumulated (and, after a synchronised backward, averaged) gradients.
+    pub grads: GradStore,
+    /// `16-mixed`'s loss scaler.
+    pub scaler: Option<GradScaler>,
+    /// Whether a gradient since the last step held an inf or NaN (agreed across ranks at each
+    /// synchronisation).
+    pub overflow: bool,
+}
 
 /// A Burn optimizer bound to one rank's gradient store.
 pub struct FabricOptimizer<B, M, O> {
     optimizer: O,
-    grads: Arc<Mutex<GradStore>>,
+    state: Arc<Mutex<StepState>>,
     _types: PhantomData<fn() -> (B, M)>,
 }
 
-pub(crate) fn lock(store: &Mutex<GradStore>) -> MutexGuard<'_, GradStore> {
-    store.lock().unwrap_or_else(PoisonError::into_inner)
+pub(crate) fn lock(state: &Mutex<StepState>) -> MutexGuard<'_, StepState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<B, M, O> FabricOptimizer<B, M, O>
@@ -27,10 +40,10 @@ where
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
 {
-    pub(crate) fn new(optimizer: O, grads: Arc<Mutex<GradStore>>) -> Self {
+    pub(crate) fn new(optimizer: O, state: Arc<Mutex<StepState>>) -> Self {
         Self {
             optimizer,
-            grads,
+            state,
             _types: PhantomData,
         }
     }
@@ -38,14 +51,25 @@ where
     /// Updates `model` with learning rate `lr` using the gradients accumulated by
     /// `Fabric::backward` since the last step, and clears them (PyTorch's `step()` followed by
     /// `zero_grad()`). Parameters without a gradient are left untouched.
+    ///
+    /// Under `16-mixed`, a step whose gradients held an inf or NaN on any rank is skipped on
+    /// every rank (the model comes back unchanged) and the loss scale halves.
     pub fn step(&mut self, lr: f64, model: M) -> Result<M, FabricError> {
-        let grads = lock(&self.grads).take::<B, M>(&model);
+        let mut state = lock(&self.state);
+        let grads = state.grads.take::<B, M>(&model);
+        let overflow = std::mem::take(&mut state.overflow);
+        if let Some(scaler) = state.scaler.as_mut()
+            && !scaler.update(!overflow)
+        {
+            return Ok(model);
+        }
+        drop(state);
         Ok(self.optimizer.step(lr, model, grads))
     }
 
     /// Discards `model`'s accumulated gradients without stepping.
     pub fn zero_grad(&mut self, model: &M) {
-        drop(lock(&self.grads).take::<B, M>(model));
+        drop(lock(&self.state).grads.take::<B, M>(model));
     }
 
     /// The wrapped Burn optimizer.

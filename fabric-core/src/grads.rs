@@ -54,6 +54,30 @@ impl GradStore {
         });
     }
 
+    /// Adds `new` multiplied by `factor` (a loss scaler's `1 / scale`) to what is stored, and
+    /// returns whether every added value is finite (no inf or NaN: a scaled loss overflowed).
+    pub fn accumulate_scaled<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        mut new: GradientsParams,
+        factor: f64,
+    ) -> bool {
+        let mut scale = ScaleAndSum::<B> {
+            grads: &mut new,
+            factor,
+            sums: Vec::new(),
+        };
+        model.visit(&mut scale);
+        let sums = std::mem::take(&mut scale.sums);
+        self.accumulate::<B, M>(model, new);
+        if sums.is_empty() {
+            return true;
+        }
+        // inf and NaN survive a sum: one read tells whether any gradient holds one.
+        let total: f64 = Tensor::cat(sums, 0).sum().into_scalar().elem();
+        total.is_finite()
+    }
+
     /// Replaces `model`'s stored gradients by their average over the ranks, as `strategy`
     /// computes it.
     pub fn reduce<B: AutodiffBackend, M: AutodiffModule<B>>(
@@ -214,6 +238,28 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Accumulate<'_, B> {
                 None => grad,
             };
             self.store.register::<B::InnerBackend, D>(param.id, sum);
+        }
+    }
+}
+
+/// Multiplies each visited parameter's gradient by `factor` and records its sum (in f32).
+struct ScaleAndSum<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+    sums: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleAndSum<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let grad = if self.factor == 1.0 {
+                grad
+            } else {
+                grad.mul_scalar(self.factor)
+            };
+            self.sums
+                .push(grad.clone().sum().cast(burn::tensor::FloatDType::F32));
+            self.grads.register::<B::InnerBackend, D>(param.id, grad);
         }
     }
 }

@@ -4,9 +4,10 @@
 //! cargo run --release -p fabric-examples --example image_classifier -- --devices 2
 //! ```
 //!
-//! The loop is a plain Burn loop with four Fabric lines: `setup` (model and optimizer),
-//! `setup_dataloader`, `backward` instead of `loss.backward()`, and `optimizer.step(lr, model)`
-//! without passing gradients.
+//! The loop is a plain Burn loop with five Fabric lines: `setup` (model and optimizer),
+//! `setup_dataloader`, `forward` (casts for the precision, e.g. `--precision bf16-mixed`),
+//! `backward` instead of `loss.backward()`, and `optimizer.step(lr, model)` without passing
+//! gradients.
 
 use burn::data::dataset::InMemDataset;
 use burn::module::{AutodiffModule, Module};
@@ -126,7 +127,7 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
         let mut loss_sum = 0.0;
         let mut batches = 0;
         for batch in loader.iter() {
-            let logits = model.forward(batch.images);
+            let logits = fabric.forward(&model, batch.images, |m, x| m.forward(x));
             let loss = loss_fn.forward(logits, batch.labels);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             fabric.backward(loss, &model)?;
@@ -172,7 +173,8 @@ fn evaluate<B: AutodiffBackend + BackendDevices>(
     )?;
     let (mut correct, mut total) = (0.0, 0.0);
     for batch in loader.iter() {
-        let predicted = model.forward(batch.images).argmax(1).flatten::<1>(0, 1);
+        let logits = fabric.forward(model, batch.images, |m, x| m.forward(x));
+        let predicted = logits.argmax(1).flatten::<1>(0, 1);
         total += batch.labels.dims()[0] as f64;
         correct += predicted
             .equal(batch.labels)

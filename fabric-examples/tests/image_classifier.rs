@@ -26,6 +26,20 @@ fn reaches_95_percent_on_one_and_two_ranks() {
 }
 
 #[test]
+fn mixed_precision_reaches_the_f32_accuracy_within_one_point() {
+    let full = run(&args(&["--devices", "2"])).unwrap().test_accuracy;
+    for precision in ["bf16-mixed", "16-mixed"] {
+        let mixed = run(&args(&["--devices", "2", "--precision", precision]))
+            .unwrap()
+            .test_accuracy;
+        assert!(
+            mixed >= full - 0.01,
+            "{precision}: {mixed} vs 32-true {full}"
+        );
+    }
+}
+
+#[test]
 fn a_short_run_on_four_ranks_learns() {
     let report = run(&args(&["--devices", "4", "--epochs", "3"])).unwrap();
     // 3 epochs is not enough for 95 %, but far above chance (10 %).
@@ -37,7 +51,7 @@ fn bad_flags_are_errors() {
     for bad in [
         ["--devices", "0"],
         ["--strategy", "fsdp"],
-        ["--precision", "bf16-mixed"],
+        ["--precision", "8-true"],
         ["--accelerator", "tpu"],
     ] {
         let err = run(&args(&bad)).unwrap_err().to_string();
