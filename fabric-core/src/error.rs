@@ -156,6 +156,17 @@ pub enum FabricError {
         message: String,
     },
 
+    /// A checkpoint could not be written, read or applied.
+    #[error("checkpoint {path}{}: {reason}", .key.as_ref().map(|k| format!(", entry `{k}`")).unwrap_or_default())]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// The first offending entry, when one is to blame.
+        key: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// Something that configures fine but needs a capability this build lacks.
     #[error("{what} is not supported: {reason}")]
     Unsupported {

@@ -3,6 +3,7 @@
 //! trait. The `burn-fabric` crate puts a façade over all of this; depend on that one.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod environment;

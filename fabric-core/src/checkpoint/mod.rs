@@ -1,0 +1,21 @@
+//! Checkpoint files: a container of named entries (module records, optimizer records, plain
+//! values), each with a checksum, written so that a crash at any moment leaves the previous
+//! file intact.
+
+mod atomic;
+mod container;
+
+pub use atomic::{remove_stale_temporaries, write_atomic};
+pub use container::{Entry, EntryKind, Settings, decode, encode};
+
+use crate::FabricError;
+use std::path::Path;
+
+/// A [`FabricError::Checkpoint`] about `path` (and `key`, when one entry is to blame).
+pub fn error(path: &Path, key: Option<&str>, reason: impl Into<String>) -> FabricError {
+    FabricError::Checkpoint {
+        path: path.display().to_string(),
+        key: key.map(str::to_string),
+        reason: reason.into(),
+    }
+}
