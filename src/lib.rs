@@ -21,6 +21,7 @@
 //! Pick the backend with a Cargo feature (`flex`, the default, or `ndarray`); [`DefaultBackend`]
 //! follows it.
 
+mod checkpoint;
 pub mod cli;
 mod collectives;
 mod connector;
@@ -28,6 +29,7 @@ mod fabric;
 mod optimizer;
 mod processes;
 
+pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use fabric::{Fabric, FabricBuilder};
 pub use optimizer::FabricOptimizer;
 

@@ -82,6 +82,11 @@ where
         self.optimizer.to_record()
     }
 
+    /// Restores the optimizer's state in place.
+    pub fn set_record(&mut self, record: O::Record) {
+        self.optimizer = self.optimizer.clone().load_record(record);
+    }
+
     /// Restores the optimizer's state.
     pub fn load_record(self, record: O::Record) -> Self {
         Self {

@@ -39,8 +39,8 @@ pub fn remove_stale_temporaries(path: &Path) -> usize {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FabricError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let fail = |what: &str, e: std::io::Error| error(path, None, format!("{what}: {e}"));
-    let (dir, prefix) = temporary_prefix(path)
-        .ok_or_else(|| error(path, None, "the path names no file"))?;
+    let (dir, prefix) =
+        temporary_prefix(path).ok_or_else(|| error(path, None, "the path names no file"))?;
     fs::create_dir_all(&dir).map_err(|e| fail("cannot create its directory", e))?;
     remove_stale_temporaries(path);
     let temporary = dir.join(format!(
@@ -85,7 +85,10 @@ mod tests {
         fs::write(dir.join("sub").join(".model.ckpt.tmp-1-1"), b"partial").unwrap();
         write_atomic(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
-        let leftovers: Vec<_> = fs::read_dir(dir.join("sub")).unwrap().filter_map(Result::ok).collect();
+        let leftovers: Vec<_> = fs::read_dir(dir.join("sub"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
         let _ = fs::remove_dir_all(&dir);
     }

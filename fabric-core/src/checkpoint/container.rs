@@ -128,7 +128,10 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>, FabricError> {
             .unwrap_or_default(),
     );
     if crc32fast::hash(header_bytes) != stored_crc {
-        return Err(fail(None, "corrupted: the header checksum does not match".into()));
+        return Err(fail(
+            None,
+            "corrupted: the header checksum does not match".into(),
+        ));
     }
     let header: Header = serde_json::from_slice(header_bytes)
         .map_err(|e| fail(None, format!("unreadable header: {e}")))?;
@@ -220,7 +223,10 @@ mod tests {
             for bit in [0x01u8, 0x80] {
                 let mut damaged = bytes.clone();
                 damaged[i] ^= bit;
-                assert!(decode(path, &damaged).is_err(), "flip at byte {i} went unnoticed");
+                assert!(
+                    decode(path, &damaged).is_err(),
+                    "flip at byte {i} went unnoticed"
+                );
             }
         }
         // a flip inside the model's payload names the entry
