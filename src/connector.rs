@@ -12,6 +12,10 @@ use fabric_precision::PrecisionPlugin;
 use fabric_strategies::{Ddp, SingleDevice};
 
 use crate::processes::Processes;
+use fabric_core::callback::Callback;
+use fabric_core::logger::Logger;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Everything rank-independent about a job.
 pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
@@ -23,10 +27,37 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub processes: Option<Processes>,
     /// The precision plugin every rank uses.
     pub precision: PrecisionPlugin,
+    /// Where `log` sends metrics (used by global rank 0 only).
+    pub loggers: Mutex<Vec<Box<dyn Logger>>>,
+    /// Steps counted for `log` calls without an explicit step.
+    pub log_calls: AtomicU64,
+    /// Makes each rank's callbacks.
+    pub callbacks: Option<CallbackFactory>,
+}
+
+/// Makes a fresh set of callbacks for one rank.
+pub type CallbackFactory = Arc<dyn Fn() -> Vec<Box<dyn Callback>> + Send + Sync>;
+
+impl<B: AutodiffBackend + BackendDevices> Drop for Connector<B> {
+    fn drop(&mut self) {
+        let loggers = self
+            .loggers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        for logger in loggers.iter_mut() {
+            // Nothing useful to do with an error while dropping; `Fabric::finalize` reports it.
+            let _ = logger.finalize();
+        }
+    }
 }
 
 impl<B: AutodiffBackend + BackendDevices> Connector<B> {
-    pub fn new(config: FabricConfig, env: &ClusterEnvironment) -> Result<Self, FabricError> {
+    pub fn new(
+        config: FabricConfig,
+        env: &ClusterEnvironment,
+        loggers: Vec<Box<dyn Logger>>,
+        callbacks: Option<CallbackFactory>,
+    ) -> Result<Self, FabricError> {
         let precision = PrecisionPlugin::new(config.precision)?;
         let placement = resolve_placement::<B>(config.accelerator, &config.devices)?;
         fabric_precision::check_backend::<B>(
@@ -54,6 +85,9 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             strategy,
             processes,
             precision,
+            loggers: Mutex::new(loggers),
+            log_calls: AtomicU64::new(0),
+            callbacks,
         })
     }
 

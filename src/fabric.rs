@@ -1,6 +1,6 @@
 //! The façade: one `Fabric<B>` per rank, forwarding to the strategy and the collective.
 
-use crate::connector::Connector;
+use crate::connector::{CallbackFactory, Connector};
 use crate::optimizer::{FabricOptimizer, StepState, lock};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{GradientsParams, Optimizer};
@@ -8,6 +8,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
+use fabric_core::callback::Callback;
 use fabric_core::collective::ReduceOp;
 use fabric_core::collective::{Collective, SingleProcess};
 use fabric_core::config::{
@@ -17,6 +18,7 @@ use fabric_core::environment::ClusterEnvironment;
 use fabric_core::grads::{AssignParams, CollectParams};
 use fabric_core::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_core::loader::{DataLoader, RankDataLoader};
+use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
 use fabric_core::strategy::Strategy;
 use fabric_precision::{GradScaler, GradScalerState, PrecisionPlugin};
@@ -45,10 +47,11 @@ use std::time::Duration;
 /// runs the training function once per rank (each on its own thread with its own `Fabric`) and
 /// the methods that need ranks return [`FabricError::NotLaunched`] before that.
 pub struct Fabric<B: AutodiffBackend + BackendDevices> {
-    connector: Arc<Connector<B>>,
+    pub(crate) connector: Arc<Connector<B>>,
     rank: Option<Rank<B>>,
     seed: u64,
     launched: bool,
+    pub(crate) callbacks: Vec<Box<dyn Callback>>,
 }
 
 /// What one running rank holds.
@@ -65,6 +68,8 @@ struct Rank<B: AutodiffBackend> {
 pub struct FabricBuilder<B> {
     raw: RawConfig,
     env: Option<EnvVars>,
+    loggers: Vec<Box<dyn Logger>>,
+    callbacks: Option<CallbackFactory>,
     _backend: PhantomData<fn() -> B>,
 }
 
@@ -112,6 +117,22 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         self
     }
 
+    /// Adds a logger (`CsvLogger`, `TensorBoardLogger`, or your own) that `log` feeds from
+    /// global rank 0.
+    pub fn logger(mut self, logger: impl Logger + 'static) -> Self {
+        self.loggers.push(Box::new(logger));
+        self
+    }
+
+    /// Gives every rank the callbacks `make` returns (called once per rank).
+    pub fn callbacks(
+        mut self,
+        make: impl Fn() -> Vec<Box<dyn Callback>> + Send + Sync + 'static,
+    ) -> Self {
+        self.callbacks = Some(Arc::new(make));
+        self
+    }
+
     /// Reads the `LT_*` settings from `env` instead of the process environment.
     pub fn env(mut self, env: EnvVars) -> Self {
         self.env = Some(env);
@@ -123,14 +144,24 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         let env = self.env.unwrap_or_else(EnvVars::from_process);
         let config = self.raw.resolve(&env)?;
         let cluster = ClusterEnvironment::detect(&env)?;
-        let connector = Arc::new(Connector::<B>::new(config, &cluster)?);
+        let connector = Arc::new(Connector::<B>::new(
+            config,
+            &cluster,
+            self.loggers,
+            self.callbacks,
+        )?);
         let rank = (connector.world_size() == 1)
             .then(|| Fabric::make_rank(&connector, 0, Box::new(SingleProcess)));
+        let callbacks = match (&rank, &connector.callbacks) {
+            (Some(_), Some(make)) => make(),
+            _ => Vec::new(),
+        };
         Ok(Fabric {
             connector,
             rank,
             seed: 0,
             launched: false,
+            callbacks,
         })
     }
 }
@@ -141,6 +172,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         FabricBuilder {
             raw: RawConfig::default(),
             env: None,
+            loggers: Vec::new(),
+            callbacks: None,
             _backend: PhantomData,
         }
     }
@@ -245,6 +278,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
                     rank: Some(Self::make_rank(connector, local_rank, collective)),
                     seed,
                     launched: true,
+                    callbacks: connector
+                        .callbacks
+                        .as_ref()
+                        .map(|make| make())
+                        .unwrap_or_default(),
                 };
                 train(&mut fabric).map_err(|e| error_chain(e.into().as_ref()))
             },
@@ -331,12 +369,15 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let rank = self.rank("setup_module")?;
         let model = rank.precision.convert_module(model.fork(&rank.device));
         if rank.info.world_size == 1 {
+            self.call(|callback| callback.on_after_setup());
             return Ok(model);
         }
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
         let values = rank.strategy.broadcast_parameters(collect.values)?;
-        Ok(model.map(&mut AssignParams::<B, _>::new(values.into_iter())))
+        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()));
+        self.call(|callback| callback.on_after_setup());
+        Ok(model)
     }
 
     /// Wraps `optimizer` so that it steps with the gradients `backward` stores.

@@ -26,6 +26,7 @@ pub mod cli;
 mod collectives;
 mod connector;
 mod fabric;
+mod logging;
 mod optimizer;
 mod processes;
 
@@ -34,11 +35,14 @@ pub use fabric::{Fabric, FabricBuilder};
 pub use optimizer::FabricOptimizer;
 
 pub use fabric_core::backend::{BackendDevices, DevicePool};
+pub use fabric_core::callback::{Callback, TrainBatchEnd, ValidationEnd};
 pub use fabric_core::collective::{Collective, ReduceOp};
 pub use fabric_core::config::{Accelerator, Devices, EnvVars, Precision, StrategyChoice};
 pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
+pub use fabric_core::logger::{CsvLogger, Logger, TensorBoardLogger};
 pub use fabric_core::rank::RankInfo;
 pub use fabric_core::sampler::DistributedSampler;
+pub use fabric_core::throughput::Throughput;
 pub use fabric_core::{CollectiveError, FabricError};
 pub use fabric_precision::{GradScalerState, PrecisionMode};
 

@@ -3,6 +3,7 @@
 //! trait. The `burn-fabric` crate puts a façade over all of this; depend on that one.
 
 pub mod backend;
+pub mod callback;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
@@ -11,8 +12,10 @@ mod error;
 pub mod grads;
 pub mod launcher;
 pub mod loader;
+pub mod logger;
 pub mod rank;
 pub mod sampler;
 pub mod strategy;
+pub mod throughput;
 
 pub use error::{CollectiveError, FabricError};
