@@ -356,6 +356,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// CPU backends keep one generator per process, so ranks that are threads draw from it in
     /// an unspecified order: use it for reproducible initialisation before `launch` or with one
     /// device, and rely on `setup` (which copies rank 0's parameters) for identical models.
+    /// Burn initialises parameters lazily, on first use: build the model and `fork` it (which
+    /// draws every parameter) before `launch` to make its weights reproducible.
     pub fn seed_everything(&mut self, seed: u64) -> u64 {
         B::seed(self.device(), seed);
         self.seed = seed;

@@ -25,12 +25,14 @@ mod checkpoint;
 pub mod cli;
 mod collectives;
 mod connector;
+mod export;
 mod fabric;
 mod logging;
 mod optimizer;
 mod processes;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
+pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
 pub use optimizer::FabricOptimizer;
 

@@ -2,9 +2,21 @@
 //! (set by `fabric run`) and then to Fabric's defaults.
 
 use burn::tensor::backend::AutodiffBackend;
-use burn_fabric::{BackendDevices, Fabric, FabricBuilder};
+use burn_fabric::{BackendDevices, CsvLogger, Fabric, FabricBuilder, TensorBoardLogger};
+use std::path::PathBuf;
 
-/// `--accelerator --devices --num-nodes --strategy --precision --epochs --batch-size --seed`.
+/// Which logger `--logger` asks for.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoggerKind {
+    /// `LOG_DIR/NAME/version_N/metrics.csv`
+    Csv,
+    /// TensorBoard event files in `LOG_DIR/NAME/version_N/`
+    Tensorboard,
+}
+
+/// `--accelerator --devices --num-nodes --strategy --precision --epochs --batch-size --seed`,
+/// plus checkpointing (`--checkpoint-dir --checkpoint-every --resume`) and logging
+/// (`--logger --log-dir`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct FabricArgs {
     /// auto, cpu, gpu, cuda or wgpu
@@ -31,12 +43,35 @@ pub struct FabricArgs {
     /// Seed of initialisation and shuffling
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Save a checkpoint here at the end of every epoch
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Also save every N optimizer steps
+    #[arg(long, requires = "checkpoint_dir")]
+    pub checkpoint_every: Option<u64>,
+    /// Continue from the newest checkpoint in --checkpoint-dir
+    #[arg(long, requires = "checkpoint_dir")]
+    pub resume: bool,
+    /// Log metrics as csv or tensorboard
+    #[arg(long, value_enum)]
+    pub logger: Option<LoggerKind>,
+    /// Where loggers write
+    #[arg(long, default_value = "runs")]
+    pub log_dir: PathBuf,
 }
 
 impl FabricArgs {
-    /// A Fabric builder with the flags that were given.
-    pub fn builder<B: AutodiffBackend + BackendDevices>(&self) -> FabricBuilder<B> {
+    /// A Fabric builder with the flags that were given; loggers write under
+    /// `--log-dir/name`.
+    pub fn builder<B: AutodiffBackend + BackendDevices>(&self, name: &str) -> FabricBuilder<B> {
         let mut builder = Fabric::<B>::builder();
+        builder = match self.logger {
+            Some(LoggerKind::Csv) => builder.logger(CsvLogger::new(&self.log_dir, name)),
+            Some(LoggerKind::Tensorboard) => {
+                builder.logger(TensorBoardLogger::new(&self.log_dir, name))
+            }
+            None => builder,
+        };
         if let Some(accelerator) = &self.accelerator {
             builder = builder.accelerator(accelerator.as_str());
         }

@@ -2,4 +2,5 @@
 //! the UCI handwritten digits data set.
 
 pub mod args;
+pub mod checkpoints;
 pub mod digits;

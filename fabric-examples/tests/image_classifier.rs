@@ -58,3 +58,113 @@ fn bad_flags_are_errors() {
         assert!(err.contains(bad[1]), "{err}");
     }
 }
+
+#[test]
+fn resuming_from_a_checkpoint_matches_the_uninterrupted_run() {
+    let dir = std::env::temp_dir().join(format!("fabric-example-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().into_owned();
+    let full = run(&args(&["--devices", "2", "--epochs", "4"])).unwrap();
+    let first = run(&args(&[
+        "--devices",
+        "2",
+        "--epochs",
+        "2",
+        "--checkpoint-dir",
+        &dir_text,
+        "--checkpoint-every",
+        "5",
+    ]))
+    .unwrap();
+    assert_eq!(first.steps, 24);
+    let resumed = run(&args(&[
+        "--devices",
+        "2",
+        "--epochs",
+        "4",
+        "--checkpoint-dir",
+        &dir_text,
+        "--resume",
+    ]))
+    .unwrap();
+    assert_eq!(resumed.steps, 24, "only the last two epochs ran");
+    assert_eq!(resumed.final_loss, full.final_loss);
+    assert_eq!(resumed.test_accuracy, full.test_accuracy);
+    // mid-epoch: resume from step 5 of a fresh directory
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    run(&args(&[
+        "--devices",
+        "2",
+        "--epochs",
+        "1",
+        "--checkpoint-dir",
+        &dir_text,
+        "--checkpoint-every",
+        "5",
+    ]))
+    .unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.ends_with("step-00000005.ckpt") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let resumed = run(&args(&[
+        "--devices",
+        "2",
+        "--epochs",
+        "4",
+        "--checkpoint-dir",
+        &dir_text,
+        "--resume",
+    ]))
+    .unwrap();
+    assert_eq!(resumed.steps, 48 - 5);
+    assert_eq!(resumed.final_loss, full.final_loss);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn csv_logs_and_safetensors_export() {
+    let dir = std::env::temp_dir().join(format!("fabric-example-logs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_text = dir.to_string_lossy().into_owned();
+    let export = dir.join("weights.safetensors");
+    let export_text = export.to_string_lossy().into_owned();
+    run(&args(&[
+        "--devices",
+        "2",
+        "--epochs",
+        "2",
+        "--logger",
+        "csv",
+        "--log-dir",
+        &dir_text,
+        "--export-safetensors",
+        &export_text,
+    ]))
+    .unwrap();
+    let csv = std::fs::read_to_string(dir.join("image_classifier/version_0/metrics.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    for column in [
+        "step",
+        "train/loss",
+        "train/epoch_loss",
+        "test/accuracy",
+        "device/samples_per_sec",
+        "samples_per_sec",
+    ] {
+        assert!(
+            header.split(',').any(|c| c == column),
+            "{column} missing from {header}"
+        );
+    }
+    assert_eq!(
+        csv.lines().count(),
+        1 + 24 + 2 + 1 + 1,
+        "one row per log call:\n{csv}"
+    );
+    assert!(export.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
