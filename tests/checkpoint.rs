@@ -502,3 +502,58 @@ fn a_killed_save_never_leaves_a_partial_file() {
     assert!(leftovers.is_empty(), "stale files: {leftovers:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn schedulers_and_loader_epochs_round_trip() {
+    use burn::lr_scheduler::LrScheduler;
+    use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
+    let dir = temp_dir("sched");
+    let path = dir.join("sched.ckpt");
+    let mut fabric = new_fabric(1, "32-true");
+    let mut scheduler = CosineAnnealingLrSchedulerConfig::new(0.1, 20)
+        .init()
+        .unwrap();
+    for _ in 0..7 {
+        scheduler.step();
+    }
+    let mut loader = fabric
+        .setup_dataloader(
+            DataLoader::<B, _, _>::new(InMemDataset::new((0..8).collect::<Vec<usize>>()), Rows)
+                .batch_size(2),
+        )
+        .unwrap();
+    loader.iter().count();
+    loader.iter().count();
+    assert_eq!(loader.next_epoch(), 2);
+    fabric
+        .save(
+            &path,
+            Checkpoint::new()
+                .scheduler::<B, _>("lr", &scheduler)
+                .loader("train", &loader),
+        )
+        .unwrap();
+    let expected: Vec<f64> = (0..5).map(|_| scheduler.step()).collect();
+
+    let mut fresh = CosineAnnealingLrSchedulerConfig::new(0.1, 20)
+        .init()
+        .unwrap();
+    let mut fresh_loader = fabric
+        .setup_dataloader(
+            DataLoader::<B, _, _>::new(InMemDataset::new((0..8).collect::<Vec<usize>>()), Rows)
+                .batch_size(2),
+        )
+        .unwrap();
+    fabric
+        .load(
+            &path,
+            Restore::new()
+                .scheduler("lr", &mut fresh)
+                .loader("train", &mut fresh_loader),
+        )
+        .unwrap();
+    let resumed: Vec<f64> = (0..5).map(|_| fresh.step()).collect();
+    assert_eq!(resumed, expected);
+    assert_eq!(fresh_loader.next_epoch(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
