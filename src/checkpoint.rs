@@ -392,7 +392,7 @@ impl<B: Backend, I: Iterator<Item = DType>> ModuleMapper<B> for CastEach<I> {
     }
 }
 
-struct OptimizerSave<'a, B, M, O>(&'a FabricOptimizer<B, M, O>);
+struct OptimizerSave<'a, B: AutodiffBackend, M, O>(&'a FabricOptimizer<B, M, O>);
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> SaveItem
     for OptimizerSave<'_, B, M, O>
@@ -406,7 +406,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> SaveItem
     }
 }
 
-struct OptimizerLoad<'a, B, M, O>(&'a mut FabricOptimizer<B, M, O>);
+struct OptimizerLoad<'a, B: AutodiffBackend, M, O>(&'a mut FabricOptimizer<B, M, O>);
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> LoadItem<B>
     for OptimizerLoad<'_, B, M, O>

@@ -9,7 +9,7 @@ use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::strategy::Strategy;
 use fabric_precision::PrecisionPlugin;
-use fabric_strategies::{Ddp, SingleDevice};
+use fabric_strategies::{Ddp, SingleDevice, Zero, ZeroStage};
 
 use crate::processes::Processes;
 use fabric_core::callback::Callback;
@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub config: FabricConfig,
     pub placement: Placement<B::Device>,
-    /// `SingleDevice` or `Ddp`, never `Auto`.
+    /// The concrete strategy, never `Auto`.
     pub strategy: StrategyChoice,
     /// The other processes of a multi-process job.
     pub processes: Option<Processes>,
@@ -111,13 +111,25 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         &self,
         local_rank: usize,
         collective: Box<dyn Collective>,
-    ) -> Box<dyn Strategy<B>> {
+    ) -> Arc<dyn Strategy<B>> {
+        let device = self.placement.devices[local_rank].clone();
+        let bucket_bytes = self.config.bucket_bytes;
         match self.strategy {
-            StrategyChoice::SingleDevice => Box::new(SingleDevice::<B>::default()),
-            StrategyChoice::Auto | StrategyChoice::Ddp => Box::new(Ddp::<B>::new(
+            StrategyChoice::SingleDevice => Arc::new(SingleDevice::<B>::default()),
+            StrategyChoice::Auto | StrategyChoice::Ddp => {
+                Arc::new(Ddp::<B>::new(collective, device, bucket_bytes))
+            }
+            StrategyChoice::Zero1 => Arc::new(Zero::<B>::new(
                 collective,
-                self.placement.devices[local_rank].clone(),
-                self.config.bucket_bytes,
+                device,
+                bucket_bytes,
+                ZeroStage::One,
+            )),
+            StrategyChoice::Zero2 => Arc::new(Zero::<B>::new(
+                collective,
+                device,
+                bucket_bytes,
+                ZeroStage::Two,
             )),
         }
     }

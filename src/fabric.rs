@@ -2,7 +2,7 @@
 
 use crate::connector::{CallbackFactory, Connector};
 use crate::optimizer::{FabricOptimizer, StepState, lock};
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
@@ -58,7 +58,7 @@ pub struct Fabric<B: AutodiffBackend + BackendDevices> {
 struct Rank<B: AutodiffBackend> {
     info: RankInfo,
     device: B::Device,
-    strategy: Box<dyn Strategy<B>>,
+    strategy: Arc<dyn Strategy<B>>,
     precision: PrecisionPlugin,
     state: Arc<Mutex<StepState>>,
     backward_sync: bool,
@@ -377,7 +377,23 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
         let values = rank.strategy.broadcast_parameters(collect.values)?;
-        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()));
+        // Rank 0's parameter ids too, so optimizer state and checkpoints are keyed alike on
+        // every rank (ZeRO's shards merge by id).
+        let ids: Vec<u64> = collect.ids.iter().map(ParamId::val).collect();
+        let ids = rank
+            .strategy
+            .collective()
+            .broadcast(TensorData::new(ids.clone(), [ids.len()]), 0)?;
+        let ids = ids
+            .as_slice::<u64>()
+            .map_err(|e| FabricError::Data {
+                context: "setup",
+                message: format!("parameter ids: {e:?}"),
+            })?
+            .iter()
+            .map(|&id| ParamId::from(id))
+            .collect();
+        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
         self.call(|callback| callback.on_after_setup());
         Ok(model)
     }
@@ -388,7 +404,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         optimizer: O,
     ) -> Result<FabricOptimizer<B, M, O>, FabricError> {
         let rank = self.rank("setup_optimizer")?;
-        Ok(FabricOptimizer::new(optimizer, Arc::clone(&rank.state)))
+        Ok(FabricOptimizer::new(
+            optimizer,
+            Arc::clone(&rank.state),
+            Arc::clone(&rank.strategy),
+        ))
     }
 
     /// [`setup_module`](Self::setup_module) and [`setup_optimizer`](Self::setup_optimizer).
@@ -488,9 +508,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         norm_type: f64,
     ) -> Result<f64, FabricError> {
         let rank = self.rank("clip_gradients_norm")?;
+        let strategy = Arc::clone(&rank.strategy);
         lock(&rank.state)
             .grads
-            .clip_norm::<B, M>(model, max_norm, norm_type)
+            .clip_norm::<B, M>(model, max_norm, norm_type, |partial| {
+                strategy.combine_norm(partial, norm_type)
+            })
     }
 
     /// Clamps each of `model`'s stored gradients into `[-clip_value, clip_value]`.

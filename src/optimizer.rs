@@ -6,7 +6,8 @@ use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
-use fabric_core::grads::GradStore;
+use fabric_core::grads::{AssignParams, CollectParams, GradStore, trainable_layout};
+use fabric_core::strategy::Strategy;
 use fabric_precision::GradScaler;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -24,9 +25,10 @@ pub(crate) struct StepState {
 }
 
 /// A Burn optimizer bound to one rank's gradient store.
-pub struct FabricOptimizer<B, M, O> {
+pub struct FabricOptimizer<B: AutodiffBackend, M, O> {
     optimizer: O,
     state: Arc<Mutex<StepState>>,
+    strategy: Arc<dyn Strategy<B>>,
     _types: PhantomData<fn() -> (B, M)>,
 }
 
@@ -40,10 +42,15 @@ where
     M: AutodiffModule<B>,
     O: Optimizer<M, B>,
 {
-    pub(crate) fn new(optimizer: O, state: Arc<Mutex<StepState>>) -> Self {
+    pub(crate) fn new(
+        optimizer: O,
+        state: Arc<Mutex<StepState>>,
+        strategy: Arc<dyn Strategy<B>>,
+    ) -> Self {
         Self {
             optimizer,
             state,
+            strategy,
             _types: PhantomData,
         }
     }
@@ -54,9 +61,19 @@ where
     ///
     /// Under `16-mixed`, a step whose gradients held an inf or NaN on any rank is skipped on
     /// every rank (the model comes back unchanged) and the loss scale halves.
+    ///
+    /// Under ZeRO (`zero1`, `zero2`) each rank steps only the parameters it owns, so its
+    /// optimizer state covers only those, and the owners then broadcast the updated values: the
+    /// model comes back the same on every rank. Every rank must call `step` together.
     pub fn step(&mut self, lr: f64, model: M) -> Result<M, FabricError> {
+        let owned = self
+            .strategy
+            .owned_parameters(&trainable_layout::<B, M>(&model));
         let mut state = lock(&self.state);
-        let grads = state.grads.take::<B, M>(&model);
+        let grads = match &owned {
+            Some(owned) => state.grads.take_owned::<B, M>(&model, owned),
+            None => state.grads.take::<B, M>(&model),
+        };
         let overflow = std::mem::take(&mut state.overflow);
         if let Some(scaler) = state.scaler.as_mut()
             && !scaler.update(!overflow)
@@ -64,7 +81,14 @@ where
             return Ok(model);
         }
         drop(state);
-        Ok(self.optimizer.step(lr, model, grads))
+        let model = self.optimizer.step(lr, model, grads);
+        let Some(owned) = owned else {
+            return Ok(model);
+        };
+        let mut collect = CollectParams::<B>::trainable_only();
+        model.visit(&mut collect);
+        let values = self.strategy.sync_parameters(collect.values, &owned)?;
+        Ok(model.map(&mut AssignParams::<B, _>::new(values.into_iter()).trainable_only()))
     }
 
     /// Discards `model`'s accumulated gradients without stepping.

@@ -4,10 +4,10 @@
 
 use crate::FabricError;
 use crate::strategy::{FlatGrad, Strategy};
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{DType, ElementConversion, Tensor};
 use std::marker::PhantomData;
 
 /// Accumulated, possibly synchronised, gradients of every module a rank trains, keyed by
@@ -110,6 +110,35 @@ impl GradStore {
         taken
     }
 
+    /// Removes and returns `model`'s gradients of the trainable parameters whose visit-order
+    /// index is marked in `owned` (ZeRO: each rank steps its own partition only).
+    pub fn take_owned<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        owned: &[bool],
+    ) -> GradientsParams {
+        let mut flatten = Flatten::<B> {
+            store: &mut self.grads,
+            out: Vec::new(),
+        };
+        model.visit(&mut flatten);
+        let kept: Vec<FlatGrad<B::InnerBackend>> = flatten
+            .out
+            .into_iter()
+            .zip(owned.iter().chain(std::iter::repeat(&false)))
+            .map(|(g, &mine)| FlatGrad {
+                grad: g.grad.filter(|_| mine),
+                ..g
+            })
+            .collect();
+        let mut taken = GradientsParams::new();
+        model.visit(&mut Unflatten::<B> {
+            store: &mut taken,
+            grads: kept.into_iter(),
+        });
+        taken
+    }
+
     /// `model`'s gradient of parameter `param`, if stored (for inspection and tests).
     pub fn get<B: AutodiffBackend, const D: usize>(
         &self,
@@ -121,11 +150,16 @@ impl GradStore {
     /// Scales `model`'s gradients so that their joint `norm_type`-norm is at most `max_norm`
     /// (PyTorch's `clip_grad_norm_`, coefficient `max_norm / (norm + 1e-6)` capped at 1) and
     /// returns the norm before clipping. `norm_type` may be `f64::INFINITY`.
+    ///
+    /// `combine` turns this rank's partial `sum |g|^p` (or `max |g|`) into the job's: the
+    /// identity when every rank holds every gradient (DDP), a reduction across ranks when each
+    /// holds a shard (ZeRO).
     pub fn clip_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
         &mut self,
         model: &M,
         max_norm: f64,
         norm_type: f64,
+        combine: impl FnOnce(f64) -> Result<f64, FabricError>,
     ) -> Result<f64, FabricError> {
         if norm_type.is_nan() || norm_type <= 0.0 {
             return Err(FabricError::InvalidArgument {
@@ -149,16 +183,18 @@ impl GradStore {
             parts: Vec::new(),
         };
         model.visit(&mut norms);
-        let Some(total) = norms.parts.into_iter().reduce(|a, b| {
-            if norm_type.is_infinite() {
-                a.max_pair(b)
-            } else {
-                a + b
-            }
-        }) else {
-            return Ok(0.0);
-        };
-        let total: f64 = total.into_scalar().elem();
+        let partial: f64 = norms
+            .parts
+            .into_iter()
+            .reduce(|a, b| {
+                if norm_type.is_infinite() {
+                    a.max_pair(b)
+                } else {
+                    a + b
+                }
+            })
+            .map_or(0.0, |total| total.into_scalar().elem());
+        let total = combine(partial)?;
         let norm = if norm_type.is_infinite() {
             total
         } else {
@@ -331,20 +367,38 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for PartNorms<'_, B> {
     }
 }
 
-/// Overwrites every float parameter with the next value from `values` (flattened, visit order),
-/// keeping its id and whether it requires grad. Used to install rank 0's parameters.
+/// Overwrites float parameters with the next values from `values` (flattened, visit order),
+/// keeping whether each requires grad. Used to install rank 0's parameters at setup and the
+/// owners' updates under ZeRO.
 pub struct AssignParams<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> {
     values: I,
+    ids: Option<std::vec::IntoIter<ParamId>>,
+    trainable_only: bool,
     _b: PhantomData<B>,
 }
 
 impl<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> AssignParams<B, I> {
-    /// Assigns `values` in module-visit order.
+    /// Assigns `values` to every float parameter in module-visit order.
     pub fn new(values: I) -> Self {
         Self {
             values,
+            ids: None,
+            trainable_only: false,
             _b: PhantomData,
         }
+    }
+
+    /// Also replaces the parameters' ids (rank 0's, so that every rank keys optimizer state
+    /// and checkpoints alike).
+    pub fn with_ids(mut self, ids: Vec<ParamId>) -> Self {
+        self.ids = Some(ids.into_iter());
+        self
+    }
+
+    /// Skips parameters that do not require grad.
+    pub fn trainable_only(mut self) -> Self {
+        self.trainable_only = true;
+        self
     }
 }
 
@@ -352,10 +406,14 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> ModuleM
     for AssignParams<B, I>
 {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.trainable_only && !trainable(&param) {
+            return param;
+        }
         let Some(value) = self.values.next() else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
+        let id = self.ids.as_mut().and_then(Iterator::next).unwrap_or(id);
         let require_grad = tensor.is_require_grad();
         let mut tensor = Tensor::<B, D>::from_inner(value.reshape(tensor.shape()));
         if require_grad {
@@ -365,22 +423,62 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<B::InnerBackend, 1>>> ModuleM
     }
 }
 
-/// Every float parameter's value, flattened, in module-visit order.
+/// Float parameters' values (flattened) and ids, in module-visit order.
 pub struct CollectParams<B: AutodiffBackend> {
     /// The collected values.
     pub values: Vec<Tensor<B::InnerBackend, 1>>,
+    /// Their ids.
+    pub ids: Vec<ParamId>,
+    trainable_only: bool,
 }
 
 impl<B: AutodiffBackend> Default for CollectParams<B> {
     fn default() -> Self {
-        Self { values: Vec::new() }
+        Self {
+            values: Vec::new(),
+            ids: Vec::new(),
+            trainable_only: false,
+        }
+    }
+}
+
+impl<B: AutodiffBackend> CollectParams<B> {
+    /// Collects only parameters that require grad.
+    pub fn trainable_only() -> Self {
+        Self {
+            trainable_only: true,
+            ..Self::default()
+        }
     }
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.trainable_only && !trainable(param) {
+            return;
+        }
         let value = param.val().inner();
         let numel = value.shape().num_elements();
         self.values.push(value.reshape([numel]));
+        self.ids.push(param.id);
     }
+}
+
+/// Element count and dtype of each trainable parameter, in visit order: the layout every
+/// strategy partitions by.
+pub fn trainable_layout<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+) -> Vec<(usize, DType)> {
+    struct Layout(Vec<(usize, DType)>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Layout {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if trainable(param) {
+                self.0
+                    .push((param.lazy_shape().num_elements(), param.val().dtype()));
+            }
+        }
+    }
+    let mut layout = Layout(Vec::new());
+    model.visit(&mut layout);
+    layout.0
 }

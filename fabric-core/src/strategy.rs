@@ -44,4 +44,26 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
     /// `(num_replicas, rank)` for the distributed sampler, or `None` if every rank should see
     /// the whole dataset.
     fn sampler_shard(&self) -> Option<(usize, usize)>;
+
+    /// Which trainable parameters (by visit-order index, with their element counts and dtypes)
+    /// this rank updates, when the strategy shards the update (ZeRO). `None`: all of them.
+    fn owned_parameters(&self, _layout: &[(usize, DType)]) -> Option<Vec<bool>> {
+        None
+    }
+
+    /// After a sharded step, gives every rank the updated trainable parameters (flattened,
+    /// visit order; only those marked `owned` are current on this rank).
+    fn sync_parameters(
+        &self,
+        params: Vec<Tensor<B::InnerBackend, 1>>,
+        _owned: &[bool],
+    ) -> Result<Vec<Tensor<B::InnerBackend, 1>>, FabricError> {
+        Ok(params)
+    }
+
+    /// Combines this rank's partial gradient norm (`sum |g|^p`, or `max |g|` for the infinity
+    /// norm) into the job's; the identity when every rank holds every gradient.
+    fn combine_norm(&self, partial: f64, _norm_type: f64) -> Result<f64, FabricError> {
+        Ok(partial)
+    }
 }

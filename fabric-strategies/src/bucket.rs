@@ -3,6 +3,9 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use fabric_core::FabricError;
+use fabric_core::collective::{Collective, ReduceOp, pack};
+use fabric_core::strategy::FlatGrad;
 use std::ops::Range;
 
 /// A run of consecutive tensors that travel together; all share one dtype.
@@ -48,6 +51,159 @@ pub fn unpack<B: Backend>(
 ) -> Vec<Tensor<B, 1>> {
     let dtype = data.dtype;
     Tensor::<B, 1>::from_data(data, (device, dtype)).split_with_sizes(sizes, 0)
+}
+
+/// Averages gradients across ranks in buckets of about `bucket_bytes`. With `owners` (the rank
+/// that owns each gradient, ZeRO-2) each owner's gradients are bucketed together and reduced to
+/// it alone, owner by owner, so the other ranks get no gradient back for them; without, every
+/// bucket is all-reduced in visit order (DDP).
+pub fn reduce_buckets<B: Backend>(
+    collective: &dyn Collective,
+    device: &B::Device,
+    grads: Vec<FlatGrad<B>>,
+    bucket_bytes: usize,
+    owners: Option<&[usize]>,
+) -> Result<Vec<FlatGrad<B>>, FabricError> {
+    let layout: Vec<(usize, DType)> = grads.iter().map(|g| (g.numel, g.dtype)).collect();
+    let Some(owners) = owners else {
+        let mut grads = grads.into_iter();
+        let mut out = Vec::with_capacity(layout.len());
+        for bucket in plan_buckets(&layout, bucket_bytes) {
+            let members: Vec<_> = grads.by_ref().take(bucket.tensors.len()).collect();
+            out.extend(reduce_bucket(
+                collective,
+                device,
+                members,
+                bucket.dtype,
+                None,
+            )?);
+        }
+        return Ok(out);
+    };
+    let mut slots: Vec<Option<FlatGrad<B>>> = grads.into_iter().map(Some).collect();
+    for owner in 0..collective.world_size() {
+        let mine: Vec<usize> = (0..slots.len())
+            .filter(|&i| owners.get(i) == Some(&owner))
+            .collect();
+        let sub_layout: Vec<(usize, DType)> = mine.iter().map(|&i| layout[i]).collect();
+        for bucket in plan_buckets(&sub_layout, bucket_bytes) {
+            let indices = &mine[bucket.tensors];
+            let members: Vec<FlatGrad<B>> =
+                indices.iter().filter_map(|&i| slots[i].take()).collect();
+            let reduced = reduce_bucket(collective, device, members, bucket.dtype, Some(owner))?;
+            for (&i, grad) in indices.iter().zip(reduced) {
+                slots[i] = Some(grad);
+            }
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Averages one bucket of gradients (all of one dtype) across ranks: on every rank
+/// (`dst = None`, DDP) or on rank `dst` only (ZeRO-2; the other ranks get no gradients back).
+///
+/// The bucket carries one extra element per gradient, set to 1 where this rank has the
+/// gradient: after the reduction it tells which gradients exist on any rank, so a parameter that
+/// only some ranks used is averaged with zeros from the others, and one that no rank used keeps
+/// no gradient (its optimizer state is left alone, as in PyTorch).
+pub fn reduce_bucket<B: Backend>(
+    collective: &dyn Collective,
+    device: &B::Device,
+    members: Vec<FlatGrad<B>>,
+    dtype: DType,
+    dst: Option<usize>,
+) -> Result<Vec<FlatGrad<B>>, FabricError> {
+    let layout: Vec<usize> = members.iter().map(|m| m.numel).collect();
+    let flags: Vec<f32> = members
+        .iter()
+        .map(|m| if m.grad.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let mut buffers: Vec<TensorData> = members
+        .into_iter()
+        .map(|member| match member.grad {
+            // Zero-copy on CPU backends when the gradient is not shared.
+            Some(grad) => grad.into_data(),
+            None => TensorData::full_dtype([member.numel], 0.0, dtype),
+        })
+        .collect();
+    buffers.push(TensorData::new(flags, [layout.len()]));
+    let reduced = match dst {
+        None => Some(collective.all_reduce_many(buffers, ReduceOp::Mean)?),
+        Some(dst) => collective.reduce_many(buffers, ReduceOp::Mean, dst)?,
+    };
+    let Some(mut reduced) = reduced else {
+        let absent = layout.into_iter().map(|numel| FlatGrad {
+            numel,
+            dtype,
+            grad: None,
+        });
+        return Ok(absent.collect());
+    };
+    let present = reduced
+        .pop()
+        .map(|flags| presence(&flags))
+        .transpose()?
+        .unwrap_or_default();
+    Ok(reduced
+        .into_iter()
+        .zip(present)
+        .map(|(data, present)| FlatGrad {
+            numel: data.num_elements(),
+            dtype,
+            grad: present.then(|| Tensor::from_data(data, (device, dtype))),
+        })
+        .collect())
+}
+
+/// Reads the reduced presence flags: a gradient exists if any rank had it.
+fn presence(flags: &TensorData) -> Result<Vec<bool>, FabricError> {
+    let flags = flags.as_slice::<f32>().map_err(|e| FabricError::Data {
+        context: "gradient bucket",
+        message: format!("{e:?}"),
+    })?;
+    Ok(flags.iter().map(|v| *v > 0.0).collect())
+}
+
+/// Makes every rank hold rank `src`'s `params` (flattened), one broadcast per bucket of about
+/// `bucket_bytes`. The other ranks' `params` give the expected sizes and dtypes, so a model
+/// that differs from `src`'s is an error rather than garbage.
+pub fn broadcast_buckets<B: Backend>(
+    collective: &dyn Collective,
+    device: &B::Device,
+    params: Vec<Tensor<B, 1>>,
+    bucket_bytes: usize,
+    src: usize,
+) -> Result<Vec<Tensor<B, 1>>, FabricError> {
+    let layout: Vec<(usize, DType)> = params
+        .iter()
+        .map(|p| (p.shape().num_elements(), p.dtype()))
+        .collect();
+    let mut params = params.into_iter();
+    let mut out = Vec::with_capacity(layout.len());
+    for bucket in plan_buckets(&layout, bucket_bytes) {
+        let members: Vec<TensorData> = params
+            .by_ref()
+            .take(bucket.tensors.len())
+            .map(Tensor::into_data)
+            .collect();
+        let sizes: Vec<usize> = layout[bucket.tensors].iter().map(|(n, _)| *n).collect();
+        let data = collective.broadcast(pack(members, bucket.dtype), src)?;
+        let expected: usize = sizes.iter().sum();
+        if data.num_elements() != expected || data.dtype != bucket.dtype {
+            return Err(FabricError::Data {
+                context: "setup",
+                message: format!(
+                    "rank {}'s model differs from rank {src}'s: a parameter bucket holds {} {:?} values on rank {src} and {expected} {:?} here",
+                    collective.rank(),
+                    data.num_elements(),
+                    data.dtype,
+                    bucket.dtype
+                ),
+            });
+        }
+        out.extend(unpack::<B>(data, sizes, device));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 mod bucket;
 mod ddp;
 mod single_device;
+mod zero;
 
-pub use bucket::{Bucket, plan_buckets};
+pub use bucket::{Bucket, broadcast_buckets, plan_buckets, reduce_bucket, reduce_buckets};
 pub use ddp::Ddp;
 pub use single_device::SingleDevice;
+pub use zero::{Zero, ZeroStage, partition};

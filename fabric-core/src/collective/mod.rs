@@ -127,6 +127,26 @@ pub trait Collective: Send + Sync {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Combines each buffer across ranks like [`all_reduce_many`](Self::all_reduce_many), but
+    /// only rank `dst` receives the result (`Some`); the others get `None` and their buffers are
+    /// freed. The default reduces everywhere and drops the result off `dst`; engines override it
+    /// to move less.
+    fn reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+        dst: usize,
+    ) -> Result<Option<Vec<TensorData>>, CollectiveError> {
+        if dst >= self.world_size() {
+            return Err(CollectiveError::InvalidRank {
+                src: dst,
+                world_size: self.world_size(),
+            });
+        }
+        let reduced = self.all_reduce_many(data, op)?;
+        Ok((self.rank() == dst).then_some(reduced))
+    }
+
     /// Returns rank `src`'s `data` on every rank. The other ranks' `data` is ignored, so its
     /// shape may differ (it may be a placeholder).
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError>;

@@ -52,8 +52,8 @@ pub(crate) fn chunk(rank: usize, world: usize, n: usize) -> Range<usize> {
     (n * rank / world)..(n * (rank + 1) / world)
 }
 
-/// Reduces `range` of every buffer in place: afterwards each buffer holds, at each index, the
-/// combination of all buffers' values there.
+/// Reduces `range` of every buffer: afterwards buffer `only` (or, with `None`, every buffer)
+/// holds, at each index, the combination of all buffers' values there.
 ///
 /// # Safety
 /// Each pointer addresses a live buffer of at least `range.end` elements of `dtype`, aligned for
@@ -63,23 +63,26 @@ pub(crate) unsafe fn reduce_range(
     ptrs: &[*mut u8],
     range: Range<usize>,
     op: ReduceOp,
+    only: Option<usize>,
 ) {
     // SAFETY: forwarded from the caller; the element type matches `dtype`.
     unsafe {
         match dtype {
-            DType::F32 | DType::Flex32 => fold::<f32>(ptrs, range, op),
-            DType::F64 => fold::<f64>(ptrs, range, op),
-            DType::F16 => fold::<f16>(ptrs, range, op),
-            DType::BF16 => fold::<bf16>(ptrs, range, op),
-            DType::I64 => fold::<i64>(ptrs, range, op),
-            DType::I32 => fold::<i32>(ptrs, range, op),
-            DType::I16 => fold::<i16>(ptrs, range, op),
-            DType::I8 => fold::<i8>(ptrs, range, op),
-            DType::U64 => fold::<u64>(ptrs, range, op),
-            DType::U32 | DType::Bool(burn::tensor::BoolStore::U32) => fold::<u32>(ptrs, range, op),
-            DType::U16 => fold::<u16>(ptrs, range, op),
+            DType::F32 | DType::Flex32 => fold::<f32>(ptrs, range, op, only),
+            DType::F64 => fold::<f64>(ptrs, range, op, only),
+            DType::F16 => fold::<f16>(ptrs, range, op, only),
+            DType::BF16 => fold::<bf16>(ptrs, range, op, only),
+            DType::I64 => fold::<i64>(ptrs, range, op, only),
+            DType::I32 => fold::<i32>(ptrs, range, op, only),
+            DType::I16 => fold::<i16>(ptrs, range, op, only),
+            DType::I8 => fold::<i8>(ptrs, range, op, only),
+            DType::U64 => fold::<u64>(ptrs, range, op, only),
+            DType::U32 | DType::Bool(burn::tensor::BoolStore::U32) => {
+                fold::<u32>(ptrs, range, op, only)
+            }
+            DType::U16 => fold::<u16>(ptrs, range, op, only),
             // Booleans stored as bytes 0/1: min is AND, max is OR.
-            DType::U8 | DType::Bool(_) => fold::<u8>(ptrs, range, op),
+            DType::U8 | DType::Bool(_) => fold::<u8>(ptrs, range, op, only),
             DType::QFloat(_) => {}
         }
     }
@@ -125,7 +128,7 @@ unsafe fn scale<T: Elem>(ptr: *mut u8, len: usize, world: usize) {
 
 /// # Safety
 /// See [`reduce_range`]; `T` is the element type of every buffer.
-unsafe fn fold<T: Elem>(ptrs: &[*mut u8], range: Range<usize>, op: ReduceOp) {
+unsafe fn fold<T: Elem>(ptrs: &[*mut u8], range: Range<usize>, op: ReduceOp, only: Option<usize>) {
     let start = range.start;
     let len = range.len();
     let world = ptrs.len();
@@ -135,10 +138,10 @@ unsafe fn fold<T: Elem>(ptrs: &[*mut u8], range: Range<usize>, op: ReduceOp) {
         .map(|&p| unsafe { std::slice::from_raw_parts_mut((p as *mut T).add(start), len) })
         .collect();
     match op {
-        ReduceOp::Sum => tiles(bufs, T::add, None),
-        ReduceOp::Mean => tiles(bufs, T::add, Some(world)),
-        ReduceOp::Min => tiles(bufs, T::min, None),
-        ReduceOp::Max => tiles(bufs, T::max, None),
+        ReduceOp::Sum => tiles(bufs, T::add, None, only),
+        ReduceOp::Mean => tiles(bufs, T::add, Some(world), only),
+        ReduceOp::Min => tiles(bufs, T::min, None, only),
+        ReduceOp::Max => tiles(bufs, T::max, None, only),
     }
 }
 
@@ -146,6 +149,7 @@ fn tiles<T: Elem>(
     mut bufs: Vec<&mut [T]>,
     combine: impl Fn(T::Acc, T::Acc) -> T::Acc,
     mean_of: Option<usize>,
+    only: Option<usize>,
 ) {
     let Some(len) = bufs.first().map(|b| b.len()) else {
         return;
@@ -167,7 +171,10 @@ fn tiles<T: Elem>(
                 *a = T::mean(*a, world);
             }
         }
-        for buf in bufs.iter_mut() {
+        for (index, buf) in bufs.iter_mut().enumerate() {
+            if only.is_some_and(|only| only != index) {
+                continue;
+            }
             for (x, a) in buf[start..end].iter_mut().zip(acc.iter()) {
                 *x = T::store(*a);
             }
@@ -251,7 +258,7 @@ mod tests {
         let n = bufs[0].len();
         for rank in 0..bufs.len() {
             // SAFETY: the vectors outlive the call and each chunk is reduced once, sequentially.
-            unsafe { reduce_range(dtype, &ptrs, chunk(rank, bufs.len(), n), op) };
+            unsafe { reduce_range(dtype, &ptrs, chunk(rank, bufs.len(), n), op, None) };
         }
     }
 
@@ -307,6 +314,18 @@ mod tests {
         reduce_all(&mut bufs, DType::BF16, ReduceOp::Sum);
         // Summed pairwise in bf16, 256 + 1 rounds back to 256 twice; in f32 it is 258.
         assert_eq!(bufs[0][0].to_f32(), 258.0);
+    }
+
+    #[test]
+    fn reducing_into_one_buffer_leaves_the_others() {
+        let mut bufs = vec![vec![1.0f32, 2.0], vec![10.0, 20.0], vec![100.0, 200.0]];
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr() as *mut u8).collect();
+        // SAFETY: the vectors outlive the call; one call covers the whole range.
+        unsafe { reduce_range(DType::F32, &ptrs, 0..2, ReduceOp::Sum, Some(1)) };
+        assert_eq!(
+            bufs,
+            vec![vec![1.0, 2.0], vec![111.0, 222.0], vec![100.0, 200.0]]
+        );
     }
 
     #[test]

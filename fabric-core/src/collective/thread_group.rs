@@ -64,6 +64,7 @@ struct Slot {
 #[derive(Debug, Clone, PartialEq)]
 enum Op {
     AllReduce(ReduceOp),
+    Reduce(ReduceOp, usize),
     Broadcast(usize),
     AllGather,
     Barrier,
@@ -73,6 +74,7 @@ impl Op {
     fn name(&self) -> &'static str {
         match self {
             Op::AllReduce(_) => "all_reduce",
+            Op::Reduce(..) => "reduce",
             Op::Broadcast(_) => "broadcast",
             Op::AllGather => "all_gather",
             Op::Barrier => "barrier",
@@ -404,31 +406,13 @@ impl ThreadCollective {
     pub fn timeout(&self) -> Duration {
         self.shared.timeout
     }
-}
 
-impl Collective for ThreadCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.shared.world
-    }
-
-    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
-        single(
-            self.all_reduce_many(vec![data], op)?,
-            self.global(),
-            "all_reduce",
-        )
-    }
-
-    /// One rendezvous for all buffers, reduced where they lie: the elements of all buffers form
-    /// one index space that the ranks split into equal chunks.
-    fn all_reduce_many(
+    /// The reduction behind `all_reduce_many` (`dst = None`) and `reduce_many`.
+    fn reduce_where_they_lie(
         &self,
         data: Vec<TensorData>,
         op: ReduceOp,
+        dst: Option<usize>,
     ) -> Result<Vec<TensorData>, CollectiveError> {
         for buffer in &data {
             check_supported(buffer, op)?;
@@ -437,8 +421,12 @@ impl Collective for ThreadCollective {
         let layout: Vec<(DType, usize)> =
             data.iter().map(|d| (d.dtype, d.num_elements())).collect();
         let (first_rank, timeout) = (self.shared.first_rank, self.shared.timeout);
+        let operation = match dst {
+            Some(dst) => Op::Reduce(op, dst),
+            None => Op::AllReduce(op),
+        };
         let mut state = self.publish(
-            Op::AllReduce(op),
+            operation,
             data,
             |state| {
                 same_op(
@@ -476,11 +464,57 @@ impl Collective for ThreadCollective {
                 // at the rendezvous), is aligned (`aligned`), is owned by the shared state and
                 // not moved until every rank passed `finish`, and only this rank touches
                 // elements `lo..hi` of the joint index space.
-                unsafe { reduce_range(dtype, ptrs, (lo - offset)..(hi - offset), op) };
+                unsafe { reduce_range(dtype, ptrs, (lo - offset)..(hi - offset), op, dst) };
             }
             offset += numel;
         }
         self.finish("all_reduce", timeout)
+    }
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
+        single(
+            self.all_reduce_many(vec![data], op)?,
+            self.global(),
+            "all_reduce",
+        )
+    }
+
+    /// One rendezvous for all buffers, reduced where they lie: the elements of all buffers form
+    /// one index space that the ranks split into equal chunks.
+    fn all_reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+    ) -> Result<Vec<TensorData>, CollectiveError> {
+        self.reduce_where_they_lie(data, op, None)
+    }
+
+    /// As `all_reduce_many`, but the ranks write their chunk of the result into rank `dst`'s
+    /// buffers only; the others get `None`.
+    fn reduce_many(
+        &self,
+        data: Vec<TensorData>,
+        op: ReduceOp,
+        dst: usize,
+    ) -> Result<Option<Vec<TensorData>>, CollectiveError> {
+        if dst >= self.shared.world {
+            return Err(CollectiveError::InvalidRank {
+                src: dst,
+                world_size: self.shared.world,
+            });
+        }
+        let reduced = self.reduce_where_they_lie(data, op, Some(dst))?;
+        Ok((self.rank == dst).then_some(reduced))
     }
 
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {

@@ -15,6 +15,11 @@ pub enum StrategyChoice {
     SingleDevice,
     /// Distributed data parallel: every rank holds the whole model; gradients are averaged.
     Ddp,
+    /// ZeRO stage 1 (`zero1`, Lightning's `ddp_sharded`): as DDP, but each rank keeps optimizer
+    /// state for, and updates, its own partition of the parameters only.
+    Zero1,
+    /// ZeRO stage 2 (`zero2`): stage 1, and each gradient is reduced to its owner only.
+    Zero2,
 }
 
 /// Lightning names that mean DDP here: our ranks are threads (or MPI processes), so the spawn
@@ -48,7 +53,7 @@ const NOT_AVAILABLE: [&str; 14] = [
 
 impl StrategyChoice {
     /// The canonical names.
-    pub const NAMES: [&'static str; 3] = ["auto", "single_device", "ddp"];
+    pub const NAMES: [&'static str; 5] = ["auto", "single_device", "ddp", "zero1", "zero2"];
 
     /// The canonical name.
     pub fn as_str(&self) -> &'static str {
@@ -56,6 +61,8 @@ impl StrategyChoice {
             StrategyChoice::Auto => "auto",
             StrategyChoice::SingleDevice => "single_device",
             StrategyChoice::Ddp => "ddp",
+            StrategyChoice::Zero1 => "zero1",
+            StrategyChoice::Zero2 => "zero2",
         }
     }
 }
@@ -75,11 +82,13 @@ impl FromStr for StrategyChoice {
             "auto" => Ok(StrategyChoice::Auto),
             "single_device" => Ok(StrategyChoice::SingleDevice),
             "ddp" => Ok(StrategyChoice::Ddp),
+            "zero1" | "ddp_sharded" => Ok(StrategyChoice::Zero1),
+            "zero2" => Ok(StrategyChoice::Zero2),
             alias if DDP_ALIASES.contains(&alias) => Ok(StrategyChoice::Ddp),
             other if NOT_AVAILABLE.contains(&other) => Err(FabricError::StrategyNotAvailable {
                 strategy: s.to_string(),
                 reason: format!(
-                    "burn-fabric has no FSDP, DeepSpeed or XLA; use one of {}",
+                    "burn-fabric has no FSDP, DeepSpeed or XLA (sharded optimizer state is `zero1`/`zero2`); use one of {}",
                     list(&Self::NAMES)
                 ),
             }),

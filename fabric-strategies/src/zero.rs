@@ -1,0 +1,221 @@
+//! Sharded optimizer state (DeepSpeed's ZeRO stages 1 and 2): every rank holds the whole model,
+//! but each owns a partition of the parameters; only the owner keeps optimizer state for a
+//! parameter and steps it, then the owners broadcast the updated values to everyone.
+
+use crate::bucket::{broadcast_buckets, reduce_buckets};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Tensor, TensorData};
+use fabric_core::FabricError;
+use fabric_core::collective::{Collective, ReduceOp};
+use fabric_core::strategy::{FlatGrad, Strategy};
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// How much ZeRO shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroStage {
+    /// Optimizer state sharded; gradients all-reduced as in DDP, then each rank keeps its own.
+    One,
+    /// Optimizer state and gradients sharded: each gradient bucket is reduced to its owner only.
+    Two,
+}
+
+/// ZeRO stage 1 or 2 over a collective. The partition depends only on the parameters' sizes
+/// and visit order (see [`partition`]), so it is the same on every rank and in every run.
+///
+/// After a synchronised `backward` a rank holds gradients for its own parameters only, so
+/// `Fabric::gradient` returns `None` for the others, and gradient-norm clipping combines the
+/// ranks' partial norms.
+pub struct Zero<B: AutodiffBackend> {
+    collective: Box<dyn Collective>,
+    device: B::Device,
+    bucket_bytes: usize,
+    stage: ZeroStage,
+}
+
+impl<B: AutodiffBackend> Zero<B> {
+    /// ZeRO at `stage` over `collective` for the rank whose device is `device`.
+    pub fn new(
+        collective: Box<dyn Collective>,
+        device: B::Device,
+        bucket_bytes: usize,
+        stage: ZeroStage,
+    ) -> Self {
+        Self {
+            collective,
+            device,
+            bucket_bytes: bucket_bytes.max(1),
+            stage,
+        }
+    }
+
+    fn owners(&self, layout: &[(usize, DType)]) -> Vec<usize> {
+        partition(layout, self.collective.world_size())
+    }
+}
+
+/// The owning rank of each parameter (given as `(numel, dtype)` in visit order), balancing bytes:
+/// largest parameter first (ties: earlier in visit order) to the least-loaded rank (ties: lower
+/// rank). A parameter is never split, so one tensor larger than `total / world` leaves its owner
+/// above the even share.
+pub fn partition(layout: &[(usize, DType)], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let bytes: Vec<usize> = layout.iter().map(|(n, d)| n * d.size()).collect();
+    let mut order: Vec<usize> = (0..layout.len()).collect();
+    order.sort_by(|&a, &b| bytes[b].cmp(&bytes[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; world];
+    let mut owners = vec![0; layout.len()];
+    for index in order {
+        let (rank, _) = load
+            .iter()
+            .enumerate()
+            .min_by(|(ra, la), (rb, lb)| la.cmp(lb).then(ra.cmp(rb)))
+            .unwrap_or((0, &0));
+        owners[index] = rank;
+        load[rank] += bytes[index];
+    }
+    owners
+}
+
+fn layout_of<T>(items: &[T], f: impl Fn(&T) -> (usize, DType)) -> Vec<(usize, DType)> {
+    items.iter().map(f).collect()
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
+    fn name(&self) -> &'static str {
+        match self.stage {
+            ZeroStage::One => "zero1",
+            ZeroStage::Two => "zero2",
+        }
+    }
+
+    fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    fn broadcast_parameters(
+        &self,
+        params: Vec<Tensor<Inner<B>, 1>>,
+    ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
+        broadcast_buckets::<Inner<B>>(
+            self.collective.as_ref(),
+            &self.device,
+            params,
+            self.bucket_bytes,
+            0,
+        )
+    }
+
+    fn reduce_gradients(
+        &self,
+        grads: Vec<FlatGrad<Inner<B>>>,
+    ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
+        let owners = self.owners(&layout_of(&grads, |g| (g.numel, g.dtype)));
+        let collective = self.collective.as_ref();
+        let reduced = match self.stage {
+            ZeroStage::One => {
+                reduce_buckets(collective, &self.device, grads, self.bucket_bytes, None)?
+            }
+            ZeroStage::Two => reduce_buckets(
+                collective,
+                &self.device,
+                grads,
+                self.bucket_bytes,
+                Some(&owners),
+            )?,
+        };
+        // Stage 1 received every average; keep only this rank's.
+        let rank = collective.rank();
+        Ok(reduced
+            .into_iter()
+            .zip(owners)
+            .map(|(g, owner)| FlatGrad {
+                grad: g.grad.filter(|_| owner == rank),
+                ..g
+            })
+            .collect())
+    }
+
+    fn sampler_shard(&self) -> Option<(usize, usize)> {
+        Some((self.collective.world_size(), self.collective.rank()))
+    }
+
+    fn owned_parameters(&self, layout: &[(usize, DType)]) -> Option<Vec<bool>> {
+        let rank = self.collective.rank();
+        Some(self.owners(layout).into_iter().map(|o| o == rank).collect())
+    }
+
+    /// One bucketed broadcast per owner, from the owner.
+    fn sync_parameters(
+        &self,
+        params: Vec<Tensor<Inner<B>, 1>>,
+        _owned: &[bool],
+    ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
+        let owners = self.owners(&layout_of(&params, |p| {
+            (p.shape().num_elements(), p.dtype())
+        }));
+        let mut slots: Vec<Option<Tensor<Inner<B>, 1>>> = params.into_iter().map(Some).collect();
+        for owner in 0..self.collective.world_size() {
+            let indices: Vec<usize> = (0..slots.len()).filter(|&i| owners[i] == owner).collect();
+            let values: Vec<_> = indices.iter().filter_map(|&i| slots[i].take()).collect();
+            let synced = broadcast_buckets::<Inner<B>>(
+                self.collective.as_ref(),
+                &self.device,
+                values,
+                self.bucket_bytes,
+                owner,
+            )?;
+            for (&i, value) in indices.iter().zip(synced) {
+                slots[i] = Some(value);
+            }
+        }
+        Ok(slots.into_iter().flatten().collect())
+    }
+
+    fn combine_norm(&self, partial: f64, norm_type: f64) -> Result<f64, FabricError> {
+        let op = if norm_type.is_infinite() {
+            ReduceOp::Max
+        } else {
+            ReduceOp::Sum
+        };
+        let total = self
+            .collective
+            .all_reduce(TensorData::new(vec![partial], [1]), op)?;
+        let total = total.as_slice::<f64>().map_err(|e| FabricError::Data {
+            context: "gradient norm",
+            message: format!("{e:?}"),
+        })?;
+        Ok(total.first().copied().unwrap_or(partial))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_balances_bytes_and_is_deterministic() {
+        let f = DType::F32;
+        let layout = [(100, f), (10, f), (60, f), (50, f), (1, f)];
+        assert_eq!(partition(&layout, 2), vec![0, 0, 1, 1, 0]);
+        assert_eq!(partition(&layout, 1), vec![0; 5]);
+        // Ties go to the earlier parameter and the lower rank.
+        assert_eq!(partition(&[(4, f), (4, f), (4, f)], 2), vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn partition_counts_bytes_not_elements() {
+        // 100 f16 values (200 bytes) against 60 f64 values (480 bytes).
+        let layout = [(100, DType::F16), (60, DType::F64), (100, DType::F16)];
+        assert_eq!(partition(&layout, 2), vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn partition_of_many_equal_layers_is_even() {
+        let layout = vec![(1000, DType::F32); 16];
+        let owners = partition(&layout, 4);
+        for rank in 0..4 {
+            assert_eq!(owners.iter().filter(|&&o| o == rank).count(), 4);
+        }
+    }
+}
