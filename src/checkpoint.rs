@@ -21,6 +21,7 @@ use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
 use fabric_core::checkpoint::{Entry, EntryKind, Settings};
 use fabric_core::checkpoint::{decode, encode, error, remove_stale_temporaries, write_atomic};
+use fabric_core::checkpoint::{read_consolidated, shard_file_name, shard_files};
 use fabric_core::collective::ReduceOp;
 use fabric_core::loader::RankDataLoader;
 use serde::Serialize;
@@ -221,7 +222,7 @@ impl Remainder {
     }
 }
 
-fn encode_record<B: Backend, R: Record<B>>(
+pub(crate) fn encode_record<B: Backend, R: Record<B>>(
     record: R,
     settings: Settings,
 ) -> Result<Vec<u8>, String> {
@@ -240,7 +241,7 @@ fn encode_record<B: Backend, R: Record<B>>(
     bytes.map_err(|e| format!("cannot encode the record: {e}"))
 }
 
-fn decode_record<B: Backend, R: Record<B>>(
+pub(crate) fn decode_record<B: Backend, R: Record<B>>(
     bytes: &[u8],
     settings: Settings,
     device: &B::Device,
@@ -418,6 +419,7 @@ impl<B: AutodiffBackend, M: AutodiffModule<B>, O: Optimizer<M, B>> LoadItem<B>
     fn decode(&mut self, entry: &Entry, device: &B::Device) -> Result<(), String> {
         let record = decode_record::<B, O::Record>(&entry.bytes, entry.settings, device)?;
         self.0.set_record(record);
+        self.0.mark_loaded();
         Ok(())
     }
 }
@@ -491,36 +493,95 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// Writes `checkpoint` to `path` from global rank 0 (atomically: a crash leaves the previous
     /// file intact) and returns on every rank once it is on disk. Under `16-mixed` the loss
     /// scaler's state is saved too.
+    ///
+    /// Under a sharded strategy (`zero1`, `zero2`) `path` is a directory and every rank writes
+    /// its own file in it, `shard-RRRRR-of-NNNNN.fabric`, holding the whole checkpoint with that
+    /// rank's part of each optimizer's state (see [`consolidate`](crate::consolidate)).
     pub fn save(
         &self,
         path: impl AsRef<Path>,
         checkpoint: Checkpoint<'_>,
     ) -> Result<(), FabricError> {
         let path = path.as_ref();
+        let sharded = self.shards_optimizer();
         let mut written = Ok(());
-        if self.is_global_zero() {
-            written = checkpoint
-                .encode()
-                .map_err(|(key, reason)| error(path, Some(&key), reason))
-                .and_then(|mut entries| {
-                    if let Some(scaler) = self.grad_scaler() {
-                        entries.push(Entry {
-                            key: GRAD_SCALER_KEY.into(),
-                            kind: EntryKind::Value,
-                            settings: Settings::Full,
-                            bytes: serde_json::to_vec(&scaler).unwrap_or_default(),
-                        });
-                    }
-                    write_atomic(path, &encode(&entries))
-                });
+        if sharded {
+            written = self.prepare_shard_dir(path).and_then(|file| {
+                let entries = self.entries(&file, &checkpoint)?;
+                write_atomic(&file, &encode(&entries))
+            });
+        } else if self.is_global_zero() {
+            written = self
+                .entries(path, &checkpoint)
+                .and_then(|entries| write_atomic(path, &encode(&entries)));
         }
-        self.agree("save", path, written, "rank 0 could not write it")
+        let elsewhere = if sharded {
+            "another rank could not write its shard"
+        } else {
+            "rank 0 could not write it"
+        };
+        self.agree("save", path, written, elsewhere)
+    }
+
+    /// Whether this rank's strategy shards optimizer state.
+    fn shards_optimizer(&self) -> bool {
+        self.strategy_ref().is_some_and(|s| s.shards_optimizer())
+    }
+
+    /// Creates the shard directory `dir` (rank 0 also removes shards of another world size)
+    /// and returns this rank's shard file in it.
+    fn prepare_shard_dir(&self, dir: &Path) -> Result<std::path::PathBuf, FabricError> {
+        if dir.is_file() {
+            return Err(error(
+                dir,
+                None,
+                "is a file, but a sharded strategy saves a directory of shards",
+            ));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| error(dir, None, format!("cannot create the directory: {e}")))?;
+        let (rank, world) = (self.global_rank(), self.world_size());
+        if rank == 0 {
+            let stale = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            for entry in stale {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("shard-") && !name.ends_with(&format!("-of-{world:05}.fabric"))
+                {
+                    // A leftover of another world size would make the set inconsistent.
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let file = dir.join(shard_file_name(rank, world));
+        remove_stale_temporaries(&file);
+        Ok(file)
+    }
+
+    /// `checkpoint`'s entries, plus the loss scaler's state under `16-mixed`.
+    fn entries(&self, path: &Path, checkpoint: &Checkpoint<'_>) -> Result<Vec<Entry>, FabricError> {
+        let mut entries = checkpoint
+            .encode()
+            .map_err(|(key, reason)| error(path, Some(&key), reason))?;
+        if let Some(scaler) = self.grad_scaler() {
+            entries.push(Entry {
+                key: GRAD_SCALER_KEY.into(),
+                kind: EntryKind::Value,
+                settings: Settings::Full,
+                bytes: serde_json::to_vec(&scaler).unwrap_or_default(),
+            });
+        }
+        Ok(entries)
     }
 
     /// Loads `path` into what `restore` names, in place, on every rank, and returns the entries
     /// it did not ask for. A missing, truncated or corrupted file, or one whose shapes do not
     /// fit, is an error naming the file and the first offending entry. Stale temporaries of an
     /// earlier killed save are removed. Under `16-mixed` the loss scaler's state is restored.
+    ///
+    /// A directory of shards (written under `zero1`/`zero2`) loads each rank's own shard when
+    /// the strategy is sharded at the same world size; otherwise the shards are consolidated in
+    /// memory first, so it loads at any world size and under any strategy. A sharded strategy
+    /// that loads a whole optimizer state keeps only its own part of it (at the next step).
     pub fn load(
         &mut self,
         path: impl AsRef<Path>,
@@ -539,8 +600,16 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         path: &Path,
         restore: &mut Restore<'_, B>,
     ) -> Result<Remainder, FabricError> {
-        let bytes = read(path)?;
-        let mut entries = decode(path, &bytes)?;
+        let mut entries = if path.is_dir() {
+            let own = path.join(shard_file_name(self.global_rank(), self.world_size()));
+            if self.shards_optimizer() && shard_files(path)?.len() == self.world_size() {
+                decode(&own, &read(&own)?)?
+            } else {
+                read_consolidated(path)?
+            }
+        } else {
+            decode(path, &read(path)?)?
+        };
         if let Some(i) = entries.iter().position(|e| e.key == GRAD_SCALER_KEY) {
             let entry = entries.remove(i);
             let state = serde_json::from_slice(&entry.bytes)

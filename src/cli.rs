@@ -27,6 +27,19 @@ pub enum Command {
     /// Run PROGRAM with the given Fabric settings, through mpirun when there is more than one
     /// process.
     Run(RunArgs),
+    /// Merge the shards of a checkpoint saved under `zero1`/`zero2` into one checkpoint file,
+    /// loadable at any world size.
+    Consolidate(ConsolidateArgs),
+}
+
+/// `fabric consolidate` arguments (Lightning's `fabric consolidate`).
+#[derive(Args, Debug, Clone)]
+pub struct ConsolidateArgs {
+    /// The checkpoint directory holding `shard-RRRRR-of-NNNNN.fabric` files.
+    pub checkpoint_folder: std::path::PathBuf,
+    /// Where to write the merged checkpoint [default: CHECKPOINT_FOLDER.consolidated]
+    #[arg(long)]
+    pub output_file: Option<std::path::PathBuf>,
 }
 
 /// `fabric run` flags, mirroring Lightning's.
@@ -184,7 +197,22 @@ mod tests {
         let cli = Cli::try_parse_from(["fabric", "run"].iter().chain(args)).unwrap();
         match cli.command {
             Command::Run(run) => run,
+            Command::Consolidate(_) => unreachable!("parsed `run`"),
         }
+    }
+
+    #[test]
+    fn consolidate_takes_a_folder_and_an_optional_output() {
+        let cli = Cli::try_parse_from(["fabric", "consolidate", "ckpt", "--output-file", "o"]);
+        let Ok(Cli {
+            command: Command::Consolidate(args),
+        }) = cli
+        else {
+            panic!("not parsed as consolidate: {cli:?}");
+        };
+        assert_eq!(args.checkpoint_folder, std::path::PathBuf::from("ckpt"));
+        assert_eq!(args.output_file, Some(std::path::PathBuf::from("o")));
+        assert!(Cli::try_parse_from(["fabric", "consolidate"]).is_err());
     }
 
     fn env_of(plan: &LaunchPlan, name: &str) -> Option<String> {

@@ -208,6 +208,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         })
     }
 
+    /// The rank's strategy, once launched.
+    pub(crate) fn strategy_ref(&self) -> Option<&dyn Strategy<B>> {
+        self.rank.as_ref().map(|r| r.strategy.as_ref())
+    }
+
     /// The rank's collective, for the façade's collective operations.
     pub(crate) fn collective(
         &self,
@@ -408,6 +413,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
             optimizer,
             Arc::clone(&rank.state),
             Arc::clone(&rank.strategy),
+            rank.device.clone(),
         ))
     }
 

@@ -34,6 +34,7 @@ mod processes;
 pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
+pub use fabric_core::checkpoint::consolidate;
 pub use optimizer::FabricOptimizer;
 
 pub use fabric_core::backend::{BackendDevices, DevicePool};

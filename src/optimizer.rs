@@ -2,13 +2,16 @@
 //! `Fabric::backward` stored (averaged across ranks), so there is no way to step with gradients
 //! that skipped the strategy.
 
+use crate::checkpoint::{decode_record, encode_record};
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
+use fabric_core::checkpoint::{Settings, retain_record};
 use fabric_core::grads::{AssignParams, CollectParams, GradStore, trainable_layout};
 use fabric_core::strategy::Strategy;
 use fabric_precision::GradScaler;
+use std::collections::BTreeSet;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -29,6 +32,10 @@ pub struct FabricOptimizer<B: AutodiffBackend, M, O> {
     optimizer: O,
     state: Arc<Mutex<StepState>>,
     strategy: Arc<dyn Strategy<B>>,
+    device: B::Device,
+    /// A loaded record may hold other ranks' state (a consolidated checkpoint under ZeRO):
+    /// the next step keeps only this rank's.
+    prune: bool,
     _types: PhantomData<fn() -> (B, M)>,
 }
 
@@ -46,11 +53,14 @@ where
         optimizer: O,
         state: Arc<Mutex<StepState>>,
         strategy: Arc<dyn Strategy<B>>,
+        device: B::Device,
     ) -> Self {
         Self {
             optimizer,
             state,
             strategy,
+            device,
+            prune: false,
             _types: PhantomData,
         }
     }
@@ -81,6 +91,9 @@ where
             return Ok(model);
         }
         drop(state);
+        if let Some(owned) = owned.as_deref().filter(|_| self.prune) {
+            self.keep_own_state(&model, owned)?;
+        }
         let model = self.optimizer.step(lr, model, grads);
         let Some(owned) = owned else {
             return Ok(model);
@@ -89,6 +102,36 @@ where
         model.visit(&mut collect);
         let values = self.strategy.sync_parameters(collect.values, &owned)?;
         Ok(model.map(&mut AssignParams::<B, _>::new(values.into_iter()).trainable_only()))
+    }
+
+    /// Notes that a record was loaded (it may hold state this rank does not own).
+    pub(crate) fn mark_loaded(&mut self) {
+        self.prune = self.strategy.shards_optimizer();
+    }
+
+    /// Drops the state of parameters other ranks own from the optimizer's record.
+    fn keep_own_state(&mut self, model: &M, owned: &[bool]) -> Result<(), FabricError> {
+        let mut collect = CollectParams::<B>::trainable_only();
+        model.visit(&mut collect);
+        let keep: BTreeSet<String> = collect
+            .ids
+            .into_iter()
+            .zip(owned)
+            .filter(|(_, mine)| **mine)
+            .map(|(id, _)| id.serialize())
+            .collect();
+        let failed = |reason: String| FabricError::Data {
+            context: "optimizer state",
+            message: reason,
+        };
+        let bytes =
+            encode_record::<B, _>(self.optimizer.to_record(), Settings::Full).map_err(failed)?;
+        let kept = retain_record(&bytes, &keep).map_err(failed)?;
+        let record =
+            decode_record::<B, O::Record>(&kept, Settings::Full, &self.device).map_err(failed)?;
+        self.set_record(record);
+        self.prune = false;
+        Ok(())
     }
 
     /// Discards `model`'s accumulated gradients without stepping.

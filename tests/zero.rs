@@ -15,7 +15,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::tensor::Tensor;
 use burn_fabric::fabric_core::grads::CollectParams;
-use burn_fabric::{Fabric, FabricError};
+use burn_fabric::{Checkpoint, Fabric, FabricError, Restore};
 use common::{B, Mlp, batch, worst_ratio};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -42,6 +42,14 @@ struct Run<'a> {
     devices: usize,
     micro: usize,
     clip: Option<f64>,
+    /// Steps to train (the data of step `i` is the same whatever run trains it).
+    steps: std::ops::Range<usize>,
+    /// Load this checkpoint (model and optimizer) after setup.
+    resume: Option<&'a std::path::Path>,
+    /// Restore only the model from `resume`, not the optimizer.
+    model_only: bool,
+    /// Save a checkpoint here after the step with this index.
+    save: Option<(usize, &'a std::path::Path)>,
 }
 
 impl Run<'_> {
@@ -52,6 +60,10 @@ impl Run<'_> {
             devices,
             micro: 1,
             clip: None,
+            steps: 0..STEPS,
+            resume: None,
+            model_only: false,
+            save: None,
         }
     }
 
@@ -76,10 +88,19 @@ impl Run<'_> {
                 Mlp::random(&device)
             };
             let (mut model, mut optimizer) = fabric.setup(model, make_optimizer())?;
+            if let Some(path) = self.resume {
+                let restore = Restore::new().module("model", &mut model);
+                let restore = if self.model_only {
+                    restore.strict(false)
+                } else {
+                    restore.optimizer("optimizer", &mut optimizer)
+                };
+                fabric.load(path, restore)?;
+            }
             let per_rank = BATCH / fabric.world_size();
             let per_micro = per_rank / self.micro;
             let mut norms = Vec::new();
-            for step in 0..STEPS {
+            for step in self.steps.clone() {
                 for m in 0..self.micro {
                     let start = step * BATCH + fabric.global_rank() * per_rank + m * per_micro;
                     let (x, y) = batch::<B>(start, per_micro, &device);
@@ -95,6 +116,14 @@ impl Run<'_> {
                     norms.push(fabric.clip_gradients_norm(&model, max_norm, 2.0)?);
                 }
                 model = optimizer.step(lr, model)?;
+                if let Some((after, path)) = self.save
+                    && after == step
+                {
+                    let checkpoint = Checkpoint::new()
+                        .module("model", &model)
+                        .optimizer("optimizer", &optimizer);
+                    fabric.save(path, checkpoint)?;
+                }
             }
             let mut collect = CollectParams::<B>::default();
             model.visit(&mut collect);
@@ -275,4 +304,127 @@ fn every_precision_equals_ddp() {
         assert_eq!(zero.params, ddp.params, "zero2 {precision}");
         assert_sharded_records(&format!("zero2 {precision}"), &zero, 2);
     }
+}
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("fabric-zero-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn sharded_checkpoints_resume_at_the_same_world_size_and_consolidate_for_any() {
+    let scratch = Scratch::new("ckpt");
+    let dir = scratch.0.join("step-9");
+    // The uninterrupted run, saving after step 9 of 20.
+    let whole = Run {
+        save: Some((9, &dir)),
+        ..Run::new("zero2", 2)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    let mut shards: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    shards.sort();
+    assert_eq!(
+        shards,
+        ["shard-00000-of-00002.fabric", "shard-00001-of-00002.fabric"]
+    );
+
+    // Same world size: each rank loads its own shard, and the result is bit for bit the same.
+    let resumed = Run {
+        resume: Some(&dir),
+        steps: 10..STEPS,
+        ..Run::new("zero2", 2)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    assert_eq!(resumed.params, whole.params, "resumed from the shards");
+    assert_sharded_records("resumed zero2", &resumed, 2);
+
+    // Without the optimizer state the continuation differs: the test above can fail.
+    let model_only = Run {
+        resume: Some(&dir),
+        model_only: true,
+        steps: 10..STEPS,
+        ..Run::new("zero2", 2)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    assert!(worst_ratio(&model_only.params, &whole.params, 1e-5, 1e-6) > 10.0);
+
+    // Consolidated: one file with every parameter's state, loadable at world size 1 and 4.
+    let file = burn_fabric::consolidate(&dir, None).unwrap();
+    assert_eq!(file, scratch.0.join("step-9.consolidated"));
+    let single = Run {
+        resume: Some(&file),
+        steps: 10..STEPS,
+        ..Run::new("single_device", 1)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    assert_eq!(
+        single.record_ids[0].len(),
+        4,
+        "the consolidated record is whole"
+    );
+    let ratio = worst_ratio(&single.params, &whole.params, 1e-5, 1e-6);
+    assert!(
+        ratio <= 1.0,
+        "world size 1 from the consolidated file: {ratio:.3} x tolerance"
+    );
+    for (strategy, path) in [("zero2", &file), ("zero1", &dir)] {
+        let four = Run {
+            resume: Some(path),
+            steps: 10..STEPS,
+            ..Run::new(strategy, 4)
+        }
+        .train(0.01, adam)
+        .unwrap();
+        let name = format!("{strategy} at 4 ranks from {}", path.display());
+        // Loading a whole record, each rank keeps only its own partition.
+        assert_sharded_records(&name, &four, 4);
+        let ratio = worst_ratio(&four.params, &whole.params, 1e-5, 1e-6);
+        assert!(ratio <= 1.0, "{name}: {ratio:.3} x tolerance");
+    }
+}
+
+#[test]
+fn incomplete_shard_directories_are_named_errors() {
+    let scratch = Scratch::new("broken");
+    let dir = scratch.0.join("ckpt");
+    Run {
+        save: Some((0, &dir)),
+        steps: 0..1,
+        ..Run::new("zero1", 2)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    std::fs::remove_file(dir.join("shard-00001-of-00002.fabric")).unwrap();
+    let err = burn_fabric::consolidate(&dir, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ranks [1] are missing"), "{err}");
+    let err = Run {
+        resume: Some(&dir),
+        ..Run::new("zero1", 2)
+    }
+    .train(0.01, adam)
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("missing"), "{err}");
 }

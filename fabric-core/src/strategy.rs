@@ -61,6 +61,12 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         Ok(params)
     }
 
+    /// Whether each rank holds only its own part of the optimizer state (ZeRO): checkpoints are
+    /// then saved as one shard file per rank.
+    fn shards_optimizer(&self) -> bool {
+        false
+    }
+
     /// Combines this rank's partial gradient norm (`sum |g|^p`, or `max |g|` for the infinity
     /// norm) into the job's; the identity when every rank holds every gradient.
     fn combine_norm(&self, partial: f64, _norm_type: f64) -> Result<f64, FabricError> {

@@ -172,6 +172,10 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         Ok(slots.into_iter().flatten().collect())
     }
 
+    fn shards_optimizer(&self) -> bool {
+        true
+    }
+
     fn combine_norm(&self, partial: f64, norm_type: f64) -> Result<f64, FabricError> {
         let op = if norm_type.is_infinite() {
             ReduceOp::Max

@@ -1,5 +1,6 @@
 //! `fabric run [--accelerator] [--strategy] [--devices] [--num-nodes] [--node-rank]
 //! [--main-address] [--main-port] [--precision] [--hosts h1,h2] -- PROGRAM ARGS...`
+//! `fabric consolidate CHECKPOINT_FOLDER [--output-file FILE]`
 
 use burn_fabric::cli::{Cli, Command};
 use clap::Parser;
@@ -7,7 +8,24 @@ use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let Command::Run(run) = Cli::parse().command;
+    let run = match Cli::parse().command {
+        Command::Run(run) => run,
+        Command::Consolidate(args) => {
+            return match burn_fabric::consolidate(
+                &args.checkpoint_folder,
+                args.output_file.as_deref(),
+            ) {
+                Ok(output) => {
+                    println!("consolidated checkpoint written to {}", output.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("fabric consolidate: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     // `/proc/self` belongs to the effective user: mpirun refuses root unless told otherwise.
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let plan = match run.plan(root) {

@@ -4,9 +4,13 @@
 
 mod atomic;
 mod container;
+mod shards;
 
 pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
+pub use shards::{
+    consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,
+};
 
 use crate::FabricError;
 use std::path::Path;
