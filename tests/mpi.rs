@@ -110,6 +110,27 @@ fn ddp_equivalence_across_processes() {
 }
 
 #[test]
+fn zero_equivalence_across_processes() {
+    if !child() {
+        succeeds("zero_equivalence_across_processes", 2, 1);
+        succeeds("zero_equivalence_across_processes", 2, 2);
+        return;
+    }
+    // ZeRO's owners step and broadcast across processes: the same tolerance as DDP.
+    let single = train(1, 1, STEPS, BATCH, 0.01, adam).unwrap();
+    for strategy in ["zero1", "zero2"] {
+        let fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
+        let world = fabric.world_size();
+        let zero = train_on(fabric, 2, STEPS, BATCH, 0.01, adam).unwrap();
+        let ratio = worst_ratio(&zero, &single, 1e-5, 1e-6);
+        assert!(
+            ratio <= 1.0,
+            "{strategy} across {world} ranks: {ratio} x tolerance"
+        );
+    }
+}
+
+#[test]
 fn every_collective_across_processes() {
     if !child() {
         succeeds("every_collective_across_processes", 2, 1);
