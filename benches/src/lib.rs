@@ -6,10 +6,12 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{Fabric, FabricError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The backend of every benchmark.
@@ -18,12 +20,10 @@ pub type B = burn::backend::Autodiff<burn::backend::Flex>;
 /// Steps run before timing starts.
 pub const WARMUP_STEPS: u64 = 3;
 
-/// An MLP `input → hidden → hidden → classes`.
+/// An MLP `input → hidden → (hidden →)×depth → classes`.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    l1: Linear<B>,
-    l2: Linear<B>,
-    l3: Linear<B>,
+    layers: Vec<Linear<B>>,
 }
 
 /// Layer sizes of a benchmark model.
@@ -35,6 +35,8 @@ pub struct Shape {
     pub hidden: usize,
     /// Classes.
     pub classes: usize,
+    /// Hidden-to-hidden layers.
+    pub depth: usize,
 }
 
 /// The image classifier example's model (UCI digits).
@@ -42,28 +44,40 @@ pub const DIGITS_MLP: Shape = Shape {
     input: 64,
     hidden: 256,
     classes: 10,
+    depth: 1,
 };
 /// The model of the Lightning Fabric comparison (784-1024-1024-10).
 pub const MNIST_MLP: Shape = Shape {
     input: 784,
     hidden: 1024,
     classes: 10,
+    depth: 1,
+};
+/// A deeper MLP (256-512×9-10, 2.2M parameters in 20 tensors): many similar tensors, as in
+/// the models ZeRO is for, so a partition by whole tensors can be even.
+pub const DEEP_MLP: Shape = Shape {
+    input: 256,
+    hidden: 512,
+    classes: 10,
+    depth: 8,
 };
 
 impl<B: Backend> Mlp<B> {
     /// A fresh model of the given shape.
     pub fn new(shape: Shape, device: &B::Device) -> Self {
-        Self {
-            l1: LinearConfig::new(shape.input, shape.hidden).init(device),
-            l2: LinearConfig::new(shape.hidden, shape.hidden).init(device),
-            l3: LinearConfig::new(shape.hidden, shape.classes).init(device),
+        let mut layers = vec![LinearConfig::new(shape.input, shape.hidden).init(device)];
+        for _ in 0..shape.depth {
+            layers.push(LinearConfig::new(shape.hidden, shape.hidden).init(device));
         }
+        layers.push(LinearConfig::new(shape.hidden, shape.classes).init(device));
+        Self { layers }
     }
 
     /// Logits.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.l3
-            .forward(relu(self.l2.forward(relu(self.l1.forward(x)))))
+        let (last, hidden) = self.layers.split_last().expect("at least one layer");
+        let x = hidden.iter().fold(x, |x, layer| relu(layer.forward(x)));
+        last.forward(x)
     }
 }
 
@@ -122,8 +136,34 @@ pub fn fabric(
     devices: usize,
     steps: u64,
 ) -> Result<Vec<Duration>, FabricError> {
-    let mut fabric = Fabric::<B>::builder().devices(devices).build()?;
-    fabric.launch(|fabric| {
+    Ok(fabric_with(shape, rows, devices, steps, "auto")?.times)
+}
+
+/// What [`fabric_with`] measured.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Rank 0's step times after the warm-up.
+    pub times: Vec<Duration>,
+    /// Each rank's optimizer state at the end, in bytes (its record serialised with Burn's
+    /// full-precision MessagePack recorder), by global rank.
+    pub state_bytes: Vec<usize>,
+}
+
+/// [`fabric`] under the given strategy (`auto`, `ddp`, `zero1`, `zero2`), also measuring each
+/// rank's optimizer-state size.
+pub fn fabric_with(
+    shape: Shape,
+    rows: usize,
+    devices: usize,
+    steps: u64,
+    strategy: &str,
+) -> Result<Measured, FabricError> {
+    let mut fabric = Fabric::<B>::builder()
+        .devices(devices)
+        .strategy(strategy)
+        .build()?;
+    let state_bytes = Mutex::new(vec![0; devices]);
+    let times = fabric.launch(|fabric| {
         let device = *fabric.device();
         let (mut model, mut optimizer) =
             fabric.setup(Mlp::<B>::new(shape, &device), AdamConfig::new().init())?;
@@ -139,6 +179,17 @@ pub fn fabric(
                 times.push(start.elapsed());
             }
         }
+        let bytes = Recorder::<B>::record(
+            &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
+            optimizer.to_record(),
+            (),
+        )
+        .map_or(0, |b| b.len());
+        if let Ok(mut sizes) = state_bytes.lock() {
+            sizes[fabric.global_rank()] = bytes;
+        }
         Ok::<_, FabricError>(times)
-    })
+    })?;
+    let state_bytes = state_bytes.into_inner().unwrap_or_default();
+    Ok(Measured { times, state_bytes })
 }

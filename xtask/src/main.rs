@@ -4,6 +4,8 @@
 //!   printed as a Markdown table of ratios (overhead and DDP efficiency).
 //! * `collective` (Criterion): the in-process all-reduce of 10M f32 beside a 40 MB memcpy.
 //! * `training` (Criterion, skipped with `--quick`): the per-step times behind the ratios.
+//! * `zero`: optimizer-state bytes per rank under ZeRO vs DDP at world sizes 1, 2, 4, and step
+//!   time vs DDP.
 //! * `mpi_all_reduce` (when `mpirun` is installed): burn-fabric's collective vs raw rsmpi
 //!   across 2 processes.
 
@@ -50,12 +52,14 @@ fn cargo_bench(bench: &str, extra: &[&str]) -> Result<(), String> {
 fn bench(quick: bool) -> Result<(), String> {
     if quick {
         cargo_bench("paired", &["--quick"])?;
+        cargo_bench("zero", &["--quick"])?;
         cargo_bench(
             "collective",
             &["--warm-up-time", "1", "--measurement-time", "3"],
         )
     } else {
         cargo_bench("paired", &[])?;
+        cargo_bench("zero", &[])?;
         cargo_bench("collective", &[])?;
         cargo_bench("training", &[])
     }
