@@ -48,7 +48,7 @@ pub struct RunArgs {
     /// auto, cpu, gpu, cuda or wgpu
     #[arg(long)]
     pub accelerator: Option<String>,
-    /// auto, single_device, ddp (or a Lightning DDP alias)
+    /// auto, single_device, ddp (or a Lightning DDP alias), zero1 (ddp_sharded), zero2
     #[arg(long)]
     pub strategy: Option<String>,
     /// Devices (ranks) per process: a count, -1, auto, or ids like 0,2
