@@ -18,8 +18,8 @@
 //! })?;
 //! ```
 //!
-//! Pick the backend with a Cargo feature (`flex`, the default, or `ndarray`); [`DefaultBackend`]
-//! follows it.
+//! Pick the backend with a Cargo feature (`flex`, the default, `ndarray`, `tch`, `wgpu` or
+//! `cuda`); [`DefaultBackend`] follows it.
 
 mod checkpoint;
 pub mod cli;
@@ -55,18 +55,48 @@ pub use fabric_core;
 pub use fabric_precision;
 pub use fabric_strategies;
 
-/// The autodiff backend the enabled Cargo feature selects (`ndarray` wins over the default
-/// `flex` when both are on, since it can only have been asked for explicitly).
-#[cfg(feature = "ndarray")]
+/// The autodiff backend the enabled Cargo feature selects. When several backend features are
+/// on, the most specific wins: `cuda`, then `tch`, then `wgpu`, then `ndarray`, then the default
+/// `flex`.
+#[cfg(feature = "cuda")]
+pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Cuda>;
+
+/// The autodiff backend the enabled Cargo feature selects.
+#[cfg(all(feature = "tch", not(feature = "cuda")))]
+pub type DefaultBackend = burn::backend::Autodiff<burn::backend::LibTorch>;
+
+/// The autodiff backend the enabled Cargo feature selects.
+#[cfg(all(feature = "wgpu", not(any(feature = "cuda", feature = "tch"))))]
+pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
+
+/// The autodiff backend the enabled Cargo feature selects.
+#[cfg(all(
+    feature = "ndarray",
+    not(any(feature = "cuda", feature = "tch", feature = "wgpu"))
+))]
 pub type DefaultBackend = burn::backend::Autodiff<burn::backend::NdArray>;
 
 /// The autodiff backend the enabled Cargo feature selects.
-#[cfg(all(feature = "flex", not(feature = "ndarray")))]
+#[cfg(all(
+    feature = "flex",
+    not(any(
+        feature = "cuda",
+        feature = "tch",
+        feature = "wgpu",
+        feature = "ndarray"
+    ))
+))]
 pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// What a training script usually imports.
 pub mod prelude {
-    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    #[cfg(any(
+        feature = "flex",
+        feature = "ndarray",
+        feature = "tch",
+        feature = "wgpu",
+        feature = "cuda"
+    ))]
     pub use crate::DefaultBackend;
     pub use crate::{DataLoader, Fabric, FabricError, FabricOptimizer, RankDataLoader, ReduceOp};
 }

@@ -73,6 +73,129 @@ impl BackendDevices for burn::backend::NdArray {
     }
 }
 
+#[cfg(feature = "tch")]
+impl BackendDevices for burn::backend::LibTorch {
+    fn backend_name() -> &'static str {
+        "tch"
+    }
+
+    /// CUDA first, so `auto` picks a GPU where LibTorch sees one (as Lightning does).
+    fn accelerators() -> &'static [Accelerator] {
+        &[Accelerator::Cuda, Accelerator::Cpu]
+    }
+
+    fn device_pool(accelerator: Accelerator) -> Result<DevicePool<Self::Device>, FabricError> {
+        use burn::backend::libtorch::LibTorchDevice;
+        match accelerator {
+            Accelerator::Cpu => Ok(DevicePool::Shared(LibTorchDevice::Cpu)),
+            Accelerator::Cuda => {
+                // LibTorch's own device count is always 1; ask torch's CUDA runtime.
+                let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+                if count == 0 {
+                    return Err(no_driver::<Self>(
+                        accelerator,
+                        "this libtorch sees no CUDA device (a CPU-only libtorch, or no GPU)",
+                    ));
+                }
+                Ok(DevicePool::Countable(
+                    (0..count).map(LibTorchDevice::Cuda).collect(),
+                ))
+            }
+            other => Err(unavailable::<Self>(other)),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl BackendDevices for burn::backend::Wgpu {
+    fn backend_name() -> &'static str {
+        "wgpu"
+    }
+
+    fn accelerators() -> &'static [Accelerator] {
+        &[Accelerator::Wgpu]
+    }
+
+    /// Discrete GPUs are countable (one rank each); otherwise the ranks share wgpu's default
+    /// adapter (an integrated GPU, or a software one such as Mesa's lavapipe).
+    fn device_pool(accelerator: Accelerator) -> Result<DevicePool<Self::Device>, FabricError> {
+        use burn::backend::wgpu::WgpuDevice;
+        if accelerator != Accelerator::Wgpu {
+            return Err(unavailable::<Self>(accelerator));
+        }
+        // Probe first: without an adapter Burn panics inside its device thread.
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters =
+            cubecl_common::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        if adapters.is_empty() {
+            return Err(no_driver::<Self>(
+                accelerator,
+                "wgpu found no adapter: no GPU driver and no Vulkan software driver (on Debian, \
+                 `apt-get install mesa-vulkan-drivers libvulkan1` provides lavapipe)",
+            ));
+        }
+        let discrete = adapters
+            .iter()
+            .filter(|a| a.get_info().device_type == wgpu::DeviceType::DiscreteGpu)
+            .count();
+        Ok(if discrete > 0 {
+            DevicePool::Countable((0..discrete).map(WgpuDevice::DiscreteGpu).collect())
+        } else {
+            DevicePool::Shared(WgpuDevice::DefaultDevice)
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BackendDevices for burn::backend::Cuda {
+    fn backend_name() -> &'static str {
+        "cuda"
+    }
+
+    fn accelerators() -> &'static [Accelerator] {
+        &[Accelerator::Cuda]
+    }
+
+    fn device_pool(accelerator: Accelerator) -> Result<DevicePool<Self::Device>, FabricError> {
+        use burn::backend::cuda::CudaDevice;
+        use cudarc::driver::{result, sys};
+        if accelerator != Accelerator::Cuda {
+            return Err(unavailable::<Self>(accelerator));
+        }
+        // Probe first: cudarc panics when the driver library is missing.
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(no_driver::<Self>(
+                accelerator,
+                "the NVIDIA driver library (libcuda.so.1) is not installed on this machine",
+            ));
+        }
+        let count = result::init()
+            .and_then(|()| result::device::get_count())
+            .map_err(|e| no_driver::<Self>(accelerator, &format!("the CUDA driver failed: {e}")))?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if count == 0 {
+            return Err(no_driver::<Self>(
+                accelerator,
+                "the CUDA driver sees no device",
+            ));
+        }
+        Ok(DevicePool::Countable(
+            (0..count).map(CudaDevice::new).collect(),
+        ))
+    }
+}
+
+#[allow(dead_code)]
+fn no_driver<B: BackendDevices>(accelerator: Accelerator, reason: &str) -> FabricError {
+    FabricError::DriverUnavailable {
+        backend: B::backend_name(),
+        accelerator: accelerator.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
 /// The pool of a CPU-only backend: its one default device, shared.
 #[allow(dead_code)]
 fn cpu_only<B: BackendDevices>(
@@ -115,18 +238,29 @@ pub fn resolve_placement<B: BackendDevices>(
     devices: &Devices,
 ) -> Result<Placement<B::Device>, FabricError> {
     let supported = B::accelerators();
-    let accelerator = match accelerator {
-        Accelerator::Auto => *supported
-            .first()
-            .ok_or_else(|| unavailable::<B>(accelerator))?,
-        Accelerator::Gpu => *[Accelerator::Cuda, Accelerator::Wgpu]
-            .iter()
-            .find(|a| supported.contains(a))
-            .ok_or_else(|| unavailable::<B>(Accelerator::Gpu))?,
-        other if supported.contains(&other) => other,
+    let (accelerator, pool) = match accelerator {
+        // The first accelerator that has a device here (LibTorch: CUDA, else the CPU).
+        Accelerator::Auto => {
+            let mut last = Err(unavailable::<B>(accelerator));
+            for candidate in supported {
+                last = B::device_pool(*candidate).map(|pool| (*candidate, pool));
+                if last.is_ok() {
+                    break;
+                }
+            }
+            last?
+        }
+        Accelerator::Gpu => {
+            let gpu = *[Accelerator::Cuda, Accelerator::Wgpu]
+                .iter()
+                .find(|a| supported.contains(a))
+                .ok_or_else(|| unavailable::<B>(Accelerator::Gpu))?;
+            (gpu, B::device_pool(gpu)?)
+        }
+        other if supported.contains(&other) => (other, B::device_pool(other)?),
         other => return Err(unavailable::<B>(other)),
     };
-    let devices = match B::device_pool(accelerator)? {
+    let devices = match pool {
         DevicePool::Shared(device) => match devices {
             Devices::Auto => vec![device],
             Devices::Count(n) => vec![device; *n],

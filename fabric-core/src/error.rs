@@ -52,6 +52,18 @@ pub enum FabricError {
     },
 
     /// More devices were requested than the machine has.
+    /// The backend supports the accelerator, but this machine cannot run it (no driver, no
+    /// device, no adapter).
+    #[error("the `{backend}` backend cannot use `{accelerator}` on this machine: {reason}")]
+    DriverUnavailable {
+        /// The backend's name.
+        backend: &'static str,
+        /// The accelerator.
+        accelerator: String,
+        /// What is missing.
+        reason: String,
+    },
+
     #[error(
         "requested {requested} `{accelerator}` device(s) but this machine has only {available}"
     )]

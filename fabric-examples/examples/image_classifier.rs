@@ -21,6 +21,7 @@ use burn_fabric::prelude::*;
 use burn_fabric::{BackendDevices, Checkpoint, Restore, Throughput, export_safetensors};
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
+use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::checkpoints;
 use fabric_examples::digits::{self, CLASSES, Digit, DigitBatcher, PIXELS};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -94,11 +95,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Trains on the backend `--backend` names (default: the build's `DefaultBackend`).
 pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    let mut fabric = args
-        .fabric
-        .builder::<DefaultBackend>("image_classifier")
-        .build()?;
+    struct Job<'a>(&'a Args);
+    impl BackendJob for Job<'_> {
+        type Output = Result<Report, Box<dyn Error>>;
+        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
+            run_on::<B>(self.0)
+        }
+    }
+    with_backend(args.fabric.backend.as_deref(), Job(args))?
+}
+
+/// Trains on backend `B`.
+pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {
+    let mut fabric = args.fabric.builder::<B>("image_classifier").build()?;
     fabric.print(fabric.describe());
     let (train, test) = digits::train_test_split(digits::load()?);
     // Initialise once, before the ranks start, so every world size trains the same model.

@@ -14,11 +14,16 @@ pub enum LoggerKind {
     Tensorboard,
 }
 
-/// `--accelerator --devices --num-nodes --strategy --precision --epochs --batch-size --seed`,
+/// `--backend --accelerator --devices --num-nodes --strategy --precision --epochs --batch-size
+/// --seed`,
 /// plus checkpointing (`--checkpoint-dir --checkpoint-every --resume`) and logging
 /// (`--logger --log-dir`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct FabricArgs {
+    /// flex, ndarray, tch, wgpu or cuda: one compiled into this build [default: the build's
+    /// DefaultBackend]
+    #[arg(long)]
+    pub backend: Option<String>,
     /// auto, cpu, gpu, cuda or wgpu
     #[arg(long)]
     pub accelerator: Option<String>,
@@ -28,7 +33,7 @@ pub struct FabricArgs {
     /// Number of nodes
     #[arg(long)]
     pub num_nodes: Option<usize>,
-    /// auto, single_device or ddp
+    /// auto, single_device, ddp, zero1 (ddp_sharded) or zero2
     #[arg(long)]
     pub strategy: Option<String>,
     /// 32-true (64-true, 16-mixed, bf16-mixed, ... as Fabric supports them)

@@ -2,5 +2,6 @@
 //! the UCI handwritten digits data set.
 
 pub mod args;
+pub mod backend;
 pub mod checkpoints;
 pub mod digits;

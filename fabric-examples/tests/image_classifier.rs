@@ -53,10 +53,26 @@ fn bad_flags_are_errors() {
         ["--strategy", "fsdp"],
         ["--precision", "8-true"],
         ["--accelerator", "tpu"],
+        ["--backend", "candle"],
     ] {
         let err = run(&args(&bad)).unwrap_err().to_string();
         assert!(err.contains(bad[1]), "{err}");
     }
+}
+
+#[test]
+fn backend_flag_picks_a_compiled_backend() {
+    let err = run(&args(&["--backend", "candle"]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("compiled in: flex"), "{err}");
+    // NdArray has no f16: the refusal names the backend `--backend` picked.
+    let err = run(&args(&["--backend", "ndarray", "--precision", "16-mixed"]));
+    if cfg!(feature = "ndarray") {
+        assert!(err.unwrap_err().to_string().contains("ndarray"));
+    }
+    let report = run(&args(&["--backend", "flex", "--epochs", "2"])).unwrap();
+    assert!(report.steps > 0);
 }
 
 #[test]

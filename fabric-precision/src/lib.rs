@@ -11,6 +11,8 @@
 //! Burn has no autocast: ops do not promote dtypes, so the plugin casts every operand itself.
 
 mod cast;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod fused;
 mod grad_scaler;
 mod plugin;
 mod support;

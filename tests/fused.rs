@@ -1,0 +1,154 @@
+//! The fused all-reduce-and-cast kernel against a plain-Rust reference, on Wgpu (Mesa's lavapipe
+//! on a CPU-only machine): pseudo-random data, lengths that no cube or vector size divides,
+//! f32 → f16, f16 → f32, f32 → f32 and f16 → f16, fused and unfused paths alike.
+//!
+//! `cargo test --release --features wgpu --test fused`. Without a Vulkan driver the
+//! tests print why they skip, unless `FABRIC_REQUIRE_WGPU=1` (as in CI) makes that a failure.
+#![cfg(feature = "wgpu")]
+
+use burn::backend::Wgpu;
+use burn::tensor::f16;
+use burn_fabric::fabric_core::backend::{BackendDevices, DevicePool};
+use burn_fabric::fabric_core::config::Accelerator;
+use burn_fabric::fabric_precision::fused::cubecl::prelude::*;
+use burn_fabric::fabric_precision::fused::cubecl::server::Handle;
+use burn_fabric::fabric_precision::fused::cubecl::wgpu::WgpuRuntime;
+use burn_fabric::fabric_precision::fused::{FloatKind, Path, sum_cast};
+
+fn client() -> Option<ComputeClient<WgpuRuntime>> {
+    let device = match Wgpu::device_pool(Accelerator::Wgpu) {
+        Ok(DevicePool::Shared(device)) => device,
+        Ok(DevicePool::Countable(devices)) => devices.into_iter().next()?,
+        Err(err) if std::env::var_os("FABRIC_REQUIRE_WGPU").is_some() => panic!("{err}"),
+        Err(err) => {
+            println!("skipped: {err}");
+            return None;
+        }
+    };
+    Some(WgpuRuntime::client(&device))
+}
+
+/// Deterministic values in [-4, 4) (a 64-bit LCG; the kernel's inputs need no better).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
+        })
+        .collect()
+}
+
+fn upload(client: &ComputeClient<WgpuRuntime>, values: &[f32], kind: FloatKind) -> Handle {
+    match kind {
+        FloatKind::F32 => {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            client.create_from_slice(&bytes)
+        }
+        FloatKind::F16 => {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|v| f16::from_f32(*v).to_ne_bytes())
+                .collect();
+            client.create_from_slice(&bytes)
+        }
+        FloatKind::BF16 => unreachable!("wgpu has no bf16"),
+    }
+}
+
+/// The inputs as the kernel sees them (rounded to their dtype), as f32.
+fn as_input(values: &[f32], kind: FloatKind) -> Vec<f32> {
+    match kind {
+        FloatKind::F16 => values.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
+        _ => values.to_vec(),
+    }
+}
+
+fn download(
+    client: &ComputeClient<WgpuRuntime>,
+    handle: Handle,
+    len: usize,
+    kind: FloatKind,
+) -> Vec<f32> {
+    let bytes = client.read_one_unchecked(handle);
+    match kind {
+        FloatKind::F32 => bytes[..len * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        FloatKind::F16 => bytes[..len * 2]
+            .chunks_exact(2)
+            .map(|b| f16::from_ne_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        FloatKind::BF16 => unreachable!("wgpu has no bf16"),
+    }
+}
+
+#[test]
+fn fused_and_unfused_match_the_reference() {
+    let Some(client) = client() else {
+        return;
+    };
+    let pairs = [
+        (FloatKind::F32, FloatKind::F16),
+        (FloatKind::F16, FloatKind::F32),
+        (FloatKind::F32, FloatKind::F32),
+        (FloatKind::F16, FloatKind::F16),
+    ];
+    // 1, odd, prime, just past a cube of 256 and of 1024 vectors of 4, and a multiple of 4.
+    for len in [1usize, 3, 257, 1031, 4099, 65_536] {
+        let (a, b) = (values(len, len as u64), values(len, 7 + len as u64));
+        for (input, output) in pairs {
+            let (la, lb) = (upload(&client, &a, input), upload(&client, &b, input));
+            let reference: Vec<f32> = as_input(&a, input)
+                .iter()
+                .zip(as_input(&b, input))
+                .map(|(x, y)| {
+                    let sum = x + y;
+                    match output {
+                        FloatKind::F16 => f16::from_f32(sum).to_f32(),
+                        _ => sum,
+                    }
+                })
+                .collect();
+            for path in [Path::Fused, Path::Unfused] {
+                let out = sum_cast(&client, &la, &lb, len, input, output, path);
+                let got = download(&client, out, len, output);
+                for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                    // One f16 ulp where the output is f16 (the GPU may round ties differently).
+                    let tolerance = if output == FloatKind::F16 {
+                        r.abs() / 1024.0
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        (g - r).abs() <= tolerance,
+                        "{path:?} {input:?}->{output:?} len {len} at {i}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_inputs_accumulate_in_f32() {
+    let Some(client) = client() else {
+        return;
+    };
+    // 2048 + 1 is not an f16 (its spacing there is 2), but the f32 output keeps it exactly.
+    let a = upload(&client, &[2048.0, 0.5], FloatKind::F16);
+    let b = upload(&client, &[1.0, 0.25], FloatKind::F16);
+    let out = sum_cast(
+        &client,
+        &a,
+        &b,
+        2,
+        FloatKind::F16,
+        FloatKind::F32,
+        Path::Fused,
+    );
+    assert_eq!(download(&client, out, 2, FloatKind::F32), [2049.0, 0.75]);
+}
