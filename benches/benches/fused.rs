@@ -2,8 +2,9 @@
 //! against a plain copy kernel as the achievable bandwidth, at 1M–64M elements.
 //!
 //! Bandwidth counts bytes read and written: fused `2·n·in + n·out`, unfused
-//! `2·n·in + n·4 + n·4 + n·out`, copy `2·n·4`. Each figure is the median of timed launches after
-//! warm-up, with the device synchronised around each.
+//! `2·n·in + n·4 + n·4 + n·out`, copy `2·n·4`. Each figure is the mean of `reps` launches issued
+//! back to back after a warm-up, between two device synchronisations (so the per-launch sync
+//! does not count); the median over 5 such batches is reported.
 //!
 //! `cargo bench -p fabric-benches --features wgpu --bench fused [-- --quick]` (Wgpu; Mesa's
 //! lavapipe on a CPU-only machine) or `--features cuda` (an NVIDIA GPU).
@@ -35,12 +36,14 @@ mod run {
             f();
         }
         sync(client);
-        let mut times: Vec<Duration> = (0..reps)
+        let mut times: Vec<Duration> = (0..5)
             .map(|_| {
                 let start = Instant::now();
-                f();
+                for _ in 0..reps {
+                    f();
+                }
                 sync(client);
-                start.elapsed()
+                start.elapsed() / reps as u32
             })
             .collect();
         times.sort();
@@ -60,7 +63,7 @@ mod run {
         };
         let reps = if quick { 5 } else { 20 };
         println!(
-            "\nfused all-reduce-and-cast on {label}: median of {reps} launches, bandwidth = bytes read + written / time"
+            "\nfused all-reduce-and-cast on {label}: {reps} launches per batch, median of 5 batches; bandwidth = bytes read + written / time"
         );
         println!(
             "| elements | in → out | fused GB/s | unfused GB/s | fused ÷ unfused time | copy GB/s | fused ÷ copy bandwidth |"
@@ -73,7 +76,10 @@ mod run {
             };
             let src = f32_buf(1.0);
             let dst = client.empty(n * 4);
-            let vector = 4;
+            let vector = client
+                .io_optimized_vector_sizes(4)
+                .find(|v| n % v == 0)
+                .unwrap_or(1);
             let units = n / vector;
             let dim = CubeDim::new(client, units);
             let count = cubecl::calculate_cube_count_elemwise(client, units, dim);

@@ -72,9 +72,13 @@ fn cast_f32<O: Float, N: Size>(input: &Array<Vector<f32, N>>, out: &mut Array<Ve
     }
 }
 
-/// The widest vector (4, 2 or 1 elements) that divides `len`.
-fn vector_size(len: usize) -> usize {
-    [4, 2, 1].into_iter().find(|v| len % v == 0).unwrap_or(1)
+/// The widest vector the runtime loads in one access for the narrower of the two dtypes (16
+/// bytes on CUDA: 8 halves) that divides `len`.
+fn vector_size<R: Runtime>(client: &ComputeClient<R>, len: usize, narrow: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(narrow)
+        .find(|v| len % v == 0)
+        .unwrap_or(1)
 }
 
 /// `out = output(f32(local) + f32(peer))` over `len` elements of `input` dtype; returns the new
@@ -92,7 +96,7 @@ pub fn sum_cast<R: Runtime>(
     if len == 0 {
         return out;
     }
-    let vector = vector_size(len);
+    let vector = vector_size(client, len, input.size().min(output.size()));
     let units = len / vector;
     let dim = CubeDim::new(client, units);
     let count = cubecl::calculate_cube_count_elemwise(client, units, dim);
