@@ -337,7 +337,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         self.connector.placement.accelerator
     }
 
-    /// The resolved strategy (`single_device` or `ddp`).
+    /// The resolved strategy (`single_device`, `ddp`, `zero1` or `zero2`).
     pub fn strategy(&self) -> StrategyChoice {
         self.connector.strategy
     }

@@ -28,6 +28,16 @@ impl<B: AutodiffBackend> Ddp<B> {
             bucket_bytes: bucket_bytes.max(1),
         }
     }
+
+    /// The rank's device.
+    pub(crate) fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The bucket size cap.
+    pub(crate) fn bucket_bytes(&self) -> usize {
+        self.bucket_bytes
+    }
 }
 
 impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {

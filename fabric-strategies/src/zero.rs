@@ -2,6 +2,7 @@
 //! but each owns a partition of the parameters; only the owner keeps optimizer state for a
 //! parameter and steps it, then the owners broadcast the updated values to everyone.
 
+use crate::Ddp;
 use crate::bucket::{broadcast_buckets, reduce_buckets};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -27,9 +28,8 @@ pub enum ZeroStage {
 /// `Fabric::gradient` returns `None` for the others, and gradient-norm clipping combines the
 /// ranks' partial norms.
 pub struct Zero<B: AutodiffBackend> {
-    collective: Box<dyn Collective>,
-    device: B::Device,
-    bucket_bytes: usize,
+    /// Setup broadcast, stage 1's reduction, the collective, the device and the bucket size.
+    ddp: Ddp<B>,
     stage: ZeroStage,
 }
 
@@ -42,15 +42,17 @@ impl<B: AutodiffBackend> Zero<B> {
         stage: ZeroStage,
     ) -> Self {
         Self {
-            collective,
-            device,
-            bucket_bytes: bucket_bytes.max(1),
+            ddp: Ddp::new(collective, device, bucket_bytes),
             stage,
         }
     }
 
+    fn comm(&self) -> &dyn Collective {
+        self.ddp.collective()
+    }
+
     fn owners(&self, layout: &[(usize, DType)]) -> Vec<usize> {
-        partition(layout, self.collective.world_size())
+        partition(layout, self.comm().world_size())
     }
 }
 
@@ -90,20 +92,14 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
     }
 
     fn collective(&self) -> &dyn Collective {
-        self.collective.as_ref()
+        self.ddp.collective()
     }
 
     fn broadcast_parameters(
         &self,
         params: Vec<Tensor<Inner<B>, 1>>,
     ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
-        broadcast_buckets::<Inner<B>>(
-            self.collective.as_ref(),
-            &self.device,
-            params,
-            self.bucket_bytes,
-            0,
-        )
+        self.ddp.broadcast_parameters(params)
     }
 
     fn reduce_gradients(
@@ -111,16 +107,14 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         grads: Vec<FlatGrad<Inner<B>>>,
     ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
         let owners = self.owners(&layout_of(&grads, |g| (g.numel, g.dtype)));
-        let collective = self.collective.as_ref();
+        let collective = self.comm();
         let reduced = match self.stage {
-            ZeroStage::One => {
-                reduce_buckets(collective, &self.device, grads, self.bucket_bytes, None)?
-            }
+            ZeroStage::One => self.ddp.reduce_gradients(grads)?,
             ZeroStage::Two => reduce_buckets(
                 collective,
-                &self.device,
+                self.ddp.device(),
                 grads,
-                self.bucket_bytes,
+                self.ddp.bucket_bytes(),
                 Some(&owners),
             )?,
         };
@@ -137,11 +131,11 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {
-        Some((self.collective.world_size(), self.collective.rank()))
+        Some((self.comm().world_size(), self.comm().rank()))
     }
 
     fn owned_parameters(&self, layout: &[(usize, DType)]) -> Option<Vec<bool>> {
-        let rank = self.collective.rank();
+        let rank = self.comm().rank();
         Some(self.owners(layout).into_iter().map(|o| o == rank).collect())
     }
 
@@ -155,14 +149,14 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
             (p.shape().num_elements(), p.dtype())
         }));
         let mut slots: Vec<Option<Tensor<Inner<B>, 1>>> = params.into_iter().map(Some).collect();
-        for owner in 0..self.collective.world_size() {
+        for owner in 0..self.comm().world_size() {
             let indices: Vec<usize> = (0..slots.len()).filter(|&i| owners[i] == owner).collect();
             let values: Vec<_> = indices.iter().filter_map(|&i| slots[i].take()).collect();
             let synced = broadcast_buckets::<Inner<B>>(
-                self.collective.as_ref(),
-                &self.device,
+                self.comm(),
+                self.ddp.device(),
                 values,
-                self.bucket_bytes,
+                self.ddp.bucket_bytes(),
                 owner,
             )?;
             for (&i, value) in indices.iter().zip(synced) {

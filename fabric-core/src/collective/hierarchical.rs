@@ -6,7 +6,7 @@
 
 use super::mpi::MpiProcesses;
 use super::reduce::divide;
-use super::{Collective, ReduceOp, ThreadCollective, pack, split};
+use super::{Collective, ReduceOp, ThreadCollective, check_rank, pack, split};
 use crate::error::CollectiveError;
 use burn::tensor::TensorData;
 use std::sync::Arc;
@@ -100,12 +100,7 @@ impl Collective for HierarchicalCollective {
     }
 
     fn broadcast(&self, data: TensorData, src: usize) -> Result<TensorData, CollectiveError> {
-        if src >= self.world_size() {
-            return Err(CollectiveError::InvalidRank {
-                src,
-                world_size: self.world_size(),
-            });
-        }
+        check_rank(src, self.world_size())?;
         let (process, local) = (src / self.local_size(), src % self.local_size());
         // Bring the source's buffer to local rank 0 of every process (only the source's
         // process carries meaning), then across processes, then to every thread.

@@ -137,12 +137,7 @@ pub trait Collective: Send + Sync {
         op: ReduceOp,
         dst: usize,
     ) -> Result<Option<Vec<TensorData>>, CollectiveError> {
-        if dst >= self.world_size() {
-            return Err(CollectiveError::InvalidRank {
-                src: dst,
-                world_size: self.world_size(),
-            });
-        }
+        check_rank(dst, self.world_size())?;
         let reduced = self.all_reduce_many(data, op)?;
         Ok((self.rank() == dst).then_some(reduced))
     }
@@ -156,6 +151,18 @@ pub trait Collective: Send + Sync {
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// `InvalidRank` unless `rank < world_size` (the root of a broadcast or reduce).
+pub(crate) fn check_rank(rank: usize, world_size: usize) -> Result<(), CollectiveError> {
+    if rank < world_size {
+        Ok(())
+    } else {
+        Err(CollectiveError::InvalidRank {
+            src: rank,
+            world_size,
+        })
+    }
 }
 
 #[cfg(test)]

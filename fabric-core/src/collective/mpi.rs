@@ -15,8 +15,8 @@
 //! MPI can be initialised only once per process, so the world lives until the process exits
 //! (finalised by an `atexit` handler): several Fabrics in one process share it.
 
-use super::ReduceOp;
 use super::reduce::aligned;
+use super::{ReduceOp, check_rank};
 use crate::FabricError;
 use crate::error::CollectiveError;
 use burn::tensor::{BoolStore, DType, TensorData};
@@ -257,12 +257,7 @@ impl MpiProcesses {
         root: usize,
     ) -> Result<Vec<TensorData>, CollectiveError> {
         let _watch = self.watchdog.enter(rank, "broadcast");
-        if root >= self.size {
-            return Err(CollectiveError::InvalidRank {
-                src: root,
-                world_size: self.size,
-            });
-        }
+        check_rank(root, self.size)?;
         self.agree(rank, "broadcast", root as u64 + 0xB0)?;
         let root_process = self.world.process_at_rank(root as i32);
         // Header: number of buffers, then dtype code, rank and dims of each.

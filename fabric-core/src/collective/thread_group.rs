@@ -13,7 +13,7 @@
 //! rank blocks for longer than the timeout, and usually not at all.
 
 use super::reduce::{aligned, check_supported, chunk, reduce_range};
-use super::{Collective, ReduceOp};
+use super::{Collective, ReduceOp, check_rank};
 use crate::error::CollectiveError;
 use burn::tensor::{DType, TensorData};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -381,12 +381,7 @@ impl ThreadCollective {
         src: usize,
         timeout: Duration,
     ) -> Result<Vec<TensorData>, CollectiveError> {
-        if src >= self.shared.world {
-            return Err(CollectiveError::InvalidRank {
-                src,
-                world_size: self.shared.world,
-            });
-        }
+        check_rank(src, self.shared.world)?;
         let first_rank = self.shared.first_rank;
         let state = self.publish(
             Op::Broadcast(src),
@@ -507,12 +502,7 @@ impl Collective for ThreadCollective {
         op: ReduceOp,
         dst: usize,
     ) -> Result<Option<Vec<TensorData>>, CollectiveError> {
-        if dst >= self.shared.world {
-            return Err(CollectiveError::InvalidRank {
-                src: dst,
-                world_size: self.shared.world,
-            });
-        }
+        check_rank(dst, self.shared.world)?;
         let reduced = self.reduce_where_they_lie(data, op, Some(dst))?;
         Ok((self.rank == dst).then_some(reduced))
     }
