@@ -177,7 +177,7 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
             ReduceOp::Sum
         };
         let total = self
-            .collective
+            .comm()
             .all_reduce(TensorData::new(vec![partial], [1]), op)?;
         let total = total.as_slice::<f64>().map_err(|e| FabricError::Data {
             context: "gradient norm",
