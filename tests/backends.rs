@@ -60,13 +60,16 @@ fn params<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> Vec<Vec<f32>> 
         .collect()
 }
 
+/// Rank 0's parameters (as f32), their dtype, and the loss of every step.
+type Trained = (Vec<Vec<f32>>, DType, Vec<f32>);
+
 /// Trains the common MLP for `STEPS` Adam steps on `devices` ranks (global batch `BATCH`) and
 /// returns rank 0's parameters, the parameters' dtype and the losses; checks that every rank
 /// ends with the same model.
 fn train<B: AutodiffBackend + BackendDevices>(
     devices: usize,
     precision: &str,
-) -> Result<Option<(Vec<Vec<f32>>, DType, Vec<f32>)>, FabricError> {
+) -> Result<Option<Trained>, FabricError> {
     let Some(mut fabric) = fabric::<B>(devices, precision)? else {
         return Ok(None);
     };
