@@ -76,9 +76,13 @@ where
     /// optimizer state covers only those, and the owners then broadcast the updated values: the
     /// model comes back the same on every rank. Every rank must call `step` together.
     pub fn step(&mut self, lr: f64, model: M) -> Result<M, FabricError> {
-        let owned = self
-            .strategy
-            .owned_parameters(&trainable_layout::<B, M>(&model));
+        // Only a sharding strategy needs the layout: DDP's step walks no extra visitor.
+        let owned = if self.strategy.shards_optimizer() {
+            self.strategy
+                .owned_parameters(&trainable_layout::<B, M>(&model))
+        } else {
+            None
+        };
         let mut state = lock(&self.state);
         let grads = match &owned {
             Some(owned) => state.grads.take_owned::<B, M>(&model, owned),
