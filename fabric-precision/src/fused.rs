@@ -132,45 +132,30 @@ pub fn sum_cast<R: Runtime>(
         }
         Path::Unfused => {
             let tmp = client.empty(len * FloatKind::F32.size());
-            match input {
-                FloatKind::F32 => sum_f32::launch::<f32, R>(
-                    client,
-                    count.clone(),
-                    dim,
-                    vector,
-                    arg(local),
-                    arg(peer),
-                    arg(&tmp),
-                ),
-                FloatKind::F16 => sum_f32::launch::<f16, R>(
-                    client,
-                    count.clone(),
-                    dim,
-                    vector,
-                    arg(local),
-                    arg(peer),
-                    arg(&tmp),
-                ),
-                FloatKind::BF16 => sum_f32::launch::<bf16, R>(
-                    client,
-                    count.clone(),
-                    dim,
-                    vector,
-                    arg(local),
-                    arg(peer),
-                    arg(&tmp),
-                ),
+            macro_rules! sum_then_cast {
+                ($i:ty, $o:ty) => {{
+                    sum_f32::launch::<$i, R>(
+                        client,
+                        count.clone(),
+                        dim,
+                        vector,
+                        arg(local),
+                        arg(peer),
+                        arg(&tmp),
+                    );
+                    cast_f32::launch::<$o, R>(client, count, dim, vector, arg(&tmp), arg(&out))
+                }};
             }
-            match output {
-                FloatKind::F32 => {
-                    cast_f32::launch::<f32, R>(client, count, dim, vector, arg(&tmp), arg(&out))
-                }
-                FloatKind::F16 => {
-                    cast_f32::launch::<f16, R>(client, count, dim, vector, arg(&tmp), arg(&out))
-                }
-                FloatKind::BF16 => {
-                    cast_f32::launch::<bf16, R>(client, count, dim, vector, arg(&tmp), arg(&out))
-                }
+            match (input, output) {
+                (FloatKind::F32, FloatKind::F32) => sum_then_cast!(f32, f32),
+                (FloatKind::F32, FloatKind::F16) => sum_then_cast!(f32, f16),
+                (FloatKind::F32, FloatKind::BF16) => sum_then_cast!(f32, bf16),
+                (FloatKind::F16, FloatKind::F32) => sum_then_cast!(f16, f32),
+                (FloatKind::F16, FloatKind::F16) => sum_then_cast!(f16, f16),
+                (FloatKind::F16, FloatKind::BF16) => sum_then_cast!(f16, bf16),
+                (FloatKind::BF16, FloatKind::F32) => sum_then_cast!(bf16, f32),
+                (FloatKind::BF16, FloatKind::F16) => sum_then_cast!(bf16, f16),
+                (FloatKind::BF16, FloatKind::BF16) => sum_then_cast!(bf16, bf16),
             }
         }
     }
