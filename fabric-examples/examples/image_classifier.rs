@@ -12,19 +12,17 @@
 use burn::data::dataset::InMemDataset;
 use burn::module::{AutodiffModule, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, Optimizer};
-use burn::tensor::activation::relu;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
 use burn_fabric::prelude::*;
 use burn_fabric::{BackendDevices, Checkpoint, Restore, Throughput, export_safetensors};
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
 use fabric_examples::backend::{BackendJob, with_backend};
-use fabric_examples::checkpoints;
-use fabric_examples::digits::{self, CLASSES, Digit, DigitBatcher, PIXELS};
-use indicatif::{ProgressBar, ProgressStyle};
+use fabric_examples::digits::{self, Digit, DigitBatcher};
+use fabric_examples::mlp::{self, Mlp};
+use fabric_examples::{checkpoints, progress};
 use std::error::Error;
 use std::path::Path;
 use std::process::ExitCode;
@@ -44,30 +42,6 @@ pub struct Args {
     /// Also write the trained weights here as safetensors (PyTorch layout)
     #[arg(long)]
     pub export_safetensors: Option<std::path::PathBuf>,
-}
-
-/// 64 → hidden → hidden → 10, ReLU between.
-#[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    l1: Linear<B>,
-    l2: Linear<B>,
-    l3: Linear<B>,
-}
-
-impl<B: Backend> Mlp<B> {
-    pub fn new(hidden: usize, device: &B::Device) -> Self {
-        Self {
-            l1: LinearConfig::new(PIXELS, hidden).init(device),
-            l2: LinearConfig::new(hidden, hidden).init(device),
-            l3: LinearConfig::new(hidden, CLASSES).init(device),
-        }
-    }
-
-    pub fn forward(&self, images: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = relu(self.l1.forward(images));
-        let x = relu(self.l2.forward(x));
-        self.l3.forward(x)
-    }
 }
 
 /// What a run measured.
@@ -168,7 +142,7 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     let epochs = args.fabric.epochs as u64;
     let per_epoch = loader.len();
     let total = epochs * per_epoch as u64;
-    let progress = progress_bar(fabric, total.saturating_sub(global_step));
+    let progress = progress::bar(fabric, total.saturating_sub(global_step), "steps");
     let mut throughput = Throughput::new(20, fabric.world_size());
     let samples_per_step = args.fabric.batch_size as u64;
     let (mut steps, mut elapsed, mut final_loss) = (0usize, Duration::ZERO, f64::NAN);
@@ -223,7 +197,7 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     }
     progress.finish_and_clear();
 
-    let test_accuracy = evaluate(fabric, &model.valid(), test)?;
+    let test_accuracy = mlp::accuracy(fabric, &model.valid(), test)?;
     fabric.log("test/accuracy", test_accuracy, global_step)?;
     if let (Some(path), true) = (&args.export_safetensors, fabric.is_global_zero()) {
         export_safetensors(&model, path)?;
@@ -258,56 +232,4 @@ fn save<B: AutodiffBackend + BackendDevices, O: Optimizer<Mlp<B>, B>>(
             .value("batch", &batch)
             .value("global_step", &global_step),
     )
-}
-
-/// Accuracy over the whole test set: each rank scores every `world_size`-th digit (no padding,
-/// so no digit counts twice) and the counts are summed across ranks.
-fn evaluate<B: AutodiffBackend + BackendDevices>(
-    fabric: &mut Fabric<B>,
-    model: &Mlp<B::InnerBackend>,
-    test: &[Digit],
-) -> Result<f64, FabricError> {
-    let mine: Vec<Digit> = test
-        .iter()
-        .skip(fabric.global_rank())
-        .step_by(fabric.world_size())
-        .cloned()
-        .collect();
-    let mut loader = fabric.setup_dataloader(
-        DataLoader::<B::InnerBackend, _, _>::new(InMemDataset::new(mine), DigitBatcher)
-            .batch_size(512)
-            .distributed(false),
-    )?;
-    let (mut correct, mut total) = (0.0, 0.0);
-    for batch in loader.iter() {
-        let logits = fabric.forward(model, batch.images, |m, x| m.forward(x));
-        let predicted = logits.argmax(1).flatten::<1>(0, 1);
-        total += batch.labels.dims()[0] as f64;
-        correct += predicted
-            .equal(batch.labels)
-            .int()
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
-    }
-    let correct = fabric.all_reduce_scalar(correct, ReduceOp::Sum)?;
-    let total = fabric.all_reduce_scalar(total, ReduceOp::Sum)?;
-    Ok(correct / total.max(1.0))
-}
-
-/// A bar on global rank 0, nothing elsewhere.
-fn progress_bar<B: AutodiffBackend + BackendDevices>(
-    fabric: &Fabric<B>,
-    steps: u64,
-) -> ProgressBar {
-    if !fabric.is_global_zero() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(steps);
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} steps {elapsed_precise} eta {eta}")
-    {
-        bar.set_style(style);
-    }
-    bar
 }

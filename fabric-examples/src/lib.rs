@@ -1,7 +1,10 @@
-//! Code the examples share: the command-line flags that map onto the Fabric configuration, and
-//! the UCI handwritten digits data set.
+//! Code the examples share: the command-line flags that map onto the Fabric configuration, the
+//! UCI handwritten digits data set, the digits classifier, seeded noise and the progress bar.
 
 pub mod args;
 pub mod backend;
 pub mod checkpoints;
 pub mod digits;
+pub mod mlp;
+pub mod noise;
+pub mod progress;

@@ -1,0 +1,73 @@
+//! The digits classifier the examples share: 64 → hidden → hidden → 10 with ReLU between, and
+//! its accuracy over a test set split across the ranks.
+
+use crate::digits::{CLASSES, Digit, DigitBatcher, PIXELS};
+use burn::data::dataset::InMemDataset;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use burn_fabric::BackendDevices;
+use burn_fabric::prelude::*;
+
+/// 64 → hidden → hidden → 10, ReLU between.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    l1: Linear<B>,
+    l2: Linear<B>,
+    l3: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// A freshly initialised classifier with two hidden layers of `hidden` units.
+    pub fn new(hidden: usize, device: &B::Device) -> Self {
+        Self {
+            l1: LinearConfig::new(PIXELS, hidden).init(device),
+            l2: LinearConfig::new(hidden, hidden).init(device),
+            l3: LinearConfig::new(hidden, CLASSES).init(device),
+        }
+    }
+
+    /// Logits `[batch, 10]` of images `[batch, 64]`.
+    pub fn forward(&self, images: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = relu(self.l1.forward(images));
+        let x = relu(self.l2.forward(x));
+        self.l3.forward(x)
+    }
+}
+
+/// Accuracy over the whole of `test`: each rank scores every `world_size`-th digit (no padding,
+/// so no digit counts twice) and the counts are summed across ranks.
+pub fn accuracy<B: AutodiffBackend + BackendDevices>(
+    fabric: &mut Fabric<B>,
+    model: &Mlp<B::InnerBackend>,
+    test: &[Digit],
+) -> Result<f64, FabricError> {
+    let mine: Vec<Digit> = test
+        .iter()
+        .skip(fabric.global_rank())
+        .step_by(fabric.world_size())
+        .cloned()
+        .collect();
+    let mut loader = fabric.setup_dataloader(
+        DataLoader::<B::InnerBackend, _, _>::new(InMemDataset::new(mine), DigitBatcher)
+            .batch_size(512)
+            .distributed(false),
+    )?;
+    let (mut correct, mut total) = (0.0, 0.0);
+    for batch in loader.iter() {
+        let logits = fabric.forward(model, batch.images, |m, x| m.forward(x));
+        let predicted = logits.argmax(1).flatten::<1>(0, 1);
+        total += batch.labels.dims()[0] as f64;
+        correct += predicted
+            .equal(batch.labels)
+            .int()
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+    }
+    let correct = fabric.all_reduce_scalar(correct, ReduceOp::Sum)?;
+    let total = fabric.all_reduce_scalar(total, ReduceOp::Sum)?;
+    Ok(correct / total.max(1.0))
+}
