@@ -37,13 +37,26 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// Accuracy over the whole of `test`: each rank scores every `world_size`-th digit (no padding,
-/// so no digit counts twice) and the counts are summed across ranks.
+/// Accuracy over the whole of `test`: each rank scores its share (see [`correct_of_share`]) and
+/// the counts are summed across ranks.
 pub fn accuracy<B: AutodiffBackend + BackendDevices>(
     fabric: &mut Fabric<B>,
     model: &Mlp<B::InnerBackend>,
     test: &[Digit],
 ) -> Result<f64, FabricError> {
+    let [correct, total] = correct_of_share(fabric, model, test)?;
+    let correct = fabric.all_reduce_scalar(correct, ReduceOp::Sum)?;
+    let total = fabric.all_reduce_scalar(total, ReduceOp::Sum)?;
+    Ok(correct / total.max(1.0))
+}
+
+/// `[correct, scored]` over this rank's share of `test`: every `world_size`-th digit from the
+/// global rank on (no padding, so across ranks no digit counts twice).
+pub fn correct_of_share<B: AutodiffBackend + BackendDevices>(
+    fabric: &mut Fabric<B>,
+    model: &Mlp<B::InnerBackend>,
+    test: &[Digit],
+) -> Result<[f64; 2], FabricError> {
     let mine: Vec<Digit> = test
         .iter()
         .skip(fabric.global_rank())
@@ -67,7 +80,5 @@ pub fn accuracy<B: AutodiffBackend + BackendDevices>(
             .into_scalar()
             .elem::<f64>();
     }
-    let correct = fabric.all_reduce_scalar(correct, ReduceOp::Sum)?;
-    let total = fabric.all_reduce_scalar(total, ReduceOp::Sum)?;
-    Ok(correct / total.max(1.0))
+    Ok([correct, total])
 }
