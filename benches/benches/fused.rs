@@ -13,6 +13,7 @@
 mod run {
     use cubecl::prelude::*;
     use cubecl::server::Handle;
+    use fabric_benches::report::{Goal, Row};
     use fabric_precision::fused::{FloatKind, Path, sum_cast};
     use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ mod run {
         bytes as f64 / time.as_secs_f64() / 1e9
     }
 
-    pub fn bench<R: Runtime>(client: ComputeClient<R>, label: &str, quick: bool) {
+    pub fn bench<R: Runtime>(client: ComputeClient<R>, label: &str, quick: bool) -> Vec<Row> {
         let client = &client;
         let sizes: &[usize] = if quick {
             &[1 << 20, 16 << 20]
@@ -69,6 +70,8 @@ mod run {
             "| elements | in → out | fused GB/s | unfused GB/s | fused ÷ unfused time | copy GB/s | fused ÷ copy bandwidth |"
         );
         println!("|---|---|---|---|---|---|---|");
+        let mut rows = Vec::new();
+        let note = format!("{label}, {reps} launches per batch, median of 5 batches");
         for &n in sizes {
             let f32_buf = |v: f32| client.create_from_slice(bytemuck::cast_slice(&vec![v; n]));
             let f16_buf = |v: f32| {
@@ -113,8 +116,24 @@ mod run {
                     fused.as_secs_f64() / unfused.as_secs_f64(),
                     fused_bw / copy_bw,
                 );
+                let what = format!("{}M {input:?} → {output:?}", n >> 20);
+                rows.push(Row::single(
+                    "Fused all-reduce-and-cast",
+                    &format!("{what}: fused ÷ unfused time"),
+                    fused.as_secs_f64() / unfused.as_secs_f64(),
+                    Some(Goal::AtMost(1.0)),
+                    note.clone(),
+                ));
+                rows.push(Row::single(
+                    "Fused all-reduce-and-cast",
+                    &format!("{what}: fused ÷ copy-kernel bandwidth"),
+                    fused_bw / copy_bw,
+                    None,
+                    note.clone(),
+                ));
             }
         }
+        rows
     }
 }
 
@@ -127,7 +146,10 @@ fn main() {
         match burn::backend::Cuda::device_pool(burn_fabric::Accelerator::Cuda) {
             Ok(_) => {
                 let client = <cubecl::cuda::CudaRuntime as cubecl::Runtime>::client(&device);
-                run::bench(client, "cuda device 0", quick);
+                fabric_benches::report::record(
+                    "fused_cuda",
+                    &run::bench(client, "cuda device 0", quick),
+                );
             }
             Err(err) => println!("fused (cuda): skipped, {err}"),
         }
@@ -144,7 +166,10 @@ fn main() {
         match device {
             Ok(device) => {
                 let client = <cubecl::wgpu::WgpuRuntime as cubecl::Runtime>::client(&device);
-                run::bench(client, "wgpu default adapter", quick);
+                fabric_benches::report::record(
+                    "fused_wgpu",
+                    &run::bench(client, "wgpu default adapter", quick),
+                );
             }
             Err(err) => println!("fused (wgpu): skipped, {err}"),
         }

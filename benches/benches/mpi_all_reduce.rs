@@ -9,6 +9,7 @@ use burn_fabric::fabric_core::collective::mpi::MpiProcesses;
 use burn_fabric::fabric_core::collective::{
     Collective, HierarchicalCollective, ReduceOp, ThreadGroup,
 };
+use fabric_benches::report::{self, Goal, Row, median_of};
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::CommunicatorCollectives;
@@ -62,27 +63,30 @@ fn main() -> ExitCode {
         }
     }
     if processes.rank() == 0 {
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let ratios: Vec<f64> = our_times
             .iter()
             .zip(&raw_times)
             .map(|(o, r)| o / r)
             .collect();
-        let (raw, our) = (median(raw_times), median(our_times));
+        let (raw, our) = (median_of(&raw_times), median_of(&our_times));
         println!(
             "\nall-reduce of {ELEMENTS} f32 across 2 processes (Open MPI, {rounds} rounds x {iters})"
         );
         println!("| path | median ms |\n|---|---|");
         println!("| raw rsmpi all_reduce_into | {:.2} |", raw * 1e3);
         println!("| burn-fabric collective | {:.2} |", our * 1e3);
-        println!(
-            "| ratio ours ÷ raw (goal ≤ 1.10) | {:.3} (median of per-round ratios {:.3}) |",
-            our / raw,
-            median(ratios)
+        let row = Row::from_rounds(
+            "MPI",
+            &format!(
+                "all-reduce of {}M f32, 2 processes: burn-fabric ÷ raw rsmpi (time)",
+                ELEMENTS / 1_000_000
+            ),
+            &ratios,
+            Some(Goal::AtMost(1.10)),
+            format!("Open MPI, {rounds} rounds × {iters}"),
         );
+        report::print_table(std::slice::from_ref(&row));
+        report::record("mpi_all_reduce", &[row]);
     }
     ExitCode::SUCCESS
 }

@@ -4,73 +4,77 @@
 //!
 //! `cargo bench -p fabric-benches --bench zero [-- --quick]`
 
-use fabric_benches::{DEEP_MLP, MNIST_MLP, Shape, fabric_with, median};
+use fabric_benches::report::{self, Goal, Row};
+use fabric_benches::{DEEP_MLP, MNIST_MLP, Shape, fabric_with, median, rotate_rounds};
 
 const GLOBAL_BATCH: usize = 64;
 const STRATEGIES: [&str; 3] = ["ddp", "zero1", "zero2"];
 
-fn memory(label: &str, shape: Shape) {
+fn memory(label: &str, shape: Shape, with_goal: bool) -> Vec<Row> {
     println!("\n{label}: optimizer state (Adam) per rank, largest rank ÷ DDP's");
     println!(
         "| world size | DDP bytes/rank | zero1 | zero2 | goal (1/N + 5%) |\n|---|---|---|---|---|"
     );
+    let mut rows = Vec::new();
     for world in [1, 2, 4] {
-        let mut cells = Vec::new();
-        let mut ddp = 0;
-        for strategy in STRATEGIES {
+        let largest = |strategy| {
             let measured = fabric_with(shape, GLOBAL_BATCH, world, 1, strategy).expect(strategy);
-            let largest = measured.state_bytes.iter().copied().max().unwrap_or(0);
-            if strategy == "ddp" {
-                ddp = largest;
-                cells.push(format!("{largest}"));
-            } else {
-                cells.push(format!("{:.3}", largest as f64 / ddp.max(1) as f64));
+            measured.state_bytes.iter().copied().max().unwrap_or(0)
+        };
+        let ddp = largest("ddp");
+        let goal = 1.0 / world as f64 + 0.05;
+        let mut cells = vec![format!("{ddp}")];
+        for strategy in &STRATEGIES[1..] {
+            let ratio = largest(strategy) as f64 / ddp.max(1) as f64;
+            cells.push(format!("{ratio:.3}"));
+            if world > 1 {
+                rows.push(Row::single(
+                    "ZeRO memory",
+                    &format!("{label}: {strategy} ÷ DDP optimizer state, largest of {world} ranks"),
+                    ratio,
+                    with_goal.then_some(Goal::AtMost(goal)),
+                    format!("Adam state serialised, global batch {GLOBAL_BATCH}"),
+                ));
             }
         }
-        let goal = 1.0 / world as f64 + 0.05;
         println!("| {world} | {} | {goal:.3} |", cells.join(" | "));
     }
+    rows
 }
 
-fn speed(label: &str, shape: Shape, steps: u64, rounds: usize) {
-    let mut ratios = vec![Vec::new(); STRATEGIES.len()];
-    for round in 0..rounds {
-        let mut times = [0.0; 3];
-        for k in 0..STRATEGIES.len() {
-            let i = (round + k) % STRATEGIES.len();
-            let measured = fabric_with(shape, GLOBAL_BATCH, 2, steps, STRATEGIES[i]).expect("run");
-            times[i] = median(&measured.times).as_secs_f64();
+fn speed(label: &str, shape: Shape, steps: u64, rounds: usize) -> Vec<Row> {
+    let run = |strategy: &'static str| {
+        move || {
+            let measured = fabric_with(shape, GLOBAL_BATCH, 2, steps, strategy).expect(strategy);
+            median(&measured.times).as_secs_f64()
         }
-        for i in 0..STRATEGIES.len() {
-            ratios[i].push(times[i] / times[0]);
-        }
-    }
-    println!(
-        "\n{label}: step time at 2 ranks ÷ DDP's, global batch {GLOBAL_BATCH}, {steps} steps x {rounds} rounds"
-    );
-    println!("| strategy | median | range |\n|---|---|---|");
-    for (name, mut values) in STRATEGIES.iter().zip(ratios).skip(1) {
-        values.sort_by(f64::total_cmp);
-        let (lo, hi) = (values[0], values[values.len() - 1]);
-        println!(
-            "| {name} | {:.3} | {lo:.3} – {hi:.3} |",
-            values[values.len() / 2]
-        );
-    }
+    };
+    let (ddp, zero1, zero2) = (run("ddp"), run("zero1"), run("zero2"));
+    let results = rotate_rounds(rounds, [&ddp, &zero1, &zero2]);
+    let note = format!("2 ranks, global batch {GLOBAL_BATCH}, {steps} steps × {rounds} rounds");
+    let rows: Vec<Row> = (1..STRATEGIES.len())
+        .map(|i| {
+            let ratios: Vec<f64> = results.iter().map(|t| t[i] / t[0]).collect();
+            let name = format!("{label}: {} ÷ DDP step time", STRATEGIES[i]);
+            Row::from_rounds("ZeRO speed", &name, &ratios, None, note.clone())
+        })
+        .collect();
+    println!("\n{label}: step time at 2 ranks ÷ DDP's, {note}");
+    report::print_table(&rows);
+    rows
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    memory("MLP 256-512x9-10 (20 tensors)", DEEP_MLP);
-    memory(
-        "MLP 784-1024-1024-10 (one tensor is 56% of the model)",
-        MNIST_MLP,
-    );
+    let mut rows = memory("MLP 256-512x9-10 (20 tensors)", DEEP_MLP, true);
+    // One tensor is 56% of this model and tensors are not split: no 1/N goal.
+    rows.extend(memory("MLP 784-1024-1024-10", MNIST_MLP, false));
     let rounds = if quick { 3 } else { 7 };
-    speed(
+    rows.extend(speed(
         "MLP 256-512x9-10",
         DEEP_MLP,
         if quick { 10 } else { 30 },
         rounds,
-    );
+    ));
+    report::record("zero", &rows);
 }

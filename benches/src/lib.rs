@@ -12,6 +12,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{Fabric, FabricError};
 use std::sync::Mutex;
+
+pub mod report;
 use std::time::{Duration, Instant};
 
 /// The backend of every benchmark.
@@ -158,9 +160,22 @@ pub fn fabric_with(
     steps: u64,
     strategy: &str,
 ) -> Result<Measured, FabricError> {
+    fabric_configured(shape, rows, devices, steps, strategy, "32-true")
+}
+
+/// [`fabric_with`] under a precision (`32-true`, `bf16-mixed`, ...).
+pub fn fabric_configured(
+    shape: Shape,
+    rows: usize,
+    devices: usize,
+    steps: u64,
+    strategy: &str,
+    precision: &str,
+) -> Result<Measured, FabricError> {
     let mut fabric = Fabric::<B>::builder()
         .devices(devices)
         .strategy(strategy)
+        .precision(precision)
         .build()?;
     let state_bytes = Mutex::new(vec![0; devices]);
     let times = fabric.launch(|fabric| {
@@ -172,7 +187,8 @@ pub fn fabric_with(
         let mut times = Vec::with_capacity(steps as usize);
         for step in 0..WARMUP_STEPS + steps {
             let start = Instant::now();
-            let loss = loss_fn.forward(model.forward(x.clone()), y.clone());
+            let logits = fabric.forward(&model, x.clone(), |m, x| m.forward(x));
+            let loss = loss_fn.forward(logits, y.clone());
             fabric.backward(loss, &model)?;
             model = optimizer.step(1e-3, model)?;
             if step >= WARMUP_STEPS {
@@ -192,4 +208,19 @@ pub fn fabric_with(
     })?;
     let state_bytes = state_bytes.into_inner().unwrap_or_default();
     Ok(Measured { times, state_bytes })
+}
+
+/// Runs every one of `runs` once per round, rotating which goes first so that drift in the
+/// machine's speed hits all alike; returns each round's results in `runs`' order.
+pub fn rotate_rounds<const N: usize>(rounds: usize, runs: [&dyn Fn() -> f64; N]) -> Vec<[f64; N]> {
+    (0..rounds)
+        .map(|round| {
+            let mut results = [0.0; N];
+            for k in 0..N {
+                let i = (round + k) % N;
+                results[i] = runs[i]();
+            }
+            results
+        })
+        .collect()
 }

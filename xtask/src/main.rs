@@ -1,15 +1,28 @@
-//! `cargo xtask bench [--quick]`: runs burn-fabric's benchmarks.
+//! `cargo xtask bench [--quick] [--fused wgpu|cuda]`: runs burn-fabric's benchmarks and prints
+//! one Markdown table of ratios, each measured side by side in one run; writes
+//! `target/bench/results.json`, `target/bench/ratios.svg` and `target/bench/BENCHMARKS.md`.
 //!
-//! * `paired`: plain Burn vs Fabric on one device vs Fabric DDP on two, side by side in one run,
-//!   printed as a Markdown table of ratios (overhead and DDP efficiency).
-//! * `collective` (Criterion): the in-process all-reduce of 10M f32 beside a 40 MB memcpy.
-//! * `training` (Criterion, skipped with `--quick`): the per-step times behind the ratios.
-//! * `zero`: optimizer-state bytes per rank under ZeRO vs DDP at world sizes 1, 2, 4, and step
-//!   time vs DDP.
-//! * `mpi_all_reduce` (when `mpirun` is installed): burn-fabric's collective vs raw rsmpi
-//!   across 2 processes.
+//! * `paired`: plain Burn vs Fabric on one device vs Fabric DDP on two (overhead, DDP
+//!   efficiency).
+//! * `precision`: each precision plugin's step time ÷ `32-true`'s.
+//! * `zero`: optimizer-state bytes per rank under ZeRO ÷ DDP's, and step time ÷ DDP's.
+//! * `collective` (Criterion): the in-process all-reduce of 10M f32 ÷ a 40 MB memcpy.
+//! * `mpi_all_reduce` (when `mpirun` is installed): burn-fabric ÷ raw rsmpi across 2 processes.
+//! * `fused` (with `--fused wgpu` or `--fused cuda`): the fused all-reduce-and-cast kernel ÷ the
+//!   unfused path.
+//! * `peer`: samples/s ours ÷ Lightning Fabric's (`benches/peers/lightning_mlp.py`, run when a
+//!   Python with torch and lightning is found) on 1 device and as 2-rank DDP.
+//! * `training` (Criterion, not with `--quick`): the per-step times behind the ratios.
 
-use clap::{Parser, Subcommand};
+mod chart;
+mod peer;
+#[path = "../../benches/src/report.rs"]
+#[allow(dead_code)]
+mod report;
+mod rows;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 #[derive(Parser)]
@@ -21,58 +34,323 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the benchmarks and print the ratios.
+    /// Run the benchmarks; print the ratios as a Markdown table and write them as JSON, SVG and
+    /// BENCHMARKS.md under target/bench/.
     Bench {
-        /// A reduced run of every benchmark (a few minutes).
+        /// A reduced run of every benchmark (under 5 minutes on 2 cores, once built).
         #[arg(long)]
         quick: bool,
+        /// Also time the fused all-reduce-and-cast kernel on this CubeCL runtime (builds the
+        /// Wgpu or Cuda stack; Wgpu runs on Mesa's lavapipe without a GPU).
+        #[arg(long, value_enum)]
+        fused: Option<Runtime>,
     },
 }
 
-fn cargo_bench(bench: &str, extra: &[&str]) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command.args(["bench", "-p", "fabric-benches", "--bench", bench]);
-    if bench.starts_with("mpi") {
-        command.args(["--features", "mpi"]);
-    }
-    if !extra.is_empty() {
-        command.arg("--").args(extra);
-    }
-    let status = command
-        .status()
-        .map_err(|e| format!("could not run cargo bench: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("benchmark `{bench}` failed with {status}"))
+#[derive(Clone, Copy, ValueEnum)]
+enum Runtime {
+    Wgpu,
+    Cuda,
+}
+
+impl Runtime {
+    fn feature(self) -> &'static str {
+        match self {
+            Runtime::Wgpu => "wgpu",
+            Runtime::Cuda => "cuda",
+        }
     }
 }
 
-fn bench(quick: bool) -> Result<(), String> {
-    if quick {
-        cargo_bench("paired", &["--quick"])?;
-        cargo_bench("zero", &["--quick"])?;
-        cargo_bench(
-            "collective",
-            &["--warm-up-time", "1", "--measurement-time", "3"],
-        )
-    } else {
-        cargo_bench("paired", &[])?;
-        cargo_bench("zero", &[])?;
-        cargo_bench("collective", &[])?;
-        cargo_bench("training", &[])
+/// Why `cargo xtask bench` stopped.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("could not run {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("benchmark `{bench}` failed with {status}")]
+    Bench {
+        bench: String,
+        status: std::process::ExitStatus,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
     }
+}
+
+/// Where cargo builds: `CARGO_TARGET_DIR`, else the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `cargo bench -p fabric-benches --bench NAME [--features F] -- ARGS`, with the row directory
+/// in `FABRIC_BENCH_OUT`.
+fn cargo_bench(
+    bench: &str,
+    features: Option<&str>,
+    args: &[&str],
+    rows: &Path,
+) -> Result<(), Error> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace_root())
+        .args(["bench", "-p", "fabric-benches", "--bench", bench])
+        .env("FABRIC_BENCH_OUT", rows);
+    if let Some(features) = features {
+        command.args(["--features", features]);
+    }
+    if !args.is_empty() {
+        command.arg("--").args(args);
+    }
+    let status = command.status().map_err(|source| Error::Spawn {
+        what: format!("cargo bench --bench {bench}"),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Bench {
+            bench: bench.into(),
+            status,
+        })
+    }
+}
+
+/// Criterion's median estimate of one benchmark function, in nanoseconds.
+fn criterion_median(group: &str, function: &str) -> Option<f64> {
+    let path = target_dir()
+        .join("criterion")
+        .join(group)
+        .join(function)
+        .join("new/estimates.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    json["median"]["point_estimate"].as_f64()
+}
+
+fn command_line(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// The date and the facts of this machine, for the report's header.
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .map_or("unknown".into(), |s| s.trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0);
+    serde_json::json!({
+        "date": command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "cpu": cpu,
+        "logical_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": memory_gib,
+        "os": command_line("uname", &["-sr"]),
+        "rustc": command_line("rustc", &["-V"]),
+    })
+}
+
+fn bench(quick: bool, fused: Option<Runtime>) -> Result<(), Error> {
+    let out = target_dir().join("bench");
+    let rows_dir = out.join("rows");
+    if rows_dir.exists() {
+        std::fs::remove_dir_all(&rows_dir).map_err(io(&rows_dir))?;
+    }
+    std::fs::create_dir_all(&rows_dir).map_err(io(&rows_dir))?;
+    let quick_arg: &[&str] = if quick { &["--quick"] } else { &[] };
+    let mut skipped = Vec::new();
+
+    cargo_bench("paired", None, quick_arg, &rows_dir)?;
+    cargo_bench("precision", None, quick_arg, &rows_dir)?;
+    cargo_bench("zero", None, quick_arg, &rows_dir)?;
+    let criterion_args: &[&str] = if quick {
+        &["--warm-up-time", "1", "--measurement-time", "3"]
+    } else {
+        &[]
+    };
+    cargo_bench("collective", None, criterion_args, &rows_dir)?;
+    let group = "all_reduce_10m_f32";
+    match (
+        criterion_median(group, "in_process_2_ranks"),
+        criterion_median(group, "memcpy_40mb"),
+    ) {
+        (Some(ours), Some(copy)) => report::record_json_in(
+            &rows_dir,
+            "collective",
+            &[report::Row::single(
+                "Collective",
+                "all-reduce of 10M f32, 2 ranks in-process ÷ 40 MB memcpy (time)",
+                ours / copy,
+                None,
+                "Criterion medians of one run".into(),
+            )],
+        ),
+        _ => skipped.push("collective row: Criterion's estimates were not found".to_string()),
+    }
+    if command_line("mpirun", &["--version"]).is_some() {
+        cargo_bench("mpi_all_reduce", Some("mpi"), quick_arg, &rows_dir)?;
+    } else {
+        skipped.push(
+            "MPI row: mpirun not found (install Open MPI: libopenmpi-dev openmpi-bin libclang-dev)"
+                .into(),
+        );
+    }
+    match fused {
+        Some(runtime) => cargo_bench("fused", Some(runtime.feature()), quick_arg, &rows_dir)?,
+        None => skipped.push(
+            "fused-kernel rows: not run; `cargo xtask bench --fused wgpu` (Mesa's lavapipe without a GPU) or `--fused cuda`"
+                .into(),
+        ),
+    }
+    cargo_bench("peer", None, quick_arg, &rows_dir)?;
+    peer_rows(quick, &rows_dir, &mut skipped);
+    if !quick {
+        cargo_bench("training", None, &[], &rows_dir)?;
+    }
+
+    let rows = rows::read_dir(&rows_dir);
+    let table = rows::markdown(&rows);
+    let machine = machine();
+    println!("\n{table}");
+    for note in &skipped {
+        println!("- {note}");
+    }
+
+    let results =
+        serde_json::json!({ "machine": machine, "quick": quick, "rows": rows, "skipped": skipped });
+    let json_path = out.join("results.json");
+    let json = serde_json::to_vec_pretty(&results).unwrap_or_default();
+    std::fs::write(&json_path, json).map_err(io(&json_path))?;
+    let svg_path = out.join("ratios.svg");
+    let title = format!(
+        "burn-fabric ratios, {} ({})",
+        machine["date"].as_str().unwrap_or(""),
+        machine["cpu"].as_str().unwrap_or("")
+    );
+    std::fs::write(&svg_path, chart::svg(&title, &rows)).map_err(io(&svg_path))?;
+    let md_path = out.join("BENCHMARKS.md");
+    std::fs::write(
+        &md_path,
+        benchmarks_md(&machine, quick, &rows, &table, &skipped),
+    )
+    .map_err(io(&md_path))?;
+    println!(
+        "\nwrote {}, {} and {}",
+        json_path.display(),
+        svg_path.display(),
+        md_path.display()
+    );
+    Ok(())
+}
+
+/// Runs the Lightning peer when it can, adding its rows; otherwise notes why not.
+fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) {
+    let python = peer::python();
+    if !peer::available(&python) {
+        println!("{}", peer::INSTALL_HINT);
+        skipped.push(peer::INSTALL_HINT.into());
+        return;
+    }
+    let ours: Vec<peer::Throughput> = std::fs::read(rows_dir.join("peer_ours.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let script = workspace_root().join("benches/peers/lightning_mlp.py");
+    let (steps, rounds) = if quick { (15, 1) } else { (40, 3) };
+    let mut theirs = Vec::new();
+    for devices in [1, 2] {
+        match peer::lightning(&python, &script, devices, steps, rounds) {
+            Ok(samples_per_second) => {
+                println!(
+                    "Lightning Fabric, {devices} device(s): {samples_per_second:.0} samples/s"
+                );
+                theirs.push((devices, samples_per_second));
+            }
+            Err(err) => skipped.push(format!("peer row for {devices} device(s): {err}")),
+        }
+    }
+    let note = "MLP 784-1024-1024-10, synthetic data, Adam, global batch 128; ours on Flex";
+    report::record_json_in(rows_dir, "peer", &peer::rows(&ours, &theirs, note));
+}
+
+/// The text of BENCHMARKS.md.
+fn benchmarks_md(
+    machine: &serde_json::Value,
+    quick: bool,
+    rows: &[rows::Row],
+    table: &str,
+    skipped: &[String],
+) -> String {
+    let field = |key: &str| match &machine[key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "unknown".into(),
+        other => other.to_string(),
+    };
+    let mut text = format!(
+        "# Benchmarks\n\nProduced by `cargo xtask bench{}` on {}.\n\n\
+         Machine: {} ({} logical CPUs), {} GiB memory, {}; {}.\n\n\
+         Every ratio is measured side by side in one run (rounds that alternate the compared \
+         runs, rotating which goes first); the median is the median of the per-round ratios and \
+         the range their spread. The chart is `target/bench/ratios.svg`, the numbers \
+         `target/bench/results.json`.\n\n{table}\n",
+        if quick { " --quick" } else { "" },
+        field("date"),
+        field("cpu"),
+        field("logical_cpus"),
+        field("memory_gib"),
+        field("os"),
+        field("rustc"),
+    );
+    text.push_str("## How each row was measured\n\n");
+    for row in rows {
+        text.push_str(&format!("- {} — {}: {}\n", row.section, row.name, row.note));
+    }
+    if !skipped.is_empty() {
+        text.push_str("\n## Not measured in this run\n\n");
+        for note in skipped {
+            text.push_str(&format!("- {note}\n"));
+        }
+    }
+    text
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, fused } => bench(quick, fused),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("xtask: {message}");
+        Err(err) => {
+            eprintln!("xtask: {err}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,54 @@
+//! Our side of the Lightning Fabric comparison: the MLP 784-1024-1024-10 on synthetic data,
+//! Adam, global batch 128, on Flex through burn-fabric on 1 device and as 2-rank DDP (64 rows
+//! per rank). Prints samples per second (global batch ÷ median step time) and, under
+//! `cargo xtask bench`, writes them for the peer rows; `benches/peers/lightning_mlp.py` measures
+//! the same loop in Lightning Fabric.
+//!
+//! `cargo bench -p fabric-benches --bench peer [-- --quick]`
+
+use fabric_benches::{MNIST_MLP, fabric, median, report, rotate_rounds};
+use serde::Serialize;
+
+const GLOBAL_BATCH: usize = 128;
+
+/// Samples per second of one configuration, over rounds.
+#[derive(Serialize)]
+struct Throughput {
+    devices: usize,
+    samples_per_second: f64,
+    range: [f64; 2],
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (steps, rounds) = if quick { (15, 3) } else { (40, 5) };
+    let run = |devices: usize| {
+        move || {
+            let times = fabric(MNIST_MLP, GLOBAL_BATCH, devices, steps).expect("fabric");
+            GLOBAL_BATCH as f64 / median(&times).as_secs_f64()
+        }
+    };
+    let (one, two) = (run(1), run(2));
+    let results = rotate_rounds(rounds, [&one, &two]);
+    println!(
+        "\nburn-fabric on Flex, MLP 784-1024-1024-10, global batch {GLOBAL_BATCH}, Adam, {steps} steps × {rounds} rounds"
+    );
+    println!("| devices | samples/s (median) | range |\n|---|---|---|");
+    let measured: Vec<Throughput> = [1, 2]
+        .into_iter()
+        .enumerate()
+        .map(|(i, devices)| {
+            let values: Vec<f64> = results.iter().map(|r| r[i]).collect();
+            let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let samples_per_second = report::median_of(&values);
+            println!("| {devices} | {samples_per_second:.0} | {lo:.0} – {hi:.0} |");
+            Throughput {
+                devices,
+                samples_per_second,
+                range: [lo, hi],
+            }
+        })
+        .collect();
+    report::record_json("peer_ours", &measured);
+}
