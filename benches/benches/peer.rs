@@ -39,8 +39,7 @@ fn main() {
         .enumerate()
         .map(|(i, devices)| {
             let values: Vec<f64> = results.iter().map(|r| r[i]).collect();
-            let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let [lo, hi] = report::range_of(&values);
             let samples_per_second = report::median_of(&values);
             println!("| {devices} | {samples_per_second:.0} | {lo:.0} – {hi:.0} |");
             Throughput {

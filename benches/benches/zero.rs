@@ -27,7 +27,8 @@ fn memory(label: &str, shape: Shape, with_goal: bool) -> Vec<Row> {
         for strategy in &STRATEGIES[1..] {
             let ratio = largest(strategy) as f64 / ddp.max(1) as f64;
             cells.push(format!("{ratio:.3}"));
-            if world > 1 {
+            // Without a goal the row only illustrates the limit: zero2's is enough.
+            if world > 1 && (with_goal || *strategy == "zero2") {
                 rows.push(Row::single(
                     "ZeRO memory",
                     &format!("{label}: {strategy} ÷ DDP optimizer state, largest of {world} ranks"),

@@ -69,9 +69,7 @@ impl Row {
         note: String,
     ) -> Self {
         let ratio = median_of(ratios);
-        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let range = (ratios.len() > 1).then_some([lo, hi]);
+        let range = (ratios.len() > 1).then(|| range_of(ratios));
         Self {
             section: section.into(),
             name: name.into(),
@@ -93,6 +91,13 @@ pub fn median_of(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The smallest and the largest of `values`.
+pub fn range_of(values: &[f64]) -> [f64; 2] {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    [lo, hi]
 }
 
 /// Prints `rows` as a Markdown table of ratio, median and range.

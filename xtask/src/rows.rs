@@ -5,8 +5,21 @@ pub use crate::report::{Goal, Row};
 use std::fmt::Write as _;
 use std::path::Path;
 
-/// Every `*.json` row file in `dir` (the benchmarks' output), in file-name order; files that
-/// are not row lists (the peer's raw throughputs) are left to their readers.
+/// The order of the table's sections; others follow in file-name order.
+const SECTIONS: [&str; 9] = [
+    "Fabric overhead",
+    "DDP",
+    "Lightning Fabric peer",
+    "Precision",
+    "ZeRO memory",
+    "ZeRO speed",
+    "Collective",
+    "MPI",
+    "Fused all-reduce-and-cast",
+];
+
+/// Every `*.json` row file in `dir` (the benchmarks' output), sections in [`SECTIONS`] order;
+/// files that are not row lists (the peer's raw throughputs) are left to their readers.
 pub fn read_dir(dir: &Path) -> Vec<Row> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .into_iter()
@@ -16,12 +29,20 @@ pub fn read_dir(dir: &Path) -> Vec<Row> {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
-    files
+    let mut rows: Vec<Row> = files
         .iter()
         .filter_map(|p| std::fs::read(p).ok())
         .filter_map(|bytes| serde_json::from_slice::<Vec<Row>>(&bytes).ok())
         .flatten()
-        .collect()
+        .collect();
+    // A stable sort keeps each section's rows in the order their benchmark wrote them.
+    rows.sort_by_key(|r| {
+        SECTIONS
+            .iter()
+            .position(|s| *s == r.section)
+            .unwrap_or(SECTIONS.len())
+    });
+    rows
 }
 
 /// The rows as one Markdown table, grouped by section in first-seen order.
