@@ -72,7 +72,18 @@ mod run {
         println!("|---|---|---|---|---|---|---|");
         let mut rows = Vec::new();
         let note = format!("{label}, {reps} launches per batch, median of 5 batches");
+        // The largest buffer the runtime allocates (lavapipe stops below 256 MiB).
+        let max_bytes = client.properties().memory.max_page_size;
         for &n in sizes {
+            if (n * 4) as u64 > max_bytes {
+                println!(
+                    "| {}M | skipped: an f32 buffer of {} MiB exceeds this runtime's largest allocation ({} MiB) | | | | | |",
+                    n >> 20,
+                    n * 4 >> 20,
+                    max_bytes >> 20
+                );
+                continue;
+            }
             let f32_buf = |v: f32| client.create_from_slice(bytemuck::cast_slice(&vec![v; n]));
             let f16_buf = |v: f32| {
                 client.create_from_slice(bytemuck::cast_slice(&vec![half::f16::from_f32(v); n]))

@@ -1,7 +1,7 @@
 //! Smoke test of the main example: it trains to the accuracy the README promises, on one and on
 //! two ranks, and rejects bad flags with an error instead of a panic.
 
-#[path = "../examples/image_classifier.rs"]
+#[path = "../../examples/image_classifier.rs"]
 #[allow(dead_code)]
 mod image_classifier;
 

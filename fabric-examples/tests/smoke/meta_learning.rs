@@ -1,7 +1,7 @@
 //! Smoke test of the meta-learning example: tasks are well formed, and a short first-order
 //! MAML run on two ranks improves the few-shot accuracy on held-out digits.
 
-#[path = "../examples/meta_learning.rs"]
+#[path = "../../examples/meta_learning.rs"]
 #[allow(dead_code)]
 mod meta_learning;
 

@@ -1,7 +1,7 @@
 //! Smoke test of the reinforcement-learning example: the physics match Gym's CartPole-v1, the
 //! returns are discounted correctly, and a short A2C run on two ranks raises the mean return.
 
-#[path = "../examples/reinforcement_learning.rs"]
+#[path = "../../examples/reinforcement_learning.rs"]
 #[allow(dead_code)]
 mod reinforcement_learning;
 

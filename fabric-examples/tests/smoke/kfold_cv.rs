@@ -1,7 +1,7 @@
 //! Smoke test of the k-fold example: the folds partition the data, and each fold's model,
 //! trained on two ranks, scores well on its held-out fold.
 
-#[path = "../examples/kfold_cv.rs"]
+#[path = "../../examples/kfold_cv.rs"]
 #[allow(dead_code)]
 mod kfold_cv;
 

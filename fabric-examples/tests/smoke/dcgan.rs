@@ -2,7 +2,7 @@
 //! epoch, the discriminator learns to tell real from generated digits, and the generator's mean
 //! digit moves towards the data's.
 
-#[path = "../examples/dcgan.rs"]
+#[path = "../../examples/dcgan.rs"]
 #[allow(dead_code)]
 mod dcgan;
 

@@ -1,0 +1,8 @@
+//! Smoke tests of every example (a few steps each), in one test binary so the examples build
+//! and link once.
+
+mod dcgan;
+mod image_classifier;
+mod kfold_cv;
+mod meta_learning;
+mod reinforcement_learning;
