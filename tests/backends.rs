@@ -165,25 +165,16 @@ fn collectives<B: AutodiffBackend + BackendDevices>() {
 }
 
 fn sampler<B: AutodiffBackend + BackendDevices>() {
-    use burn::data::dataloader::batcher::Batcher;
     use burn::data::dataset::InMemDataset;
-    use burn::tensor::backend::Backend;
-    #[derive(Clone)]
-    struct Indices;
-    impl<BK: Backend> Batcher<BK, i64, Tensor<BK, 1, Int>> for Indices {
-        fn batch(&self, items: Vec<i64>, device: &BK::Device) -> Tensor<BK, 1, Int> {
-            let n = items.len();
-            Tensor::from_data(TensorData::new(items, [n]), device)
-        }
-    }
     let Some(mut fabric) = fabric::<B>(2, "32-true").unwrap() else {
         return;
     };
     let seen = fabric
         .launch(|fabric| {
             let dataset = InMemDataset::new((0..10i64).collect::<Vec<_>>());
-            let loader = burn_fabric::DataLoader::<B::InnerBackend, _, _>::new(dataset, Indices)
-                .batch_size(2);
+            let loader =
+                burn_fabric::DataLoader::<B::InnerBackend, _, _>::new(dataset, common::Indices)
+                    .batch_size(2);
             let mut loader = fabric.setup_dataloader(loader)?;
             let mine = Tensor::cat(loader.iter().collect(), 0);
             assert_eq!(

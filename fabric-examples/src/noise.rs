@@ -6,7 +6,11 @@ use rand::{RngExt, SeedableRng};
 
 /// A generator for `rank` derived from `seed`; ranks get different, reproducible streams.
 pub fn rank_rng(seed: u64, rank: usize) -> StdRng {
-    StdRng::seed_from_u64(seed ^ (rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    StdRng::seed_from_u64(
+        seed ^ (rank as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
 }
 
 /// `n` draws from the standard normal distribution (Box–Muller).

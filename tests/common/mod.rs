@@ -1,11 +1,12 @@
 //! A small model, deterministic data and a training loop shared by the integration tests.
 #![allow(dead_code)]
 
+use burn::data::dataloader::batcher::Batcher;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::Optimizer;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::fabric_core::grads::CollectParams;
 use burn_fabric::{Fabric, FabricError};
 
@@ -182,4 +183,15 @@ pub fn worst_ratio(a: &[Vec<f32>], b: &[Vec<f32>], rtol: f32, atol: f32) -> f32 
         .zip(b.iter().flatten())
         .map(|(x, y)| (x - y).abs() / (atol + rtol * y.abs()))
         .fold(0.0, f32::max)
+}
+
+/// Batches of item indices: the identity batcher, for checking which items a rank sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Indices;
+
+impl<BK: Backend> Batcher<BK, i64, Tensor<BK, 1, Int>> for Indices {
+    fn batch(&self, items: Vec<i64>, device: &BK::Device) -> Tensor<BK, 1, Int> {
+        let n = items.len();
+        Tensor::from_data(TensorData::new(items, [n]), device)
+    }
 }

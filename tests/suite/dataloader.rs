@@ -1,25 +1,13 @@
 //! `setup_dataloader` shards data exactly like PyTorch's DistributedSampler: equal batch counts,
 //! disjoint shares when divisible, wrap-around padding when not, a new shuffle each epoch.
 
+use crate::common::Indices;
 use burn::backend::Flex;
-use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use burn_fabric::{DataLoader, Fabric, FabricError};
 
 type B = burn::backend::Autodiff<Flex>;
-
-/// Batches dataset items (their indices) into an int tensor.
-#[derive(Clone)]
-struct Indices;
-
-impl<BK: Backend> Batcher<BK, i64, Tensor<BK, 1, Int>> for Indices {
-    fn batch(&self, items: Vec<i64>, device: &BK::Device) -> Tensor<BK, 1, Int> {
-        let n = items.len();
-        Tensor::from_data(TensorData::new(items, [n]), device)
-    }
-}
 
 /// Per epoch, every rank's visited items in order, and every rank's batch count.
 fn visit(

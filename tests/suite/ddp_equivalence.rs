@@ -3,7 +3,7 @@
 //! Tolerance: |ddp - single| <= 1e-6 + 1e-5 * |single| for every parameter after 10 steps. The
 //! two differ only in the order float additions happen (per-rank means averaged vs one mean).
 
-mod common;
+use crate::common;
 
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, SgdConfig};

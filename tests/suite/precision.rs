@@ -1,7 +1,7 @@
 //! Precision plugins through the façade: parameter dtypes, mixed-precision gradients, loss
 //! scaling with a forced overflow on one rank, and backends that cannot run a precision.
 
-mod common;
+use crate::common;
 
 use burn::backend::Flex;
 use burn::module::Module;

@@ -1,6 +1,6 @@
 //! Gradient clipping by global norm and by value, on the synchronised gradients.
 
-mod common;
+use crate::common;
 
 use burn::optim::SgdConfig;
 use burn_fabric::{Fabric, FabricError, ReduceOp};

@@ -8,7 +8,7 @@
 //! is the exception: each rank sums its own shard's squares, so the norm (and the clipped step)
 //! equals DDP's only up to f32 rounding, checked with the same tolerance.
 
-mod common;
+use crate::common;
 
 use burn::module::{Module, ParamId};
 use burn::optim::momentum::MomentumConfig;

@@ -2,7 +2,7 @@
 //! errors for missing, damaged or mismatched files; dtypes kept; a resumed run equal to an
 //! uninterrupted one; and files that survive being killed mid-save.
 
-mod common;
+use crate::common;
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
@@ -459,7 +459,7 @@ fn a_killed_save_never_leaves_a_partial_file() {
         let mut child = std::process::Command::new(&exe)
             .args([
                 "--exact",
-                "save_in_a_loop_until_killed",
+                "checkpoint::save_in_a_loop_until_killed",
                 "--nocapture",
                 "--test-threads",
                 "1",

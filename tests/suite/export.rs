@@ -1,6 +1,6 @@
 //! Safetensors export in PyTorch's layout, read back with the `safetensors` crate.
 
-mod common;
+use crate::common;
 
 use burn_fabric::export_safetensors;
 use common::{B, D_HIDDEN, D_IN, Mlp};
