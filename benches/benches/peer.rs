@@ -20,8 +20,15 @@ struct Throughput {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
     let (steps, rounds) = if quick { (15, 3) } else { (40, 5) };
+    // `--rounds N` (xtask: 1, between runs of the peer) overrides the count.
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(rounds);
     let run = |devices: usize| {
         move || {
             let times = fabric(MNIST_MLP, GLOBAL_BATCH, devices, steps).expect("fabric");

@@ -231,8 +231,7 @@ fn bench(quick: bool, fused: Option<Runtime>) -> Result<(), Error> {
                 .into(),
         ),
     }
-    cargo_bench("peer", None, quick_arg, &rows_dir)?;
-    peer_rows(quick, &rows_dir, &mut skipped);
+    peer_rows(quick, &rows_dir, &mut skipped)?;
     if !quick {
         cargo_bench("training", None, &[], &rows_dir)?;
     }
@@ -272,34 +271,71 @@ fn bench(quick: bool, fused: Option<Runtime>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the Lightning peer when it can, adding its rows; otherwise notes why not.
-fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) {
+/// Runs our side (the `peer` bench, one round at a time) and the Lightning script in
+/// alternating rounds, adding the ratio rows; without torch and lightning, notes how to get them.
+fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<(), Error> {
     let python = peer::python();
     if !peer::available(&python) {
         println!("{}", peer::INSTALL_HINT);
         skipped.push(peer::INSTALL_HINT.into());
-        return;
+        // Ours alone still prints its samples/s.
+        return cargo_bench(
+            "peer",
+            None,
+            if quick { &["--quick"] } else { &[] },
+            rows_dir,
+        );
     }
-    let ours: Vec<peer::Throughput> = std::fs::read(rows_dir.join("peer_ours.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
     let script = workspace_root().join("benches/peers/lightning_mlp.py");
-    let (steps, rounds) = if quick { (15, 1) } else { (40, 3) };
-    let mut theirs = Vec::new();
-    for devices in [1, 2] {
-        match peer::lightning(&python, &script, devices, steps, rounds) {
-            Ok(samples_per_second) => {
-                println!(
-                    "Lightning Fabric, {devices} device(s): {samples_per_second:.0} samples/s"
-                );
-                theirs.push((devices, samples_per_second));
+    let (steps, rounds) = if quick { (15, 2) } else { (40, 3) };
+    let ours_args: &[&str] = if quick {
+        &["--quick", "--rounds", "1"]
+    } else {
+        &["--rounds", "1"]
+    };
+    let mut measured = Vec::new();
+    for round in 0..rounds {
+        let mut theirs = Vec::new();
+        let mut run_theirs = |theirs: &mut Vec<(usize, f64)>| {
+            for devices in [1, 2] {
+                match peer::lightning(&python, &script, devices, steps) {
+                    Ok(value) => theirs.push((devices, value)),
+                    Err(err) => skipped.push(format!("peer, {devices} device(s): {err}")),
+                }
             }
-            Err(err) => skipped.push(format!("peer row for {devices} device(s): {err}")),
+        };
+        // Alternate which side goes first.
+        if round % 2 == 1 {
+            run_theirs(&mut theirs);
+        }
+        cargo_bench("peer", None, ours_args, rows_dir)?;
+        if round % 2 == 0 {
+            run_theirs(&mut theirs);
+        }
+        let ours: Vec<peer::Throughput> = std::fs::read(rows_dir.join("peer_ours.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        for (devices, their) in theirs {
+            if let Some(our) = ours.iter().find(|o| o.devices == devices) {
+                println!(
+                    "peer round {}: {devices} device(s): ours {:.0}, Lightning Fabric {their:.0} samples/s",
+                    round + 1,
+                    our.samples_per_second
+                );
+                measured.push(peer::Round {
+                    devices,
+                    ours: our.samples_per_second,
+                    theirs: their,
+                });
+            }
         }
     }
-    let note = "MLP 784-1024-1024-10, synthetic data, Adam, global batch 128; ours on Flex";
-    report::record_json_in(rows_dir, "peer", &peer::rows(&ours, &theirs, note));
+    let note = format!(
+        "MLP 784-1024-1024-10, synthetic data, Adam, global batch 128, {steps} timed steps; ours on Flex"
+    );
+    report::record_json_in(rows_dir, "peer", &peer::rows(&measured, &note));
+    Ok(())
 }
 
 /// The text of BENCHMARKS.md.

@@ -1,6 +1,7 @@
 //! The peer rows: the loop of `benches/benches/peer.rs` in Lightning Fabric
 //! (`benches/peers/lightning_mlp.py`), run when a Python with `torch` and `lightning` is found.
 
+use crate::report::median_of;
 use crate::rows::{Goal, Row};
 use serde::Deserialize;
 use std::path::Path;
@@ -30,75 +31,74 @@ pub struct Throughput {
     pub samples_per_second: f64,
 }
 
-/// Runs the Lightning script `rounds` times on `devices` and returns the median samples/s.
-pub fn lightning(
-    python: &str,
-    script: &Path,
-    devices: usize,
-    steps: u32,
-    rounds: usize,
-) -> Result<f64, String> {
-    let mut values = Vec::new();
-    for _ in 0..rounds {
-        let output = Command::new(python)
-            .arg(script)
-            .args([
-                "--devices",
-                &devices.to_string(),
-                "--steps",
-                &steps.to_string(),
-            ])
-            .output()
-            .map_err(|e| format!("could not run {python}: {e}"))?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .ok_or_else(|| {
-                format!(
-                    "{} --devices {devices} printed no result ({}): {}",
-                    script.display(),
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr)
-                        .lines()
-                        .last()
-                        .unwrap_or("")
-                )
-            })?;
-        let measured: Throughput =
-            serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
-        values.push(measured.samples_per_second);
-    }
-    Ok(crate::report::median_of(&values))
+/// Runs the Lightning script once on `devices` and returns its samples/s.
+pub fn lightning(python: &str, script: &Path, devices: usize, steps: u32) -> Result<f64, String> {
+    let output = Command::new(python)
+        .arg(script)
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--steps",
+            &steps.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("could not run {python}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| {
+            format!(
+                "{} --devices {devices} printed no result ({}): {}",
+                script.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            )
+        })?;
+    let measured: Throughput = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+    Ok(measured.samples_per_second)
 }
 
-/// Ours ÷ theirs rows, for 1 device and 2-rank DDP.
-pub fn rows(ours: &[Throughput], theirs: &[(usize, f64)], note: &str) -> Vec<Row> {
-    theirs
-        .iter()
-        .filter_map(|&(devices, their)| {
-            let our = ours
-                .iter()
-                .find(|o| o.devices == devices)?
-                .samples_per_second;
-            let (name, goal) = match devices {
-                1 => (
-                    "1 device: burn-fabric ÷ Lightning Fabric samples/s".to_string(),
-                    1.0,
-                ),
-                n => (
-                    format!("{n}-rank DDP: burn-fabric ÷ Lightning Fabric (gloo) samples/s"),
-                    1.5,
-                ),
+/// Samples/s of both sides in one round, for one device count.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
+    pub devices: usize,
+    pub ours: f64,
+    pub theirs: f64,
+}
+
+/// Ours ÷ theirs rows (median of the per-round ratios), for 1 device and 2-rank DDP.
+pub fn rows(rounds: &[Round], note: &str) -> Vec<Row> {
+    let mut devices: Vec<usize> = rounds.iter().map(|r| r.devices).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    devices
+        .into_iter()
+        .map(|n| {
+            let mine: Vec<&Round> = rounds.iter().filter(|r| r.devices == n).collect();
+            let ratios: Vec<f64> = mine.iter().map(|r| r.ours / r.theirs).collect();
+            let ours: Vec<f64> = mine.iter().map(|r| r.ours).collect();
+            let theirs: Vec<f64> = mine.iter().map(|r| r.theirs).collect();
+            let (name, goal) = match n {
+                1 => ("1 device: burn-fabric ÷ Lightning Fabric samples/s".to_string(), 1.0),
+                n => (format!("{n}-rank DDP: burn-fabric ÷ Lightning Fabric (gloo) samples/s"), 1.5),
             };
-            Some(Row::single(
+            Row::from_rounds(
                 "Lightning Fabric peer",
                 &name,
-                our / their,
+                &ratios,
                 Some(Goal::AtLeast(goal)),
-                format!("{note}; ours {our:.0}, theirs {their:.0} samples/s"),
-            ))
+                format!(
+                    "{note}; {} rounds alternating the two; median samples/s ours {:.0}, theirs {:.0}",
+                    mine.len(),
+                    median_of(&ours),
+                    median_of(&theirs)
+                ),
+            )
         })
         .collect()
 }
@@ -108,20 +108,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ratios_pair_the_same_device_counts() {
-        let ours = [
-            Throughput {
-                devices: 1,
-                samples_per_second: 9000.0,
-            },
-            Throughput {
-                devices: 2,
-                samples_per_second: 12000.0,
-            },
+    fn ratios_are_medians_of_rounds_per_device_count() {
+        let round = |devices, ours, theirs| Round {
+            devices,
+            ours,
+            theirs,
+        };
+        let rounds = [
+            round(1, 9000.0, 10000.0),
+            round(2, 12000.0, 6000.0),
+            round(1, 11000.0, 10000.0),
+            round(2, 9000.0, 6000.0),
+            round(1, 8000.0, 10000.0),
         ];
-        let rows = rows(&ours, &[(2, 6000.0), (1, 10000.0), (4, 1.0)], "n");
+        let rows = rows(&rounds, "n");
         assert_eq!(rows.len(), 2);
-        assert!((rows[0].ratio - 2.0).abs() < 1e-12 && rows[0].goal.unwrap().met(2.0));
-        assert!((rows[1].ratio - 0.9).abs() < 1e-12 && !rows[1].goal.unwrap().met(0.9));
+        assert!((rows[0].ratio - 0.9).abs() < 1e-12, "{:?}", rows[0]);
+        assert_eq!(rows[0].range, Some([0.8, 1.1]));
+        assert!(!rows[0].goal.unwrap().met(rows[0].ratio));
+        assert!((rows[1].ratio - 2.0).abs() < 1e-12 && rows[1].goal.unwrap().met(2.0));
+        assert!(rows[1].note.contains("2 rounds"), "{}", rows[1].note);
     }
 }
