@@ -23,13 +23,11 @@ use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::digits::{self, DigitBatcher, PIXELS};
 use fabric_examples::noise::{self, rank_rng};
 use fabric_examples::progress;
 use std::error::Error;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 /// Side of a digit in pixels.
 const SIDE: usize = 8;
@@ -157,27 +155,7 @@ pub struct Report {
     pub grids: Vec<PathBuf>,
 }
 
-fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Trains on the backend `--backend` names (default: the build's `DefaultBackend`).
-pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    struct Job<'a>(&'a Args);
-    impl BackendJob for Job<'_> {
-        type Output = Result<Report, Box<dyn Error>>;
-        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
-            run_on::<B>(self.0)
-        }
-    }
-    with_backend(args.fabric.backend.as_deref(), Job(args))?
-}
+fabric_examples::example_main!(Args, Report);
 
 /// Trains on backend `B`.
 pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {

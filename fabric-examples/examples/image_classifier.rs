@@ -19,13 +19,11 @@ use burn_fabric::prelude::*;
 use burn_fabric::{BackendDevices, Checkpoint, Restore, Throughput, export_safetensors};
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::digits::{self, Digit, DigitBatcher};
 use fabric_examples::mlp::{self, Mlp};
 use fabric_examples::{checkpoints, progress};
 use std::error::Error;
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// Train an MLP on the UCI digits with burn-fabric.
@@ -59,27 +57,7 @@ pub struct Report {
     pub final_loss: f64,
 }
 
-fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Trains on the backend `--backend` names (default: the build's `DefaultBackend`).
-pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    struct Job<'a>(&'a Args);
-    impl BackendJob for Job<'_> {
-        type Output = Result<Report, Box<dyn Error>>;
-        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
-            run_on::<B>(self.0)
-        }
-    }
-    with_backend(args.fabric.backend.as_deref(), Job(args))?
-}
+fabric_examples::example_main!(Args, Report);
 
 /// Trains on backend `B`.
 pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {

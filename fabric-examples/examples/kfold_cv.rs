@@ -16,7 +16,6 @@ use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::digits::{self, Digit, DigitBatcher};
 use fabric_examples::mlp::{self, Mlp};
 use fabric_examples::progress;
@@ -24,7 +23,6 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use std::error::Error;
-use std::process::ExitCode;
 
 /// K-fold cross-validation of an MLP on the UCI digits with burn-fabric.
 #[derive(Parser, Debug, Clone)]
@@ -53,27 +51,7 @@ pub struct Report {
     pub std_accuracy: f64,
 }
 
-fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Runs the cross-validation on the backend `--backend` names.
-pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    struct Job<'a>(&'a Args);
-    impl BackendJob for Job<'_> {
-        type Output = Result<Report, Box<dyn Error>>;
-        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
-            run_on::<B>(self.0)
-        }
-    }
-    with_backend(args.fabric.backend.as_deref(), Job(args))?
-}
+fabric_examples::example_main!(Args, Report);
 
 /// Runs the cross-validation on backend `B`.
 pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {

@@ -23,7 +23,6 @@ use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::digits::{self, CLASSES, Digit, PIXELS};
 use fabric_examples::noise::rank_rng;
 use fabric_examples::progress;
@@ -31,7 +30,6 @@ use rand::RngExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use std::error::Error;
-use std::process::ExitCode;
 
 /// First-order MAML on digit classes with burn-fabric.
 #[derive(Parser, Debug, Clone)]
@@ -102,27 +100,7 @@ pub struct Report {
     pub final_query_loss: f64,
 }
 
-fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Meta-trains on the backend `--backend` names.
-pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    struct Job<'a>(&'a Args);
-    impl BackendJob for Job<'_> {
-        type Output = Result<Report, Box<dyn Error>>;
-        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
-            run_on::<B>(self.0)
-        }
-    }
-    with_backend(args.fabric.backend.as_deref(), Job(args))?
-}
+fabric_examples::example_main!(Args, Report);
 
 /// Meta-trains on backend `B`.
 pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {

@@ -21,13 +21,11 @@ use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::backend::{BackendJob, with_backend};
 use fabric_examples::noise::rank_rng;
 use fabric_examples::progress;
 use rand::RngExt;
 use rand::rngs::StdRng;
 use std::error::Error;
-use std::process::ExitCode;
 
 /// A2C on CartPole with burn-fabric.
 #[derive(Parser, Debug, Clone)]
@@ -160,27 +158,7 @@ pub struct Report {
     pub episodes: u64,
 }
 
-fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Trains on the backend `--backend` names.
-pub fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    struct Job<'a>(&'a Args);
-    impl BackendJob for Job<'_> {
-        type Output = Result<Report, Box<dyn Error>>;
-        fn run<B: AutodiffBackend + BackendDevices>(self) -> Self::Output {
-            run_on::<B>(self.0)
-        }
-    }
-    with_backend(args.fabric.backend.as_deref(), Job(args))?
-}
+fabric_examples::example_main!(Args, Report);
 
 /// Trains on backend `B`.
 pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report, Box<dyn Error>> {

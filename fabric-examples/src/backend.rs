@@ -62,3 +62,44 @@ pub fn with_backend<J: BackendJob>(
         }),
     }
 }
+
+/// Defines an example's `main` (parse the flags, run, print the error and exit with status 1 on
+/// failure) and `pub fn run(&Args) -> Result<Report, Box<dyn Error>>`, which runs the example's
+/// `run_on::<B>(&Args)` on the backend `--backend` names (default: the build's
+/// `DefaultBackend`). `Args` must flatten [`FabricArgs`](crate::args::FabricArgs) as `fabric`.
+///
+/// ```text
+/// fabric_examples::example_main!(Args, Report);
+/// ```
+#[macro_export]
+macro_rules! example_main {
+    ($args:ty, $report:ty) => {
+        fn main() -> ::std::process::ExitCode {
+            match run(&<$args as $crate::__clap::Parser>::parse()) {
+                Ok(_) => ::std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ::std::process::ExitCode::FAILURE
+                }
+            }
+        }
+
+        /// Runs the example on the backend `--backend` names (default: the build's
+        /// `DefaultBackend`).
+        pub fn run(args: &$args) -> Result<$report, Box<dyn ::std::error::Error>> {
+            struct Job<'a>(&'a $args);
+            impl $crate::backend::BackendJob for Job<'_> {
+                type Output = Result<$report, Box<dyn ::std::error::Error>>;
+                fn run<
+                    B: $crate::__burn::tensor::backend::AutodiffBackend
+                        + $crate::__burn_fabric::BackendDevices,
+                >(
+                    self,
+                ) -> Self::Output {
+                    run_on::<B>(self.0)
+                }
+            }
+            $crate::backend::with_backend(args.fabric.backend.as_deref(), Job(args))?
+        }
+    };
+}

@@ -8,3 +8,7 @@ pub mod digits;
 pub mod mlp;
 pub mod noise;
 pub mod progress;
+
+// What `example_main!` expands to refers to these.
+#[doc(hidden)]
+pub use {burn as __burn, burn_fabric as __burn_fabric, clap as __clap};

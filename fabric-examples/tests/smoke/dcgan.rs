@@ -4,10 +4,10 @@
 
 #[path = "../../examples/dcgan.rs"]
 #[allow(dead_code)]
-mod dcgan;
+mod example;
 
 use clap::Parser;
-use dcgan::{Args, run};
+use example::{Args, run};
 
 #[test]
 fn three_epochs_on_two_ranks_write_grids_and_learn() {

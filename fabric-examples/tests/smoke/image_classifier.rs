@@ -3,10 +3,10 @@
 
 #[path = "../../examples/image_classifier.rs"]
 #[allow(dead_code)]
-mod image_classifier;
+mod example;
 
 use clap::Parser;
-use image_classifier::{Args, run};
+use example::{Args, run};
 
 fn args(extra: &[&str]) -> Args {
     Args::parse_from(["image_classifier"].iter().chain(extra))

@@ -3,10 +3,10 @@
 
 #[path = "../../examples/kfold_cv.rs"]
 #[allow(dead_code)]
-mod kfold_cv;
+mod example;
 
 use clap::Parser;
-use kfold_cv::{Args, run, split};
+use example::{Args, run, split};
 
 #[test]
 fn folds_partition_the_data_evenly() {

@@ -3,11 +3,11 @@
 
 #[path = "../../examples/meta_learning.rs"]
 #[allow(dead_code)]
-mod meta_learning;
+mod example;
 
 use clap::Parser;
+use example::{Args, Pool, run};
 use fabric_examples::digits;
-use meta_learning::{Args, Pool, run};
 
 #[test]
 fn tasks_relabel_distinct_digits_of_distinct_classes() {

@@ -3,10 +3,10 @@
 
 #[path = "../../examples/reinforcement_learning.rs"]
 #[allow(dead_code)]
-mod reinforcement_learning;
+mod example;
 
 use clap::Parser;
-use reinforcement_learning::{Args, CartPole, discounted_returns, run};
+use example::{Args, CartPole, discounted_returns, run};
 
 #[test]
 fn one_push_from_rest_matches_gym() {
