@@ -4,7 +4,7 @@
 //! `cargo xtask bench`, writes them for the peer rows; `benches/peers/lightning_mlp.py` measures
 //! the same loop in Lightning Fabric.
 //!
-//! `cargo bench -p fabric-benches --bench peer [-- --quick]`
+//! `cargo bench -p fabric-benches --bench peer [-- --quick] [--steps N] [--rounds M]`
 
 use fabric_benches::{MNIST_MLP, fabric, median, report, rotate_rounds};
 use serde::Serialize;
@@ -22,13 +22,14 @@ struct Throughput {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let (steps, rounds) = if quick { (15, 3) } else { (40, 5) };
-    // `--rounds N` (xtask: 1, between runs of the peer) overrides the count.
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .unwrap_or(rounds);
+    // `--steps N --rounds M` override the defaults: xtask runs one round at a time between runs
+    // of the peer, with the peer's step count.
+    let value = |flag: &str| {
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1)?.parse().ok()
+    };
+    let steps = value("--steps").unwrap_or(if quick { 15 } else { 40 });
+    let rounds = value("--rounds").unwrap_or(if quick { 3 } else { 5 }) as usize;
     let run = |devices: usize| {
         move || {
             let times = fabric(MNIST_MLP, GLOBAL_BATCH, devices, steps).expect("fabric");

@@ -77,11 +77,12 @@ pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report
 
 /// Indices `0..n` shuffled by `seed` and dealt into `k` folds of sizes differing by at most one.
 pub fn split(n: usize, k: usize, seed: u64) -> Vec<Vec<usize>> {
+    let k = k.max(1);
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed));
-    let mut folds = vec![Vec::with_capacity(n / k.max(1) + 1); k.max(1)];
+    let mut folds = vec![Vec::with_capacity(n / k + 1); k];
     for (i, index) in order.into_iter().enumerate() {
-        folds[i % k.max(1)].push(index);
+        folds[i % k].push(index);
     }
     folds
 }

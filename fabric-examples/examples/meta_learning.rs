@@ -12,18 +12,20 @@
 //! them over every rank's tasks; the meta-optimizer then steps the original model. Meta-training
 //! draws its images from the training split, meta-testing from the held-out test split.
 
+use burn::data::dataloader::batcher::Batcher;
 use burn::module::{AutodiffModule, Module};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
-use fabric_examples::digits::{self, CLASSES, Digit, PIXELS};
+use fabric_examples::digits::{self, CLASSES, Digit, DigitBatch, DigitBatcher, PIXELS};
+use fabric_examples::mlp::count_correct;
 use fabric_examples::noise::rank_rng;
 use fabric_examples::progress;
 use rand::RngExt;
@@ -185,16 +187,10 @@ pub struct Task {
     pub query: Vec<Digit>,
 }
 
+/// A task's digits as one batch (the images and their task labels).
 fn batch<B: Backend>(digits: &[Digit], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
-    let pixels: Vec<f32> = digits
-        .iter()
-        .flat_map(|d| d.pixels.map(|p| p / 16.0))
-        .collect();
-    let labels: Vec<i64> = digits.iter().map(|d| i64::from(d.label)).collect();
-    (
-        Tensor::from_data(TensorData::new(pixels, [digits.len(), PIXELS]), device),
-        Tensor::from_data(TensorData::new(labels, [digits.len()]), device),
-    )
+    let DigitBatch { images, labels } = DigitBatcher.batch(digits.to_vec(), device);
+    (images, labels)
 }
 
 /// The inner loop: `adaptation_steps` plain SGD steps on the support set, on a clone. The clone
@@ -252,7 +248,8 @@ fn meta_train<B: AutodiffBackend + BackendDevices>(
                 let adapted = adapt(&model, &task.support, args, &device);
                 let (images, labels) = batch::<B>(&task.query, &device);
                 let logits = adapted.forward(images);
-                correct_sum += correct(&logits, &labels) / task.query.len() as f64;
+                correct_sum +=
+                    count_correct(logits.clone(), labels.clone()) / task.query.len() as f64;
                 // The mean over this rank's tasks; Fabric's average over ranks makes it the
                 // mean over the whole meta-batch.
                 let loss = loss_fn.forward(logits, labels).div_scalar(mine as f64);
@@ -287,16 +284,6 @@ fn meta_train<B: AutodiffBackend + BackendDevices>(
     })
 }
 
-fn correct<B: Backend>(logits: &Tensor<B, 2>, labels: &Tensor<B, 1, Int>) -> f64 {
-    let predicted = logits.clone().argmax(1).flatten::<1>(0, 1);
-    predicted
-        .equal(labels.clone())
-        .int()
-        .sum()
-        .into_scalar()
-        .elem::<f64>()
-}
-
 /// Query accuracy after adaptation on `--test-tasks` tasks from the test split, split across
 /// the ranks (each its own tasks) and averaged over all of them.
 fn meta_test<B: AutodiffBackend + BackendDevices>(
@@ -318,7 +305,7 @@ fn meta_test<B: AutodiffBackend + BackendDevices>(
         let task = test.task(&mut rng, ways, shots, queries);
         let adapted = adapt(model, &task.support, args, &device).valid();
         let (images, labels) = batch::<B::InnerBackend>(&task.query, &device);
-        correct_count += correct(&adapted.forward(images), &labels);
+        correct_count += count_correct(adapted.forward(images), labels);
         total += task.query.len() as f64;
     }
     let correct_count = fabric.all_reduce_scalar(correct_count, ReduceOp::Sum)?;

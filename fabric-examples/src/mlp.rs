@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 
@@ -71,14 +71,19 @@ pub fn correct_of_share<B: AutodiffBackend + BackendDevices>(
     let (mut correct, mut total) = (0.0, 0.0);
     for batch in loader.iter() {
         let logits = fabric.forward(model, batch.images, |m, x| m.forward(x));
-        let predicted = logits.argmax(1).flatten::<1>(0, 1);
         total += batch.labels.dims()[0] as f64;
-        correct += predicted
-            .equal(batch.labels)
-            .int()
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
+        correct += count_correct(logits, batch.labels);
     }
     Ok([correct, total])
+}
+
+/// How many rows of `logits` `[n, classes]` have their largest value at the `labels` `[n]`.
+pub fn count_correct<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> f64 {
+    let predicted = logits.argmax(1).flatten::<1>(0, 1);
+    predicted
+        .equal(labels)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<f64>()
 }

@@ -47,12 +47,8 @@ impl<B: AutodiffBackend> Zero<B> {
         }
     }
 
-    fn comm(&self) -> &dyn Collective {
-        self.ddp.collective()
-    }
-
     fn owners(&self, layout: &[(usize, DType)]) -> Vec<usize> {
-        partition(layout, self.comm().world_size())
+        partition(layout, self.collective().world_size())
     }
 }
 
@@ -107,7 +103,7 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         grads: Vec<FlatGrad<Inner<B>>>,
     ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
         let owners = self.owners(&layout_of(&grads, |g| (g.numel, g.dtype)));
-        let collective = self.comm();
+        let collective = self.collective();
         let reduced = match self.stage {
             ZeroStage::One => self.ddp.reduce_gradients(grads)?,
             ZeroStage::Two => reduce_buckets(
@@ -131,11 +127,11 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {
-        Some((self.comm().world_size(), self.comm().rank()))
+        Some((self.collective().world_size(), self.collective().rank()))
     }
 
     fn owned_parameters(&self, layout: &[(usize, DType)]) -> Option<Vec<bool>> {
-        let rank = self.comm().rank();
+        let rank = self.collective().rank();
         Some(self.owners(layout).into_iter().map(|o| o == rank).collect())
     }
 
@@ -149,11 +145,11 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
             (p.shape().num_elements(), p.dtype())
         }));
         let mut slots: Vec<Option<Tensor<Inner<B>, 1>>> = params.into_iter().map(Some).collect();
-        for owner in 0..self.comm().world_size() {
+        for owner in 0..self.collective().world_size() {
             let indices: Vec<usize> = (0..slots.len()).filter(|&i| owners[i] == owner).collect();
             let values: Vec<_> = indices.iter().filter_map(|&i| slots[i].take()).collect();
             let synced = broadcast_buckets::<Inner<B>>(
-                self.comm(),
+                self.collective(),
                 self.ddp.device(),
                 values,
                 self.ddp.bucket_bytes(),
@@ -177,7 +173,7 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
             ReduceOp::Sum
         };
         let total = self
-            .comm()
+            .collective()
             .all_reduce(TensorData::new(vec![partial], [1]), op)?;
         let total = total.as_slice::<f64>().map_err(|e| FabricError::Data {
             context: "gradient norm",

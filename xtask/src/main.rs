@@ -288,11 +288,9 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
     }
     let script = workspace_root().join("benches/peers/lightning_mlp.py");
     let (steps, rounds) = if quick { (15, 2) } else { (40, 3) };
-    let ours_args: &[&str] = if quick {
-        &["--quick", "--rounds", "1"]
-    } else {
-        &["--rounds", "1"]
-    };
+    // Both sides time the same number of steps.
+    let steps_arg = steps.to_string();
+    let ours_args = ["--steps", steps_arg.as_str(), "--rounds", "1"];
     let mut measured = Vec::new();
     for round in 0..rounds {
         let mut theirs = Vec::new();
@@ -308,7 +306,7 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
         if round % 2 == 1 {
             run_theirs(&mut theirs);
         }
-        cargo_bench("peer", None, ours_args, rows_dir)?;
+        cargo_bench("peer", None, &ours_args, rows_dir)?;
         if round % 2 == 0 {
             run_theirs(&mut theirs);
         }
