@@ -4,7 +4,7 @@
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
-use fabric_core::collective::Collective;
+use fabric_core::collective::{Collective, DeviceEngine, device_engine};
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::strategy::Strategy;
@@ -33,6 +33,9 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub log_calls: AtomicU64,
     /// Makes each rank's callbacks.
     pub callbacks: Option<CallbackFactory>,
+    /// DDP's device engine for gradient buckets (NCCL when the ranks are CUDA devices of one
+    /// process), or `None` for the host collective.
+    pub engine: Option<DeviceEngine<B::InnerBackend>>,
 }
 
 /// Makes a fresh set of callbacks for one rank.
@@ -79,6 +82,11 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             }
             other => other,
         };
+        // Gradients stay on the GPUs when every rank is a device of this process.
+        let engine = match (strategy, &processes) {
+            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?,
+            _ => None,
+        };
         Ok(Self {
             config,
             placement,
@@ -88,6 +96,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             loggers: Mutex::new(loggers),
             log_calls: AtomicU64::new(0),
             callbacks,
+            engine,
         })
     }
 
@@ -117,7 +126,11 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         match self.strategy {
             StrategyChoice::SingleDevice => Arc::new(SingleDevice::<B>::default()),
             StrategyChoice::Auto | StrategyChoice::Ddp => {
-                Arc::new(Ddp::<B>::new(collective, device, bucket_bytes))
+                let ddp = Ddp::<B>::new(collective, device, bucket_bytes);
+                match &self.engine {
+                    Some(engine) => Arc::new(ddp.with_engine(engine.for_rank(local_rank))),
+                    None => Arc::new(ddp),
+                }
             }
             StrategyChoice::Zero1 => Arc::new(Zero::<B>::new(
                 collective,

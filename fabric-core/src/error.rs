@@ -51,9 +51,8 @@ pub enum FabricError {
         available: String,
     },
 
-    /// More devices were requested than the machine has.
     /// The backend supports the accelerator, but this machine cannot run it (no driver, no
-    /// device, no adapter).
+    /// device, no adapter, no NCCL library).
     #[error("the `{backend}` backend cannot use `{accelerator}` on this machine: {reason}")]
     DriverUnavailable {
         /// The backend's name.
@@ -64,6 +63,7 @@ pub enum FabricError {
         reason: String,
     },
 
+    /// More devices were requested than the machine has.
     #[error(
         "requested {requested} `{accelerator}` device(s) but this machine has only {available}"
     )]
@@ -250,6 +250,19 @@ pub enum CollectiveError {
         operation: &'static str,
         /// The dtype, as Burn prints it.
         dtype: String,
+    },
+
+    /// A device engine (NCCL) refused or failed an operation.
+    #[error("rank {rank}: `{engine}` failed in `{operation}`: {message}")]
+    Engine {
+        /// The rank that saw the failure.
+        rank: usize,
+        /// The engine, e.g. `"nccl"`.
+        engine: &'static str,
+        /// The operation.
+        operation: &'static str,
+        /// What went wrong.
+        message: String,
     },
 
     /// A source rank outside `0..world_size`.

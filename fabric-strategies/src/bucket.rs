@@ -4,7 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, ReduceOp, pack};
+use fabric_core::collective::{Collective, DeviceCollective, ReduceOp, pack};
 use fabric_core::strategy::FlatGrad;
 use std::ops::Range;
 
@@ -155,6 +155,55 @@ pub fn reduce_bucket<B: Backend>(
         .collect())
 }
 
+/// [`reduce_buckets`] for DDP through a device engine (NCCL): the buckets are concatenated,
+/// averaged and split on the ranks' devices. Which gradients exist is settled first with one
+/// small host all-reduce of presence flags (the same rule as [`reduce_bucket`]'s), so gradients
+/// no rank has are left out of the buckets.
+pub fn reduce_buckets_on_device<B: Backend>(
+    collective: &dyn Collective,
+    engine: &dyn DeviceCollective<B>,
+    device: &B::Device,
+    grads: Vec<FlatGrad<B>>,
+    bucket_bytes: usize,
+) -> Result<Vec<FlatGrad<B>>, FabricError> {
+    let flags: Vec<f32> = grads
+        .iter()
+        .map(|g| if g.grad.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let count = flags.len();
+    let present =
+        presence(&collective.all_reduce(TensorData::new(flags, [count]), ReduceOp::Sum)?)?;
+    let mut slots: Vec<FlatGrad<B>> = grads;
+    let live: Vec<usize> = (0..slots.len()).filter(|&i| present[i]).collect();
+    let layout: Vec<(usize, DType)> = live
+        .iter()
+        .map(|&i| (slots[i].numel, slots[i].dtype))
+        .collect();
+    for bucket in plan_buckets(&layout, bucket_bytes) {
+        let indices = &live[bucket.tensors];
+        let mut members: Vec<Tensor<B, 1>> = indices
+            .iter()
+            .map(|&i| {
+                let slot = &mut slots[i];
+                slot.grad
+                    .take()
+                    .unwrap_or_else(|| Tensor::zeros([slot.numel], (device, slot.dtype)))
+            })
+            .collect();
+        let sizes: Vec<usize> = indices.iter().map(|&i| slots[i].numel).collect();
+        let packed = match members.len() {
+            1 => members.swap_remove(0),
+            _ => Tensor::cat(members, 0),
+        };
+        let reduced = engine.all_reduce(packed, ReduceOp::Mean)?;
+        for (&i, grad) in indices.iter().zip(reduced.split_with_sizes(sizes, 0)) {
+            slots[i].grad = Some(grad);
+        }
+    }
+    engine.wait()?;
+    Ok(slots)
+}
+
 /// Reads the reduced presence flags: a gradient exists if any rank had it.
 fn presence(flags: &TensorData) -> Result<Vec<bool>, FabricError> {
     let flags = flags.as_slice::<f32>().map_err(|e| FabricError::Data {
@@ -220,6 +269,100 @@ mod tests {
             .map(|t| t.into_data().to_vec().unwrap())
             .collect();
         assert_eq!(values, vec![vec![1.0, 2.0], vec![3.0], vec![0.0; 3]]);
+    }
+
+    /// A device engine that reduces through the host collective, so the device path's bucket
+    /// logic runs on a CPU backend.
+    struct HostEngine<'a>(&'a dyn Collective);
+
+    impl<B: Backend> DeviceCollective<B> for HostEngine<'_> {
+        fn name(&self) -> &'static str {
+            "host"
+        }
+        fn all_reduce(
+            &self,
+            tensor: Tensor<B, 1>,
+            op: ReduceOp,
+        ) -> Result<Tensor<B, 1>, fabric_core::CollectiveError> {
+            let device = tensor.device();
+            let reduced = self.0.all_reduce(tensor.into_data(), op)?;
+            Ok(Tensor::from_data(reduced, &device))
+        }
+        fn wait(&self) -> Result<(), fabric_core::CollectiveError> {
+            Ok(())
+        }
+    }
+
+    /// Rank `r`'s gradients: sizes that make several buckets at a 64-byte cap; gradient 1 only
+    /// on rank 0, gradient 3 on no rank.
+    fn rank_grads<B: Backend>(rank: usize, device: &B::Device) -> Vec<FlatGrad<B>> {
+        [7usize, 3, 20, 5, 1, 9]
+            .into_iter()
+            .enumerate()
+            .map(|(i, numel)| {
+                let has = match i {
+                    1 => rank == 0,
+                    3 => false,
+                    _ => true,
+                };
+                let values: Vec<f32> = (0..numel)
+                    .map(|j| ((rank * 31 + i * 7 + j) % 11) as f32 * 0.37 - 1.5)
+                    .collect();
+                FlatGrad {
+                    numel,
+                    dtype: DType::F32,
+                    grad: has.then(|| Tensor::from_data(TensorData::new(values, [numel]), device)),
+                }
+            })
+            .collect()
+    }
+
+    fn values<B: Backend>(grads: Vec<FlatGrad<B>>) -> Vec<Option<Vec<f32>>> {
+        grads
+            .into_iter()
+            .map(|g| g.grad.map(|t| t.into_data().to_vec().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn device_path_equals_host_path() {
+        use fabric_core::launcher::{ThreadLaunch, launch_threads};
+        type F = burn::backend::Flex;
+        for world in [1, 2, 3] {
+            let launch = ThreadLaunch {
+                world_size: world,
+                first_rank: 0,
+                timeout: std::time::Duration::from_secs(30),
+                threads_per_rank: Some(1),
+            };
+            let (host, on_device) = launch_threads(&launch, |rank, c| {
+                let device = Default::default();
+                let host = reduce_buckets::<F>(&c, &device, rank_grads(rank, &device), 64, None);
+                let engine = HostEngine(&c);
+                let grads = rank_grads(rank, &device);
+                let on_device = reduce_buckets_on_device::<F>(&c, &engine, &device, grads, 64);
+                match (host, on_device) {
+                    (Ok(h), Ok(d)) => Ok((values(h), values(d))),
+                    (h, d) => Err(format!("{:?} / {:?}", h.err(), d.err())),
+                }
+            })
+            .unwrap();
+            assert_eq!(host, on_device, "world {world}");
+            assert!(
+                on_device[3].is_none(),
+                "a gradient no rank has stays absent"
+            );
+            // Gradient 1 exists only on rank 0: the others count as zeros in the mean.
+            let alone: Vec<f32> = (0..3).map(|j| ((7 + j) % 11) as f32 * 0.37 - 1.5).collect();
+            let expect: Vec<f32> = alone.iter().map(|v| v / world as f32).collect();
+            let got = on_device[1].clone().unwrap();
+            for (g, e) in got.iter().zip(&expect) {
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1.0),
+                    "{got:?} vs {expect:?}"
+                );
+            }
+        }
     }
 
     #[test]

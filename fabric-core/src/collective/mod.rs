@@ -1,16 +1,20 @@
 //! The collective seam: the operations ranks use to exchange tensors. One trait, one
 //! implementation per engine: [`SingleProcess`] (world size 1), [`ThreadGroup`] (ranks are threads
-//! of one process); MPI and NCCL implement the same trait behind their features.
+//! of one process); MPI implements the same trait behind its feature. NCCL reduces gradient
+//! buckets in device memory through the [`device`] seam instead.
 //!
 //! Buffers travel as [`TensorData`]: dtype-tagged host bytes. Moving a CPU tensor into
 //! `TensorData` and back is free for Flex when the tensor is not shared, so the in-process engine
 //! reduces straight in the tensors' own memory.
 
+pub mod device;
 #[cfg(feature = "mpi")]
 mod hierarchical;
 mod host;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod reduce;
 mod single;
 mod thread_group;
@@ -19,6 +23,7 @@ mod thread_group;
 pub use hierarchical::HierarchicalCollective;
 pub use host::{pack, split};
 
+pub use device::{DeviceCollective, DeviceEngine, device_engine};
 pub use single::SingleProcess;
 pub use thread_group::{ThreadCollective, ThreadGroup};
 

@@ -1,0 +1,116 @@
+//! Collectives on tensors where they lie (device memory), for engines that reduce without a
+//! round trip through the host: NCCL on CUDA (feature `cuda`). The host [`Collective`] stays
+//! the engine for everything else (the façade's collectives, CPU ranks, MPI processes); DDP asks
+//! for a [`DeviceEngine`] at configuration time and, where there is one, averages its gradient
+//! buckets through it.
+//!
+//! [`Collective`]: super::Collective
+
+use super::ReduceOp;
+use crate::FabricError;
+use crate::error::CollectiveError;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use std::any::Any;
+use std::sync::Arc;
+
+/// Reduces one rank's tensors with the other local ranks' on their own devices. Every rank of
+/// the engine calls the same operations in the same order, with equal shapes and dtypes.
+pub trait DeviceCollective<B: Backend>: Send + Sync {
+    /// The engine's name, for messages (`"nccl"`).
+    fn name(&self) -> &'static str;
+
+    /// Combines `tensor` across the ranks element-wise (in place when the tensor is contiguous
+    /// and not shared). Only [`ReduceOp::Sum`] and [`ReduceOp::Mean`] are device operations;
+    /// the others are [`CollectiveError::Engine`] errors.
+    fn all_reduce(
+        &self,
+        tensor: Tensor<B, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError>;
+
+    /// Returns once every reduction this rank issued has finished, so the results can be read
+    /// and written by whatever runs next.
+    fn wait(&self) -> Result<(), CollectiveError>;
+}
+
+/// Makes each local rank's [`DeviceCollective`]; shared by the ranks of one process.
+#[derive(Clone)]
+pub struct DeviceEngine<B: Backend> {
+    name: &'static str,
+    make: Arc<dyn Fn(usize) -> Box<dyn DeviceCollective<B>> + Send + Sync>,
+}
+
+impl<B: Backend> DeviceEngine<B> {
+    /// An engine whose rank `r` collective is `make(r)`.
+    pub fn new(
+        name: &'static str,
+        make: impl Fn(usize) -> Box<dyn DeviceCollective<B>> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            make: Arc::new(make),
+        }
+    }
+
+    /// The engine's name (`"nccl"`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The collective of local rank `local_rank`.
+    pub fn for_rank(&self, local_rank: usize) -> Box<dyn DeviceCollective<B>> {
+        (self.make)(local_rank)
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for DeviceEngine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceEngine")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// The device engine for local ranks on `devices` (one device each, in this process), if
+/// backend `B` has one: NCCL for Burn's `Cuda` backend (feature `cuda`) with two or more
+/// devices. `Ok(None)` means the host collectives do the work. An error means the engine
+/// applies but cannot run on this machine (no NCCL library): a typed error, never a panic.
+pub fn device_engine<B: Backend>(
+    devices: &[B::Device],
+) -> Result<Option<DeviceEngine<B>>, FabricError> {
+    #[cfg(feature = "cuda")]
+    if let Some(engine) = super::nccl::engine::<B>(devices)? {
+        return Ok(Some(engine));
+    }
+    let _ = devices;
+    Ok(None)
+}
+
+/// `value` as type `U`, which it is (checked by the caller's `TypeId` test): how a concrete
+/// engine serves a generic backend without specialisation.
+#[allow(dead_code)]
+pub(crate) fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
+    (Box::new(value) as Box<dyn Any>)
+        .downcast::<U>()
+        .ok()
+        .map(|boxed| *boxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_backends_have_no_device_engine() {
+        type F = burn::backend::Flex;
+        let engine = device_engine::<F>(&[Default::default(), Default::default()]).unwrap();
+        assert!(engine.is_none());
+    }
+
+    #[test]
+    fn same_type_casts_only_to_the_same_type() {
+        assert_eq!(same_type::<u32, u32>(7), Some(7));
+        assert_eq!(same_type::<u32, i32>(7), None);
+    }
+}

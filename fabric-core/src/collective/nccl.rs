@@ -1,0 +1,216 @@
+//! NCCL for Burn's `Cuda` backend: the local ranks' gradient buckets are all-reduced in device
+//! memory, never copied to the host.
+//!
+//! Each rank thread drives its own GPU. CubeCL's CUDA server keeps one NCCL communicator per
+//! device (created by `ncclCommInitRank` on first use, every device of the group joining) and
+//! runs the reduction on a communication stream that waits for the compute stream, so the
+//! reduction follows the backward pass that produced the gradients. This engine hands the
+//! buffers under Burn's fusion layer to that server and puts the results back in the fusion
+//! stream. NCCL spans the devices of one process; ranks in other processes are joined by MPI
+//! on the host.
+
+use super::ReduceOp;
+use super::device::{DeviceCollective, DeviceEngine, same_type};
+use crate::FabricError;
+use crate::error::CollectiveError;
+use burn::backend::Cuda;
+use burn::backend::cuda::CudaDevice;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::client::GlobalFusionClient;
+use burn_fusion::{FusionBackend, NoOp, stream::OperationStreams};
+use burn_ir::{BackendIr, InitOperationIr, OperationIr, OperationOutput};
+use cubecl::Runtime;
+use cubecl::cuda::CudaRuntime;
+use cubecl::server::ReduceOperation;
+use cubecl_common::device::{Device as _, DeviceId};
+use std::any::TypeId;
+
+/// The backend under Burn's fusion layer for `Cuda`.
+type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+
+/// Why NCCL cannot run here, or `Ok` when its library loads.
+pub fn probe() -> Result<(), FabricError> {
+    // SAFETY: only tries to dlopen the NCCL library; nothing is called through it.
+    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(FabricError::DriverUnavailable {
+            backend: "cuda",
+            accelerator: "cuda".into(),
+            reason: "DDP over several GPUs needs NCCL and its library (libnccl.so.2) is not \
+                     installed on this machine (pip's nvidia-nccl-cu12 or the distribution's \
+                     libnccl2 provides it)"
+                .into(),
+        })
+    }
+}
+
+/// The NCCL engine for `devices` when `B` is Burn's `Cuda` and there are several devices.
+pub(crate) fn engine<B: Backend>(
+    devices: &[B::Device],
+) -> Result<Option<DeviceEngine<B>>, FabricError> {
+    if TypeId::of::<B>() != TypeId::of::<Cuda>() || devices.len() < 2 {
+        return Ok(None);
+    }
+    let devices: Vec<CudaDevice> = devices
+        .iter()
+        .filter_map(|device| same_type::<B::Device, CudaDevice>(device.clone()))
+        .collect();
+    probe()?;
+    let ids: Vec<DeviceId> = devices.iter().map(|device| device.to_id()).collect();
+    Ok(Some(DeviceEngine::new("nccl", move |rank| {
+        Box::new(Generic::<B> {
+            nccl: Nccl {
+                rank,
+                device: devices[rank].clone(),
+                group: ids.clone(),
+            },
+            _backend: std::marker::PhantomData,
+        })
+    })))
+}
+
+/// One rank's NCCL collective.
+struct Nccl {
+    rank: usize,
+    device: CudaDevice,
+    /// Every device of the group, in rank order.
+    group: Vec<DeviceId>,
+}
+
+impl Nccl {
+    fn fail(&self, operation: &'static str, message: String) -> CollectiveError {
+        CollectiveError::Engine {
+            rank: self.rank,
+            engine: "nccl",
+            operation,
+            message,
+        }
+    }
+
+    fn all_reduce(
+        &self,
+        tensor: Tensor<Cuda, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<Cuda, 1>, CollectiveError> {
+        let op = match op {
+            ReduceOp::Sum => ReduceOperation::Sum,
+            ReduceOp::Mean => ReduceOperation::Mean,
+            other => {
+                return Err(self.fail(
+                    "all_reduce",
+                    format!("`{other}` is not a device reduction (only `sum` and `mean` are)"),
+                ));
+            }
+        };
+        let fusion = tensor.into_primitive().tensor();
+        let client = fusion.client.clone();
+        let (shape, dtype) = (fusion.shape.clone(), fusion.dtype);
+        // Runs what the fusion stream still holds for this tensor and hands over its buffer.
+        let cube: CubeTensor<CudaRuntime> =
+            burn_cubecl::kernel::into_contiguous(client.resolve_tensor_float::<Cube>(fusion));
+        // In place when nothing else holds the buffer; otherwise into a new one.
+        let out = (!cube.can_mut()).then(|| {
+            let buffer = cube.client.empty(shape.num_elements() * dtype.size());
+            CubeTensor::new_contiguous(
+                cube.client.clone(),
+                cube.device.clone(),
+                shape.clone(),
+                buffer,
+                dtype,
+            )
+        });
+        let dst = out.as_ref().unwrap_or(&cube).handle.clone();
+        let mut compute = cube.client.clone();
+        compute.all_reduce(
+            cube.handle.clone(),
+            dst,
+            dtype.into(),
+            self.group.clone(),
+            op,
+        );
+        Ok(register(client, out.unwrap_or(cube), shape, dtype))
+    }
+
+    fn wait(&self) -> Result<(), CollectiveError> {
+        let client = CudaRuntime::client(&self.device);
+        // The compute stream waits for the communication stream, then the host for both.
+        client.sync_collective();
+        cubecl_common::future::block_on(client.sync())
+            .map_err(|e| self.fail("wait", format!("{e:?}")))
+    }
+}
+
+/// Puts a CubeCL tensor back into the fusion stream of `client`.
+fn register(
+    client: GlobalFusionClient<<Cube as FusionBackend>::FusionRuntime>,
+    tensor: CubeTensor<CudaRuntime>,
+    shape: burn::tensor::Shape,
+    dtype: burn::tensor::DType,
+) -> Tensor<Cuda, 1> {
+    let handle = <Cube as BackendIr>::float_tensor_handle(tensor);
+    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    let fusion = client
+        .register(
+            OperationStreams::default(),
+            OperationIr::Init(desc),
+            NoOp::<Cube>::new(),
+        )
+        .output();
+    Tensor::from_primitive(TensorPrimitive::Float(fusion))
+}
+
+/// [`Nccl`] serving the generic backend `B`, which [`engine`] checked is `Cuda`.
+struct Generic<B: Backend> {
+    nccl: Nccl,
+    _backend: std::marker::PhantomData<fn() -> B>,
+}
+
+impl<B: Backend> DeviceCollective<B> for Generic<B> {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn all_reduce(
+        &self,
+        tensor: Tensor<B, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let not_cuda = || {
+            self.nccl
+                .fail("all_reduce", "the tensor is not a `Cuda` tensor".into())
+        };
+        let tensor = same_type::<_, Tensor<Cuda, 1>>(tensor).ok_or_else(not_cuda)?;
+        let reduced = self.nccl.all_reduce(tensor, op)?;
+        same_type::<_, Tensor<B, 1>>(reduced).ok_or_else(not_cuda)
+    }
+
+    fn wait(&self) -> Result<(), CollectiveError> {
+        self.nccl.wait()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without NCCL (every CI machine here) the engine is a typed error naming the
+    /// library; with NCCL it is built.
+    #[test]
+    fn nccl_engine_or_typed_error() {
+        let devices = [CudaDevice::new(0), CudaDevice::new(1)];
+        match engine::<Cuda>(&devices) {
+            Ok(engine) => assert_eq!(engine.map(|e| e.name()), Some("nccl")),
+            Err(err) => {
+                let text = err.to_string();
+                assert!(text.contains("libnccl.so.2"), "{text}");
+                assert!(matches!(err, FabricError::DriverUnavailable { .. }));
+            }
+        }
+        // One device, or another backend: no engine at all.
+        assert!(engine::<Cuda>(&devices[..1]).unwrap().is_none());
+    }
+}
