@@ -114,10 +114,7 @@ pub fn reduce_bucket<B: Backend>(
     dst: Option<usize>,
 ) -> Result<Vec<FlatGrad<B>>, FabricError> {
     let layout: Vec<usize> = members.iter().map(|m| m.numel).collect();
-    let flags: Vec<f32> = members
-        .iter()
-        .map(|m| if m.grad.is_some() { 1.0 } else { 0.0 })
-        .collect();
+    let flags = presence_flags(&members);
     let mut buffers: Vec<TensorData> = members
         .into_iter()
         .map(|member| match member.grad {
@@ -166,10 +163,7 @@ pub fn reduce_buckets_on_device<B: Backend>(
     grads: Vec<FlatGrad<B>>,
     bucket_bytes: usize,
 ) -> Result<Vec<FlatGrad<B>>, FabricError> {
-    let flags: Vec<f32> = grads
-        .iter()
-        .map(|g| if g.grad.is_some() { 1.0 } else { 0.0 })
-        .collect();
+    let flags = presence_flags(&grads);
     let count = flags.len();
     let present =
         presence(&collective.all_reduce(TensorData::new(flags, [count]), ReduceOp::Sum)?)?;
@@ -202,6 +196,15 @@ pub fn reduce_buckets_on_device<B: Backend>(
     }
     engine.wait()?;
     Ok(slots)
+}
+
+/// 1 where this rank has the gradient, 0 where it has none: summed or averaged over the ranks,
+/// the flags say which gradients exist on any rank ([`presence`]).
+fn presence_flags<B: Backend>(grads: &[FlatGrad<B>]) -> Vec<f32> {
+    grads
+        .iter()
+        .map(|g| if g.grad.is_some() { 1.0 } else { 0.0 })
+        .collect()
 }
 
 /// Reads the reduced presence flags: a gradient exists if any rank had it.
@@ -276,9 +279,6 @@ mod tests {
     struct HostEngine<'a>(&'a dyn Collective);
 
     impl<B: Backend> DeviceCollective<B> for HostEngine<'_> {
-        fn name(&self) -> &'static str {
-            "host"
-        }
         fn all_reduce(
             &self,
             tensor: Tensor<B, 1>,

@@ -11,15 +11,11 @@ use crate::FabricError;
 use crate::error::CollectiveError;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use std::any::Any;
 use std::sync::Arc;
 
 /// Reduces one rank's tensors with the other local ranks' on their own devices. Every rank of
 /// the engine calls the same operations in the same order, with equal shapes and dtypes.
 pub trait DeviceCollective<B: Backend>: Send + Sync {
-    /// The engine's name, for messages (`"nccl"`).
-    fn name(&self) -> &'static str;
-
     /// Combines `tensor` across the ranks element-wise (in place when the tensor is contiguous
     /// and not shared). Only [`ReduceOp::Sum`] and [`ReduceOp::Mean`] are device operations;
     /// the others are [`CollectiveError::Engine`] errors.
@@ -89,9 +85,9 @@ pub fn device_engine<B: Backend>(
 
 /// `value` as type `U`, which it is (checked by the caller's `TypeId` test): how a concrete
 /// engine serves a generic backend without specialisation.
-#[allow(dead_code)]
+#[cfg(any(feature = "cuda", test))]
 pub(crate) fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
-    (Box::new(value) as Box<dyn Any>)
+    (Box::new(value) as Box<dyn std::any::Any>)
         .downcast::<U>()
         .ok()
         .map(|boxed| *boxed)

@@ -55,10 +55,14 @@ pub(crate) fn engine<B: Backend>(
     if TypeId::of::<B>() != TypeId::of::<Cuda>() || devices.len() < 2 {
         return Ok(None);
     }
-    let devices: Vec<CudaDevice> = devices
+    // `B` is `Cuda`, so every device is a `CudaDevice`.
+    let Some(devices) = devices
         .iter()
-        .filter_map(|device| same_type::<B::Device, CudaDevice>(device.clone()))
-        .collect();
+        .map(|device| same_type::<B::Device, CudaDevice>(device.clone()))
+        .collect::<Option<Vec<CudaDevice>>>()
+    else {
+        return Ok(None);
+    };
     probe()?;
     let ids: Vec<DeviceId> = devices.iter().map(|device| device.to_id()).collect();
     Ok(Some(DeviceEngine::new("nccl", move |rank| {
@@ -170,10 +174,6 @@ struct Generic<B: Backend> {
 }
 
 impl<B: Backend> DeviceCollective<B> for Generic<B> {
-    fn name(&self) -> &'static str {
-        "nccl"
-    }
-
     fn all_reduce(
         &self,
         tensor: Tensor<B, 1>,
