@@ -5,6 +5,18 @@ use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
 use fabric_core::collective::{Collective, DeviceEngine, device_engine};
+
+/// The fused engine for ranks sharing one CubeCL device (features `wgpu`, `cuda`).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use fabric_precision::shared_device::engine as shared_device_engine;
+
+/// Without a CubeCL backend compiled in there is no shared-device engine.
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+fn shared_device_engine<B: burn::tensor::backend::Backend>(
+    _devices: &[B::Device],
+) -> Option<DeviceEngine<B>> {
+    None
+}
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::strategy::Strategy;
@@ -33,8 +45,9 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub log_calls: AtomicU64,
     /// Makes each rank's callbacks.
     pub callbacks: Option<CallbackFactory>,
-    /// DDP's device engine for gradient buckets (NCCL when the ranks are CUDA devices of one
-    /// process), or `None` for the host collective.
+    /// DDP's device engine for gradient buckets (NCCL when the ranks are distinct CUDA devices
+    /// of one process, the fused kernel when they share one CubeCL device), or `None` for the
+    /// host collective.
     pub engine: Option<DeviceEngine<B::InnerBackend>>,
 }
 
@@ -84,7 +97,8 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         };
         // Gradients stay on the GPUs when every rank is a device of this process.
         let engine = match (strategy, &processes) {
-            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?,
+            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?
+                .or_else(|| shared_device_engine::<B::InnerBackend>(&placement.devices)),
             _ => None,
         };
         Ok(Self {
@@ -159,7 +173,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
 
     /// The first line the examples print.
     pub fn describe(&self) -> String {
-        format!(
+        let mut line = format!(
             "backend={} accelerator={} devices={} num_nodes={} world_size={} strategy={} precision={}",
             B::backend_name(),
             self.placement.accelerator,
@@ -168,6 +182,11 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             self.world_size(),
             self.strategy,
             self.config.precision,
-        )
+        );
+        if let Some(engine) = &self.engine {
+            line.push_str(" gradient_sync=");
+            line.push_str(engine.name());
+        }
+        line
     }
 }

@@ -41,27 +41,30 @@ pub enum Path {
 }
 
 #[cube(launch)]
-fn fused_sum_cast<I: Float, O: Float, N: Size>(
-    local: &Array<Vector<I, N>>,
-    peer: &Array<Vector<I, N>>,
+fn fused_sum_cast<L: Float, P: Float, O: Float, N: Size>(
+    local: &Array<Vector<L, N>>,
+    peer: &Array<Vector<P, N>>,
     out: &mut Array<Vector<O, N>>,
+    divisor: f32,
 ) {
     if ABSOLUTE_POS < out.len() {
         let sum = Vector::<f32, N>::cast_from(local[ABSOLUTE_POS])
             + Vector::<f32, N>::cast_from(peer[ABSOLUTE_POS]);
-        out[ABSOLUTE_POS] = Vector::cast_from(sum);
+        out[ABSOLUTE_POS] = Vector::cast_from(sum / Vector::new(divisor));
     }
 }
 
 #[cube(launch)]
-fn sum_f32<I: Float, N: Size>(
-    local: &Array<Vector<I, N>>,
-    peer: &Array<Vector<I, N>>,
+fn sum_f32<L: Float, P: Float, N: Size>(
+    local: &Array<Vector<L, N>>,
+    peer: &Array<Vector<P, N>>,
     out: &mut Array<Vector<f32, N>>,
+    divisor: f32,
 ) {
     if ABSOLUTE_POS < out.len() {
-        out[ABSOLUTE_POS] = Vector::<f32, N>::cast_from(local[ABSOLUTE_POS])
+        let sum = Vector::<f32, N>::cast_from(local[ABSOLUTE_POS])
             + Vector::<f32, N>::cast_from(peer[ABSOLUTE_POS]);
+        out[ABSOLUTE_POS] = sum / Vector::new(divisor);
     }
 }
 
@@ -72,13 +75,42 @@ fn cast_f32<O: Float, N: Size>(input: &Array<Vector<f32, N>>, out: &mut Array<Ve
     }
 }
 
-/// The widest vector the runtime loads in one access for the narrower of the two dtypes (16
-/// bytes on CUDA: 8 halves) that divides `len`.
+/// The widest vector the runtime loads in one access for the narrowest dtype (16 bytes on
+/// CUDA: 8 halves) that divides `len`.
 fn vector_size<R: Runtime>(client: &ComputeClient<R>, len: usize, narrow: usize) -> usize {
     client
         .io_optimized_vector_sizes(narrow)
         .find(|v| len % v == 0)
         .unwrap_or(1)
+}
+
+/// Runs `$body` with `$t` the element type of float kind `$kind`.
+macro_rules! with_float {
+    ($kind:expr, $t:ident => $body:expr) => {
+        match $kind {
+            FloatKind::F32 => {
+                type $t = f32;
+                $body
+            }
+            FloatKind::F16 => {
+                type $t = f16;
+                $body
+            }
+            FloatKind::BF16 => {
+                type $t = bf16;
+                $body
+            }
+        }
+    };
+}
+
+/// One input of [`sum_scale_cast`]: a buffer and the dtype of its elements.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    /// The buffer (at least the call's `len` elements).
+    pub handle: &'a Handle,
+    /// Its element type.
+    pub kind: FloatKind,
 }
 
 /// `out = output(f32(local) + f32(peer))` over `len` elements of `input` dtype; returns the new
@@ -92,71 +124,60 @@ pub fn sum_cast<R: Runtime>(
     output: FloatKind,
     path: Path,
 ) -> Handle {
+    let operand = |handle| Operand {
+        handle,
+        kind: input,
+    };
+    sum_scale_cast(
+        client,
+        operand(local),
+        operand(peer),
+        len,
+        output,
+        1.0,
+        path,
+    )
+}
+
+/// `out = output((f32(local) + f32(peer)) / divisor)` over `len` elements, the two inputs in
+/// their own dtypes (an f32 running sum and a rank's half buffer, say); returns the new output
+/// buffer. A `divisor` of 1 leaves the sum exact; the last step of a mean passes the world size.
+pub fn sum_scale_cast<R: Runtime>(
+    client: &ComputeClient<R>,
+    local: Operand<'_>,
+    peer: Operand<'_>,
+    len: usize,
+    output: FloatKind,
+    divisor: f32,
+    path: Path,
+) -> Handle {
     let out = client.empty(len * output.size());
     if len == 0 {
         return out;
     }
-    let vector = vector_size(client, len, input.size().min(output.size()));
+    let narrow = local.kind.size().min(peer.kind.size()).min(output.size());
+    let vector = vector_size(client, len, narrow);
     let units = len / vector;
     let dim = CubeDim::new(client, units);
     let count = cubecl::calculate_cube_count_elemwise(client, units, dim);
-    // SAFETY: the caller's buffers hold `len` elements of `input`; `out` was made for `len` of
-    // `output` (array lengths count elements); every kernel checks `ABSOLUTE_POS < out.len()`.
+    // SAFETY: the caller's buffers hold `len` elements of their kinds; `out` was made for `len`
+    // of `output` (array lengths count elements); every kernel checks `ABSOLUTE_POS < out.len()`.
     let arg = |handle: &Handle| unsafe { ArrayArg::from_raw_parts(handle.clone(), len) };
+    let (l, p) = (arg(local.handle), arg(peer.handle));
     match path {
         Path::Fused => {
-            macro_rules! launch {
-                ($i:ty, $o:ty) => {
-                    fused_sum_cast::launch::<$i, $o, R>(
-                        client,
-                        count,
-                        dim,
-                        vector,
-                        arg(local),
-                        arg(peer),
-                        arg(&out),
-                    )
-                };
-            }
-            match (input, output) {
-                (FloatKind::F32, FloatKind::F32) => launch!(f32, f32),
-                (FloatKind::F32, FloatKind::F16) => launch!(f32, f16),
-                (FloatKind::F32, FloatKind::BF16) => launch!(f32, bf16),
-                (FloatKind::F16, FloatKind::F32) => launch!(f16, f32),
-                (FloatKind::F16, FloatKind::F16) => launch!(f16, f16),
-                (FloatKind::F16, FloatKind::BF16) => launch!(f16, bf16),
-                (FloatKind::BF16, FloatKind::F32) => launch!(bf16, f32),
-                (FloatKind::BF16, FloatKind::F16) => launch!(bf16, f16),
-                (FloatKind::BF16, FloatKind::BF16) => launch!(bf16, bf16),
-            }
+            with_float!(local.kind, L => with_float!(peer.kind, P => with_float!(output, O =>
+                fused_sum_cast::launch::<L, P, O, R>(client, count, dim, vector, l, p, arg(&out), divisor)
+            )))
         }
         Path::Unfused => {
             let tmp = client.empty(len * FloatKind::F32.size());
-            macro_rules! sum_then_cast {
-                ($i:ty, $o:ty) => {{
-                    sum_f32::launch::<$i, R>(
-                        client,
-                        count.clone(),
-                        dim,
-                        vector,
-                        arg(local),
-                        arg(peer),
-                        arg(&tmp),
-                    );
-                    cast_f32::launch::<$o, R>(client, count, dim, vector, arg(&tmp), arg(&out))
-                }};
-            }
-            match (input, output) {
-                (FloatKind::F32, FloatKind::F32) => sum_then_cast!(f32, f32),
-                (FloatKind::F32, FloatKind::F16) => sum_then_cast!(f32, f16),
-                (FloatKind::F32, FloatKind::BF16) => sum_then_cast!(f32, bf16),
-                (FloatKind::F16, FloatKind::F32) => sum_then_cast!(f16, f32),
-                (FloatKind::F16, FloatKind::F16) => sum_then_cast!(f16, f16),
-                (FloatKind::F16, FloatKind::BF16) => sum_then_cast!(f16, bf16),
-                (FloatKind::BF16, FloatKind::F32) => sum_then_cast!(bf16, f32),
-                (FloatKind::BF16, FloatKind::F16) => sum_then_cast!(bf16, f16),
-                (FloatKind::BF16, FloatKind::BF16) => sum_then_cast!(bf16, bf16),
-            }
+            with_float!(local.kind, L => with_float!(peer.kind, P =>
+                sum_f32::launch::<L, P, R>(client, count.clone(), dim, vector, l, p, arg(&tmp), divisor)
+            ));
+            with_float!(output, O =>
+                cast_f32::launch::<O, R>(client, count, dim, vector, arg(&tmp), arg(&out))
+            );
         }
     }
     out

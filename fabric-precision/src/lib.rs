@@ -15,6 +15,8 @@ mod cast;
 pub mod fused;
 mod grad_scaler;
 mod plugin;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod shared_device;
 mod support;
 
 pub use cast::CastParams;

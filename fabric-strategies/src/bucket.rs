@@ -189,7 +189,7 @@ pub fn reduce_buckets_on_device<B: Backend>(
             1 => members.swap_remove(0),
             _ => Tensor::cat(members, 0),
         };
-        let reduced = engine.all_reduce(packed, ReduceOp::Mean)?;
+        let reduced = engine.all_reduce(collective, packed, ReduceOp::Mean)?;
         for (&i, grad) in indices.iter().zip(reduced.split_with_sizes(sizes, 0)) {
             slots[i].grad = Some(grad);
         }
@@ -274,25 +274,6 @@ mod tests {
         assert_eq!(values, vec![vec![1.0, 2.0], vec![3.0], vec![0.0; 3]]);
     }
 
-    /// A device engine that reduces through the host collective, so the device path's bucket
-    /// logic runs on a CPU backend.
-    struct HostEngine<'a>(&'a dyn Collective);
-
-    impl<B: Backend> DeviceCollective<B> for HostEngine<'_> {
-        fn all_reduce(
-            &self,
-            tensor: Tensor<B, 1>,
-            op: ReduceOp,
-        ) -> Result<Tensor<B, 1>, fabric_core::CollectiveError> {
-            let device = tensor.device();
-            let reduced = self.0.all_reduce(tensor.into_data(), op)?;
-            Ok(Tensor::from_data(reduced, &device))
-        }
-        fn wait(&self) -> Result<(), fabric_core::CollectiveError> {
-            Ok(())
-        }
-    }
-
     /// Rank `r`'s gradients: sizes that make several buckets at a 64-byte cap; gradient 1 only
     /// on rank 0, gradient 3 on no rank.
     fn rank_grads<B: Backend>(rank: usize, device: &B::Device) -> Vec<FlatGrad<B>> {
@@ -338,7 +319,7 @@ mod tests {
             let (host, on_device) = launch_threads(&launch, |rank, c| {
                 let device = Default::default();
                 let host = reduce_buckets::<F>(&c, &device, rank_grads(rank, &device), 64, None);
-                let engine = HostEngine(&c);
+                let engine = fabric_core::collective::ThroughHost;
                 let grads = rank_grads(rank, &device);
                 let on_device = reduce_buckets_on_device::<F>(&c, &engine, &device, grads, 64);
                 match (host, on_device) {

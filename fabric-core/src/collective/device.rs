@@ -6,7 +6,7 @@
 //!
 //! [`Collective`]: super::Collective
 
-use super::ReduceOp;
+use super::{Collective, ReduceOp};
 use crate::FabricError;
 use crate::error::CollectiveError;
 use burn::tensor::Tensor;
@@ -18,9 +18,11 @@ use std::sync::Arc;
 pub trait DeviceCollective<B: Backend>: Send + Sync {
     /// Combines `tensor` across the ranks element-wise (in place when the tensor is contiguous
     /// and not shared). Only [`ReduceOp::Sum`] and [`ReduceOp::Mean`] are device operations;
-    /// the others are [`CollectiveError::Engine`] errors.
+    /// the others are [`CollectiveError::Engine`] errors. `host` is the rank's host
+    /// collective, for engines that meet the other ranks through it.
     fn all_reduce(
         &self,
+        host: &dyn Collective,
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError>;
@@ -28,6 +30,30 @@ pub trait DeviceCollective<B: Backend>: Send + Sync {
     /// Returns once every reduction this rank issued has finished, so the results can be read
     /// and written by whatever runs next.
     fn wait(&self) -> Result<(), CollectiveError>;
+}
+
+/// The device collective that goes through the host: the tensor is read into host memory,
+/// reduced by the rank's host collective and written back to its device. Engines fall back to
+/// it for what their kernels do not cover (`f64` buffers, say); tests use it to run device-path
+/// logic on CPU backends.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThroughHost;
+
+impl<B: Backend> DeviceCollective<B> for ThroughHost {
+    fn all_reduce(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<B, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (device, dtype) = (tensor.device(), tensor.dtype());
+        let reduced = host.all_reduce(tensor.into_data(), op)?;
+        Ok(Tensor::from_data(reduced, (&device, dtype)))
+    }
+
+    fn wait(&self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
 }
 
 /// Makes each local rank's [`DeviceCollective`]; shared by the ranks of one process.
@@ -49,7 +75,7 @@ impl<B: Backend> DeviceEngine<B> {
         }
     }
 
-    /// The engine's name (`"nccl"`).
+    /// The engine's name (`"nccl"`, `"fused"`).
     pub fn name(&self) -> &'static str {
         self.name
     }
@@ -84,9 +110,8 @@ pub fn device_engine<B: Backend>(
 }
 
 /// `value` as type `U`, which it is (checked by the caller's `TypeId` test): how a concrete
-/// engine serves a generic backend without specialisation.
-#[cfg(any(feature = "cuda", test))]
-pub(crate) fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
+/// engine serves a generic backend without specialisation. `None` when the types differ.
+pub fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
     (Box::new(value) as Box<dyn std::any::Any>)
         .downcast::<U>()
         .ok()

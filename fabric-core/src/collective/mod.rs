@@ -7,6 +7,8 @@
 //! `TensorData` and back is free for Flex when the tensor is not shared, so the in-process engine
 //! reduces straight in the tensors' own memory.
 
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod cube;
 pub mod device;
 #[cfg(feature = "mpi")]
 mod hierarchical;
@@ -23,7 +25,7 @@ mod thread_group;
 pub use hierarchical::HierarchicalCollective;
 pub use host::{pack, split};
 
-pub use device::{DeviceCollective, DeviceEngine, device_engine};
+pub use device::{DeviceCollective, DeviceEngine, ThroughHost, device_engine};
 pub use single::SingleProcess;
 pub use thread_group::{ThreadCollective, ThreadGroup};
 

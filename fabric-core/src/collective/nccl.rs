@@ -9,19 +9,17 @@
 //! stream. NCCL spans the devices of one process; ranks in other processes are joined by MPI
 //! on the host.
 
+use super::Collective;
 use super::ReduceOp;
+use super::cube::{CubeTensor, from_cube, into_cube};
 use super::device::{DeviceCollective, DeviceEngine, same_type};
 use crate::FabricError;
 use crate::error::CollectiveError;
 use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorPrimitive};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::tensor::CubeTensor;
-use burn_fusion::client::GlobalFusionClient;
-use burn_fusion::{FusionBackend, NoOp, stream::OperationStreams};
-use burn_ir::{BackendIr, InitOperationIr, OperationIr, OperationOutput};
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
 use cubecl::server::ReduceOperation;
@@ -48,7 +46,8 @@ pub fn probe() -> Result<(), FabricError> {
     }
 }
 
-/// The NCCL engine for `devices` when `B` is Burn's `Cuda` and there are several devices.
+/// The NCCL engine for `devices` when `B` is Burn's `Cuda` and there are several distinct
+/// devices.
 pub(crate) fn engine<B: Backend>(
     devices: &[B::Device],
 ) -> Result<Option<DeviceEngine<B>>, FabricError> {
@@ -63,8 +62,12 @@ pub(crate) fn engine<B: Backend>(
     else {
         return Ok(None);
     };
-    probe()?;
     let ids: Vec<DeviceId> = devices.iter().map(|device| device.to_id()).collect();
+    // NCCL joins one rank per GPU; ranks that share a GPU are the fused engine's.
+    if (1..ids.len()).any(|i| ids[..i].contains(&ids[i])) {
+        return Ok(None);
+    }
+    probe()?;
     Ok(Some(DeviceEngine::new("nccl", move |rank| {
         Box::new(Generic::<B> {
             nccl: Nccl {
@@ -110,12 +113,9 @@ impl Nccl {
                 ));
             }
         };
-        let fusion = tensor.into_primitive().tensor();
-        let client = fusion.client.clone();
-        let (shape, dtype) = (fusion.shape.clone(), fusion.dtype);
         // Runs what the fusion stream still holds for this tensor and hands over its buffer.
-        let cube: CubeTensor<CudaRuntime> =
-            burn_cubecl::kernel::into_contiguous(client.resolve_tensor_float::<Cube>(fusion));
+        let (cube, client) = into_cube::<CudaRuntime, Cube>(tensor);
+        let (shape, dtype) = (cube.meta.shape().clone(), cube.dtype);
         // In place when nothing else holds the buffer; otherwise into a new one.
         let out = (!cube.can_mut()).then(|| {
             let buffer = cube.client.empty(shape.num_elements() * dtype.size());
@@ -136,7 +136,7 @@ impl Nccl {
             self.group.clone(),
             op,
         );
-        Ok(register(client, out.unwrap_or(cube), shape, dtype))
+        Ok(from_cube::<CudaRuntime, Cube>(&client, out.unwrap_or(cube)))
     }
 
     fn wait(&self) -> Result<(), CollectiveError> {
@@ -148,25 +148,6 @@ impl Nccl {
     }
 }
 
-/// Puts a CubeCL tensor back into the fusion stream of `client`.
-fn register(
-    client: GlobalFusionClient<<Cube as FusionBackend>::FusionRuntime>,
-    tensor: CubeTensor<CudaRuntime>,
-    shape: burn::tensor::Shape,
-    dtype: burn::tensor::DType,
-) -> Tensor<Cuda, 1> {
-    let handle = <Cube as BackendIr>::float_tensor_handle(tensor);
-    let desc = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
-    let fusion = client
-        .register(
-            OperationStreams::default(),
-            OperationIr::Init(desc),
-            NoOp::<Cube>::new(),
-        )
-        .output();
-    Tensor::from_primitive(TensorPrimitive::Float(fusion))
-}
-
 /// [`Nccl`] serving the generic backend `B`, which [`engine`] checked is `Cuda`.
 struct Generic<B: Backend> {
     nccl: Nccl,
@@ -176,6 +157,7 @@ struct Generic<B: Backend> {
 impl<B: Backend> DeviceCollective<B> for Generic<B> {
     fn all_reduce(
         &self,
+        _host: &dyn Collective,
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
