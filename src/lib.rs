@@ -27,6 +27,7 @@ mod collectives;
 mod connector;
 mod export;
 mod fabric;
+mod fused_adam;
 mod logging;
 mod optimizer;
 mod processes;
@@ -35,6 +36,7 @@ pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
 pub use fabric_core::checkpoint::consolidate;
+pub use fused_adam::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
 
 pub use fabric_core::backend::{BackendDevices, DevicePool};

@@ -8,9 +8,9 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::relu;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_fabric::{Fabric, FabricError};
+use burn_fabric::{BackendDevices, Fabric, FabricError};
 use std::sync::Mutex;
 
 pub mod report;
@@ -172,20 +172,56 @@ pub fn fabric_configured(
     strategy: &str,
     precision: &str,
 ) -> Result<Measured, FabricError> {
-    let mut fabric = Fabric::<B>::builder()
-        .devices(devices)
-        .strategy(strategy)
-        .precision(precision)
+    let run = Run {
+        shape,
+        rows,
+        devices,
+        steps,
+        strategy,
+        precision,
+    };
+    fabric_run::<B, _, _>(&run, || AdamConfig::new().init())
+}
+
+/// What one measured Fabric run does.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    /// The model.
+    pub shape: Shape,
+    /// Rows of the global batch (split over the ranks).
+    pub rows: usize,
+    /// Ranks.
+    pub devices: usize,
+    /// Timed steps (after [`WARMUP_STEPS`]).
+    pub steps: u64,
+    /// `auto`, `ddp`, `zero1`, `zero2`.
+    pub strategy: &'a str,
+    /// `32-true`, `bf16-mixed`, ...
+    pub precision: &'a str,
+}
+
+/// The training loop through burn-fabric on backend `BK` with the optimizer `optimizer()`
+/// makes on each rank.
+pub fn fabric_run<BK, O, F>(run: &Run<'_>, optimizer: F) -> Result<Measured, FabricError>
+where
+    BK: AutodiffBackend + BackendDevices,
+    O: Optimizer<Mlp<BK>, BK>,
+    F: Fn() -> O + Sync,
+{
+    let mut fabric = Fabric::<BK>::builder()
+        .devices(run.devices)
+        .strategy(run.strategy)
+        .precision(run.precision)
         .build()?;
-    let state_bytes = Mutex::new(vec![0; devices]);
+    let state_bytes = Mutex::new(vec![0; run.devices]);
     let times = fabric.launch(|fabric| {
-        let device = *fabric.device();
+        let device = fabric.device().clone();
         let (mut model, mut optimizer) =
-            fabric.setup(Mlp::<B>::new(shape, &device), AdamConfig::new().init())?;
-        let (x, y) = batch::<B>(shape, rows / fabric.world_size(), &device);
+            fabric.setup(Mlp::<BK>::new(run.shape, &device), optimizer())?;
+        let (x, y) = batch::<BK>(run.shape, run.rows / fabric.world_size(), &device);
         let loss_fn = CrossEntropyLossConfig::new().init(&device);
-        let mut times = Vec::with_capacity(steps as usize);
-        for step in 0..WARMUP_STEPS + steps {
+        let mut times = Vec::with_capacity(run.steps as usize);
+        for step in 0..WARMUP_STEPS + run.steps {
             let start = Instant::now();
             let logits = fabric.forward(&model, x.clone(), |m, x| m.forward(x));
             let loss = loss_fn.forward(logits, y.clone());
@@ -195,7 +231,7 @@ pub fn fabric_configured(
                 times.push(start.elapsed());
             }
         }
-        let bytes = Recorder::<B>::record(
+        let bytes = Recorder::<BK>::record(
             &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
             optimizer.to_record(),
             (),

@@ -281,12 +281,19 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
         // Ours alone still prints its samples/s.
         return cargo_bench(
             "peer",
-            None,
+            std::env::var_os("LIBTORCH").map(|_| "tch"),
             if quick { &["--quick"] } else { &[] },
             rows_dir,
         );
     }
     let script = workspace_root().join("benches/peers/lightning_mlp.py");
+    // Ours on LibTorch too when a libtorch is there to build against.
+    let features = std::env::var_os("LIBTORCH").map(|_| "tch");
+    if features.is_none() {
+        skipped.push(
+            "peer rows on LibTorch: not run; set LIBTORCH (and LD_LIBRARY_PATH=$LIBTORCH/lib) to a libtorch 2.9.0, e.g. one `.ci/libtorch.sh DIR` assembles".into(),
+        );
+    }
     let (steps, rounds) = if quick { (15, 2) } else { (40, 3) };
     // Both sides time the same number of steps.
     let steps_arg = steps.to_string();
@@ -306,7 +313,7 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
         if round % 2 == 1 {
             run_theirs(&mut theirs);
         }
-        cargo_bench("peer", None, &ours_args, rows_dir)?;
+        cargo_bench("peer", features, &ours_args, rows_dir)?;
         if round % 2 == 0 {
             run_theirs(&mut theirs);
         }
@@ -315,13 +322,15 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
         for (devices, their) in theirs {
-            if let Some(our) = ours.iter().find(|o| o.devices == devices) {
+            for our in ours.iter().filter(|o| o.devices == devices) {
                 println!(
-                    "peer round {}: {devices} device(s): ours {:.0}, Lightning Fabric {their:.0} samples/s",
+                    "peer round {}: {devices} device(s): ours on {} {:.0}, Lightning Fabric {their:.0} samples/s",
                     round + 1,
+                    our.backend,
                     our.samples_per_second
                 );
                 measured.push(peer::Round {
+                    backend: our.backend.clone(),
                     devices,
                     ours: our.samples_per_second,
                     theirs: their,
@@ -330,7 +339,7 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
         }
     }
     let note = format!(
-        "MLP 784-1024-1024-10, synthetic data, Adam, global batch 128, {steps} timed steps; ours on Flex"
+        "MLP 784-1024-1024-10, synthetic data, Adam (ours: FusedAdam), global batch 128, {steps} timed steps"
     );
     report::record_json_in(rows_dir, "peer", &peer::rows(&measured, &note));
     Ok(())

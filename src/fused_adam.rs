@@ -1,0 +1,467 @@
+//! Adam that updates each parameter in one pass over its memory on CPU backends.
+//!
+//! Burn's [`Adam`] runs about fourteen tensor operations per parameter and step, each a pass over
+//! the parameter's memory (and most a fresh allocation). On a CPU backend whose tensors are host
+//! memory (Flex, LibTorch on the CPU) [`FusedAdam`] takes the parameter, its gradient and the
+//! two moments out of their tensors (no copy on Flex when nothing else holds them), updates all
+//! three in one loop split over the rank's rayon threads, and puts them back. The arithmetic is
+//! Burn's, operation for operation in `f32`, so the results equal [`Adam`]'s bit for bit; the
+//! state is Burn's [`AdamState`], so records and checkpoints are interchangeable with [`Adam`]'s.
+//! Other backends, dtypes other than `f32`, and AMSGrad go through Burn's [`Adam`].
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{Adam, AdamConfig, AdamState, AdaptiveMomentumState, SimpleOptimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+use std::any::TypeId;
+
+/// Elements per task of the parallel update: large enough to amortise the task, small enough
+/// that two ranks' threads share the work evenly.
+const CHUNK: usize = 1 << 15;
+
+/// Configuration of [`FusedAdam`]; the same fields and defaults as Burn's [`AdamConfig`].
+#[derive(burn::config::Config, Debug)]
+pub struct FusedAdamConfig {
+    /// Decay of the first moment.
+    #[config(default = 0.9)]
+    pub beta_1: f32,
+    /// Decay of the second moment.
+    #[config(default = 0.999)]
+    pub beta_2: f32,
+    /// Added to the denominator for stability.
+    #[config(default = 1e-5)]
+    pub epsilon: f32,
+    /// L2 penalty added to the gradient (`grad + penalty * param`), as Burn's `WeightDecay`.
+    pub weight_decay: Option<f32>,
+}
+
+impl FusedAdamConfig {
+    /// The optimizer for module `M` on backend `B` (hand it to `Fabric::setup` like any Burn
+    /// optimizer).
+    pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+    ) -> OptimizerAdaptor<FusedAdam, M, B> {
+        OptimizerAdaptor::from(self.build())
+    }
+
+    /// The per-parameter rule.
+    pub fn build(&self) -> FusedAdam {
+        let burn = AdamConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay.map(WeightDecayConfig::new))
+            .build();
+        FusedAdam {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            weight_decay: self.weight_decay,
+            burn,
+        }
+    }
+}
+
+/// Adam with a one-pass update on host-memory backends (see the [module](self) docs).
+#[derive(Clone)]
+pub struct FusedAdam {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: Option<f32>,
+    /// Burn's Adam with the same settings, for what the fused loop does not cover.
+    burn: Adam,
+}
+
+impl<B: Backend> SimpleOptimizer<B> for FusedAdam {
+    type State<const D: usize> = AdamState<B, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        let f32_only = tensor.dtype() == DType::F32
+            && grad.dtype() == DType::F32
+            && state
+                .as_ref()
+                .is_none_or(|s| s.momentum.max_moment_2.is_none());
+        match memory::<B>(&tensor.device()) {
+            Memory::Data if f32_only => self.step_data(lr, tensor, grad, state),
+            #[cfg(feature = "tch")]
+            Memory::Torch if f32_only => self.step_torch(lr, tensor, grad, state),
+            _ => self.burn.step(lr, tensor, grad, state),
+        }
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        <Adam as SimpleOptimizer<B>>::to_device(state, device)
+    }
+}
+
+/// The scalars of one step, computed as Burn's `AdaptiveMomentum` computes them.
+#[derive(Clone, Copy)]
+struct Coefficients {
+    beta_1: f32,
+    beta_2: f32,
+    factor_1: f32,
+    factor_2: f32,
+    combined: f32,
+    epsilon: f32,
+    lr: f32,
+    decay: f32,
+}
+
+impl FusedAdam {
+    /// The scalars of step number `time` (1 for the first).
+    fn coefficients(&self, time: usize, lr: f64) -> Coefficients {
+        let t = time as i32;
+        let bias_correction2_sqrt = (1.0 - self.beta_2.powi(t)).sqrt();
+        Coefficients {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            factor_1: 1.0 - self.beta_1,
+            factor_2: 1.0 - self.beta_2,
+            combined: bias_correction2_sqrt / (1.0 - self.beta_1.powi(t)),
+            epsilon: self.epsilon * bias_correction2_sqrt,
+            lr: lr as f32,
+            decay: self.weight_decay.unwrap_or(0.0),
+        }
+    }
+
+    /// Updates `p`, `m`, `v` from `g` in place; `first` when the moments are new; over the
+    /// rank's rayon threads when `parallel`.
+    #[allow(clippy::too_many_arguments)]
+    fn update(
+        &self,
+        first: bool,
+        parallel: bool,
+        p: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        k: Coefficients,
+    ) {
+        match (first, self.weight_decay.is_some()) {
+            (true, true) => update::<true, true>(parallel, p, m, v, g, k),
+            (true, false) => update::<true, false>(parallel, p, m, v, g, k),
+            (false, true) => update::<false, true>(parallel, p, m, v, g, k),
+            (false, false) => update::<false, false>(parallel, p, m, v, g, k),
+        }
+    }
+
+    /// The step on host buffers taken out of the tensors (no copy on Flex for tensors nothing
+    /// else holds).
+    fn step_data<B: Backend, const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<AdamState<B, D>>,
+    ) -> (Tensor<B, D>, Option<AdamState<B, D>>) {
+        let device = tensor.device();
+        let shape = tensor.shape();
+        let mut param = tensor.into_data();
+        let grad = grad.into_data();
+        let (time, first, mut m, mut v) = match state {
+            Some(state) => {
+                let momentum = state.momentum;
+                let (m, v) = (momentum.moment_1.into_data(), momentum.moment_2.into_data());
+                (momentum.time + 1, false, m, v)
+            }
+            None => {
+                let zeros = || TensorData::new(vec![0f32; shape.num_elements()], shape.clone());
+                (1, true, zeros(), zeros())
+            }
+        };
+        let k = self.coefficients(time, lr);
+        let updated = match (
+            param.as_mut_slice::<f32>(),
+            m.as_mut_slice::<f32>(),
+            v.as_mut_slice::<f32>(),
+            grad.as_slice::<f32>(),
+        ) {
+            (Ok(p), Ok(m), Ok(v), Ok(g)) if [m.len(), v.len(), g.len()] == [p.len(); 3] => {
+                self.update(first, true, p, m, v, g, k);
+                true
+            }
+            _ => false,
+        };
+        let back = |data: TensorData| Tensor::<B, D>::from_data(data, (&device, DType::F32));
+        if !updated {
+            // Unaligned or odd buffers: Burn's operations on the untouched values.
+            let state = (!first)
+                .then(|| AdamState::new(AdaptiveMomentumState::new(time - 1, back(m), back(v))));
+            return self.burn.step(lr, back(param), back(grad), state);
+        }
+        let state = AdamState::new(AdaptiveMomentumState::new(time, back(m), back(v)));
+        (back(param), Some(state))
+    }
+
+    /// The step on LibTorch CPU tensors, in their own memory when nothing else holds the
+    /// parameter and the moments (otherwise through host copies).
+    #[cfg(feature = "tch")]
+    fn step_torch<B: Backend, const D: usize>(
+        &self,
+        lr: f64,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<AdamState<B, D>>,
+    ) -> (Tensor<B, D>, Option<AdamState<B, D>>) {
+        use burn::tensor::TensorPrimitive;
+        let device = tensor.device();
+        let (time, first, m, v) = match state {
+            Some(state) => {
+                let momentum = state.momentum;
+                (
+                    momentum.time + 1,
+                    false,
+                    momentum.moment_1,
+                    momentum.moment_2,
+                )
+            }
+            None => {
+                let zeros = || Tensor::<B, D>::zeros(tensor.shape(), (&device, DType::F32));
+                (1, true, zeros(), zeros())
+            }
+        };
+        let primitive = |t: Tensor<B, D>| t.into_primitive().tensor();
+        let (mut p, mut g, mut m, mut v) = (
+            primitive(tensor),
+            primitive(grad),
+            primitive(m),
+            primitive(v),
+        );
+        // A weight's gradient is often a transposed view: one copy makes it readable in order.
+        torch::make_contiguous(&mut g);
+        let k = self.coefficients(time, lr);
+        let updated = match (
+            torch::slice_mut(&mut p),
+            torch::slice_mut(&mut m),
+            torch::slice_mut(&mut v),
+            torch::slice(&g),
+        ) {
+            (Some(p), Some(m), Some(v), Some(g)) if [m.len(), v.len(), g.len()] == [p.len(); 3] => {
+                // One thread: LibTorch's OpenMP workers still spin after the backward pass,
+                // and rayon threads beside them made the loop slower, not faster (measured).
+                self.update(first, false, p, m, v, g, k);
+                true
+            }
+            _ => false,
+        };
+        let back = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
+        let (p, g, m, v) = (back(p), back(g), back(m), back(v));
+        if !updated {
+            return self.step_data(
+                lr,
+                p,
+                g,
+                (!first).then(|| AdamState::new(AdaptiveMomentumState::new(time - 1, m, v))),
+            );
+        }
+        (
+            p,
+            Some(AdamState::new(AdaptiveMomentumState::new(time, m, v))),
+        )
+    }
+}
+
+/// In-place access to LibTorch CPU tensors.
+#[cfg(feature = "tch")]
+mod torch {
+    use burn::backend::libtorch::TchTensor;
+    use std::any::Any;
+
+    /// The elements of `t` if it is a contiguous f32 LibTorch tensor on the CPU.
+    fn elements(t: &TchTensor) -> Option<(*mut f32, usize)> {
+        let tensor = &t.tensor;
+        let ok = tensor.kind() == tch::Kind::Float
+            && tensor.device() == tch::Device::Cpu
+            && tensor.is_contiguous();
+        ok.then(|| (tensor.data_ptr().cast::<f32>(), tensor.numel()))
+    }
+
+    /// Replaces a non-contiguous LibTorch tensor by a contiguous copy.
+    pub(super) fn make_contiguous<P: 'static>(primitive: &mut P) {
+        if let Some(t) = (primitive as &mut dyn Any).downcast_mut::<TchTensor>()
+            && !t.tensor.is_contiguous()
+        {
+            *t = TchTensor::new(t.tensor.contiguous());
+        }
+    }
+
+    /// `primitive`'s elements for reading, if it is such a tensor.
+    pub(super) fn slice<P: 'static>(primitive: &P) -> Option<&[f32]> {
+        let (ptr, len) = elements((primitive as &dyn Any).downcast_ref::<TchTensor>()?)?;
+        // SAFETY: a contiguous f32 CPU tensor holds `len` initialised f32s at `ptr`, alive as
+        // long as the borrowed tensor; nothing writes them while it is borrowed here.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
+    }
+
+    /// `primitive`'s elements for writing, if it is such a tensor and no other tensor shares
+    /// its storage (Burn's own test before it writes in place).
+    pub(super) fn slice_mut<P: 'static>(primitive: &mut P) -> Option<&mut [f32]> {
+        let t = (primitive as &mut dyn Any).downcast_mut::<TchTensor>()?;
+        if !t.can_mut() {
+            return None;
+        }
+        let (ptr, len) = elements(t)?;
+        // SAFETY: as in `slice`; and the storage is this tensor's alone (`can_mut`), borrowed
+        // mutably, so no other reference to these elements exists.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    }
+}
+
+/// One step over every element, in parallel chunks when `parallel`. `FIRST`: the moments
+/// start from the gradient (Burn's first step, not a blend with zeros); `DECAY`: add the L2
+/// penalty first.
+fn update<const FIRST: bool, const DECAY: bool>(
+    parallel: bool,
+    param: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &[f32],
+    k: Coefficients,
+) {
+    if parallel {
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| update_chunk::<FIRST, DECAY>(p, m, v, g, k));
+    } else {
+        update_chunk::<FIRST, DECAY>(param, m, v, grad, k);
+    }
+}
+
+/// [`update`] over one chunk (all four slices of one length).
+fn update_chunk<const FIRST: bool, const DECAY: bool>(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    k: Coefficients,
+) {
+    for i in 0..p.len() {
+        let g = if DECAY { p[i] * k.decay + g[i] } else { g[i] };
+        let (mi, vi) = if FIRST {
+            (g * k.factor_1, (g * g) * k.factor_2)
+        } else {
+            (
+                m[i] * k.beta_1 + g * k.factor_1,
+                v[i] * k.beta_2 + (g * g) * k.factor_2,
+            )
+        };
+        let step = (mi * k.combined) / (vi.sqrt() + k.epsilon);
+        p[i] -= step * k.lr;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+/// Where the fused loop finds a backend's f32 elements.
+enum Memory {
+    /// In the tensor's `TensorData` (Flex: taken out and put back without a copy).
+    Data,
+    /// In a LibTorch CPU tensor, reached in place.
+    #[cfg(feature = "tch")]
+    Torch,
+    /// Not on the host (GPU backends), or a backend not handled: Burn's Adam.
+    Elsewhere,
+}
+
+/// Where tensors of backend `B` on `device` keep their elements.
+fn memory<B: Backend>(device: &B::Device) -> Memory {
+    let backend = TypeId::of::<B>();
+    #[cfg(feature = "flex")]
+    if backend == TypeId::of::<burn::backend::Flex>() {
+        return Memory::Data;
+    }
+    #[cfg(feature = "tch")]
+    if backend == TypeId::of::<burn::backend::LibTorch>() {
+        use burn::backend::libtorch::LibTorchDevice;
+        let cpu = (device as &dyn std::any::Any).downcast_ref::<LibTorchDevice>()
+            == Some(&LibTorchDevice::Cpu);
+        if cpu {
+            return Memory::Torch;
+        }
+    }
+    let _ = (backend, device);
+    Memory::Elsewhere
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// Values in [-1, 1) that differ per `seed` (sin of a scaled index).
+    fn tensor(len: usize, seed: f32) -> Tensor<Flex, 1> {
+        let values: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+        Tensor::from_data(TensorData::new(values, [len]), &Default::default())
+    }
+
+    fn bits(tensor: &Tensor<Flex, 1>) -> Vec<u32> {
+        let values: Vec<f32> = tensor.to_data().to_vec().unwrap();
+        values.into_iter().map(f32::to_bits).collect()
+    }
+
+    /// The one-pass loop (several chunks: more elements than `CHUNK`) against Burn's Adam, step
+    /// for step, with and without weight decay: parameters and both moments equal bit for bit.
+    #[test]
+    fn fused_step_equals_burn_adam_bit_for_bit() {
+        assert!(matches!(memory::<Flex>(&Default::default()), Memory::Data));
+        let len = 2 * CHUNK + 123;
+        for decay in [None, Some(0.05)] {
+            let config = FusedAdamConfig::new().with_weight_decay(decay);
+            let fused = config.build();
+            let (mut p_fused, mut p_burn) = (tensor(len, 0.0), tensor(len, 0.0));
+            let (mut s_fused, mut s_burn) = (None, None);
+            for step in 0..4 {
+                let grad = tensor(len, 1.0 + step as f32).mul_scalar(1e-2 * (step + 1) as f32);
+                let lr = 1e-2 / (step + 1) as f64;
+                (p_fused, s_fused) = fused.step_data(lr, p_fused, grad.clone(), s_fused);
+                (p_burn, s_burn) = fused.burn.step(lr, p_burn, grad, s_burn);
+                assert_eq!(
+                    bits(&p_fused),
+                    bits(&p_burn),
+                    "step {step}, decay {decay:?}"
+                );
+                let (f, b) = (
+                    &s_fused.as_ref().unwrap().momentum,
+                    &s_burn.as_ref().unwrap().momentum,
+                );
+                assert_eq!(f.time, b.time);
+                assert_eq!(
+                    bits(&f.moment_1),
+                    bits(&b.moment_1),
+                    "first moment, step {step}"
+                );
+                assert_eq!(
+                    bits(&f.moment_2),
+                    bits(&b.moment_2),
+                    "second moment, step {step}"
+                );
+            }
+            // The parameters moved, so equality is not that of two untouched tensors.
+            assert_ne!(bits(&p_fused), bits(&tensor(len, 0.0)));
+        }
+    }
+
+    /// Other dtypes take Burn's path (and still train).
+    #[test]
+    fn half_parameters_use_burns_adam() {
+        let fused = FusedAdamConfig::new().build();
+        let p = tensor(10, 0.0).cast(DType::F16);
+        let g = tensor(10, 1.0).cast(DType::F16);
+        let (p, state) = SimpleOptimizer::<Flex>::step(&fused, 0.1, p, g, None);
+        assert_eq!(p.dtype(), DType::F16);
+        assert_eq!(state.unwrap().momentum.moment_1.dtype(), DType::F16);
+    }
+}
