@@ -4,9 +4,11 @@
 //! the parameter's memory (and most a fresh allocation). On a CPU backend whose tensors are host
 //! memory (Flex, LibTorch on the CPU) [`FusedAdam`] takes the parameter, its gradient and the
 //! two moments out of their tensors (no copy on Flex when nothing else holds them), updates all
-//! three in one loop split over the rank's rayon threads, and puts them back. The arithmetic is
-//! Burn's, operation for operation in `f32`, so the results equal [`Adam`]'s bit for bit; the
-//! state is Burn's [`AdamState`], so records and checkpoints are interchangeable with [`Adam`]'s.
+//! three in one loop (over the rank's rayon threads on Flex), and puts them back. The arithmetic
+//! is Burn's, operation for operation in `f32`, so on Flex the results equal [`Adam`]'s bit for
+//! bit (LibTorch's kernels round a few of Burn's Adam operations differently, so there they agree
+//! to an ulp or so per step); the state is Burn's [`AdamState`], so records and checkpoints are
+//! interchangeable with [`Adam`]'s.
 //! Other backends, dtypes other than `f32`, and AMSGrad go through Burn's [`Adam`].
 
 use burn::module::AutodiffModule;
