@@ -80,7 +80,7 @@ fn cast_f32<O: Float, N: Size>(input: &Array<Vector<f32, N>>, out: &mut Array<Ve
 fn vector_size<R: Runtime>(client: &ComputeClient<R>, len: usize, narrow: usize) -> usize {
     client
         .io_optimized_vector_sizes(narrow)
-        .find(|v| len % v == 0)
+        .find(|v| len.is_multiple_of(*v))
         .unwrap_or(1)
 }
 
