@@ -233,3 +233,59 @@ fn shared_device_engine_equals_the_host_engine() {
         .unwrap_or_else(|err| panic!("world {world}: {err}"));
     }
 }
+
+/// The operands of one pass may differ in dtype (an f32 running sum and a rank's f16 buffer) and
+/// the pass may divide (the last step of a mean): against the reference, fused and unfused.
+#[test]
+fn mixed_operands_and_divisor_match_the_reference() {
+    use burn_fabric::fabric_precision::fused::{Operand, sum_scale_cast};
+    let Some(client) = client() else {
+        return;
+    };
+    for len in [5usize, 1031, 4099] {
+        let (a, b) = (values(len, 3 + len as u64), values(len, 11 + len as u64));
+        let (la, lb) = (
+            upload(&client, &a, FloatKind::F32),
+            upload(&client, &b, FloatKind::F16),
+        );
+        for (output, divisor) in [
+            (FloatKind::F16, 3.0f32),
+            (FloatKind::F32, 3.0),
+            (FloatKind::F32, 1.0),
+        ] {
+            let reference: Vec<f32> = a
+                .iter()
+                .zip(as_input(&b, FloatKind::F16))
+                .map(|(x, y)| {
+                    let v = (x + y) / divisor;
+                    match output {
+                        FloatKind::F16 => f16::from_f32(v).to_f32(),
+                        _ => v,
+                    }
+                })
+                .collect();
+            let local = Operand {
+                handle: &la,
+                kind: FloatKind::F32,
+            };
+            let peer = Operand {
+                handle: &lb,
+                kind: FloatKind::F16,
+            };
+            for path in [Path::Fused, Path::Unfused] {
+                let out = sum_scale_cast(&client, local, peer, len, output, divisor, path);
+                let got = download(&client, out, len, output);
+                for (i, (g, r)) in got.iter().zip(&reference).enumerate() {
+                    let tolerance = match output {
+                        FloatKind::F16 => r.abs() / 1024.0,
+                        _ => r.abs() * f32::EPSILON,
+                    };
+                    assert!(
+                        (g - r).abs() <= tolerance,
+                        "{path:?} f32+f16 -> {output:?} / {divisor} len {len} at {i}: {g} vs {r}"
+                    );
+                }
+            }
+        }
+    }
+}

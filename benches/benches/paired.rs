@@ -1,12 +1,16 @@
 //! Ratios measured side by side: rounds that run plain Burn, Fabric on one device and Fabric
-//! DDP on two devices back to back (rotating which goes first), so that drift in the machine's
-//! speed hits all three alike. Each run counts its median step time; the table gives the median
+//! DDP on two devices (with Burn's Adam, and again with FusedAdam) back to back, rotating which
+//! goes first, so that drift in the machine's speed hits all five alike. Each run counts its median step time; the table gives the median
 //! of the per-round ratios with their range.
 //!
 //! `cargo bench -p fabric-benches --bench paired [-- --quick]`
 
+use burn_fabric::FusedAdamConfig;
 use fabric_benches::report::{self, Goal, Row};
-use fabric_benches::{DIGITS_MLP, MNIST_MLP, Shape, fabric, median, plain_burn, rotate_rounds};
+use fabric_benches::{
+    B, DIGITS_MLP, MNIST_MLP, Mlp, Run, Shape, fabric, fabric_run, median, plain_burn,
+    rotate_rounds,
+};
 
 const GLOBAL_BATCH: usize = 128;
 
@@ -15,11 +19,25 @@ fn measure(label: &str, shape: Shape, steps: u64, rounds: usize) -> Vec<Row> {
     let plain = || seconds(plain_burn(shape, GLOBAL_BATCH, steps));
     let fabric1 = || seconds(fabric(shape, GLOBAL_BATCH, 1, steps).expect("fabric, 1 device"));
     let ddp2 = || seconds(fabric(shape, GLOBAL_BATCH, 2, steps).expect("fabric, 2 devices"));
-    let results = rotate_rounds(rounds, [&plain, &fabric1, &ddp2]);
+    // The same two with FusedAdam, whose step is a small part of each rank's time.
+    let fused = |devices: usize| {
+        let run = Run {
+            shape,
+            rows: GLOBAL_BATCH,
+            devices,
+            steps,
+            strategy: "auto",
+            precision: "32-true",
+        };
+        let measured = fabric_run::<B, _, _>(&run, || FusedAdamConfig::new().init::<B, Mlp<B>>());
+        seconds(measured.expect("fabric with FusedAdam").times)
+    };
+    let (fused1, fused2) = (|| fused(1), || fused(2));
+    let results = rotate_rounds(rounds, [&plain, &fabric1, &ddp2, &fused1, &fused2]);
     let note = format!(
         "{label}, global batch {GLOBAL_BATCH}, Adam, Flex, {steps} steps × {rounds} rounds"
     );
-    let ratios = |f: fn(&[f64; 3]) -> f64| results.iter().map(f).collect::<Vec<_>>();
+    let ratios = |f: fn(&[f64; 5]) -> f64| results.iter().map(f).collect::<Vec<_>>();
     let rows = vec![
         Row::from_rounds(
             "Fabric overhead",
@@ -33,7 +51,14 @@ fn measure(label: &str, shape: Shape, steps: u64, rounds: usize) -> Vec<Row> {
             &format!("{label}: 2-rank ÷ 1-rank throughput"),
             &ratios(|t| t[1] / t[2]),
             Some(Goal::AtLeast(0.9)),
-            note,
+            note.clone(),
+        ),
+        Row::from_rounds(
+            "DDP",
+            &format!("{label}: 2-rank ÷ 1-rank throughput, FusedAdam"),
+            &ratios(|t| t[3] / t[4]),
+            Some(Goal::AtLeast(0.9)),
+            note.replace("Adam,", "FusedAdam,"),
         ),
     ];
     println!("\n{label}: global batch {GLOBAL_BATCH}, Adam, {steps} steps x {rounds} rounds");
