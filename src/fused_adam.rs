@@ -136,25 +136,33 @@ impl FusedAdam {
         }
     }
 
-    /// Updates `p`, `m`, `v` from `g` in place; `first` when the moments are new; over the
-    /// rank's rayon threads when `parallel`.
-    #[allow(clippy::too_many_arguments)]
+    /// Updates `p`, `m`, `v` from `g` in place when all four buffers are there and equally
+    /// long, and says whether it did; `first` when the moments are new; over the rank's rayon
+    /// threads when `parallel`.
     fn update(
         &self,
-        first: bool,
-        parallel: bool,
-        p: &mut [f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        g: &[f32],
+        (first, parallel): (bool, bool),
+        buffers: (
+            Option<&mut [f32]>,
+            Option<&mut [f32]>,
+            Option<&mut [f32]>,
+            Option<&[f32]>,
+        ),
         k: Coefficients,
-    ) {
+    ) -> bool {
+        let (Some(p), Some(m), Some(v), Some(g)) = buffers else {
+            return false;
+        };
+        if [m.len(), v.len(), g.len()] != [p.len(); 3] {
+            return false;
+        }
         match (first, self.weight_decay.is_some()) {
             (true, true) => update::<true, true>(parallel, p, m, v, g, k),
             (true, false) => update::<true, false>(parallel, p, m, v, g, k),
             (false, true) => update::<false, true>(parallel, p, m, v, g, k),
             (false, false) => update::<false, false>(parallel, p, m, v, g, k),
         }
+        true
     }
 
     /// The step on host buffers taken out of the tensors (no copy on Flex for tensors nothing
@@ -167,33 +175,18 @@ impl FusedAdam {
         state: Option<AdamState<B, D>>,
     ) -> (Tensor<B, D>, Option<AdamState<B, D>>) {
         let device = tensor.device();
-        let shape = tensor.shape();
+        let (time, first, m, v) = moments(state, &tensor);
         let mut param = tensor.into_data();
         let grad = grad.into_data();
-        let (time, first, mut m, mut v) = match state {
-            Some(state) => {
-                let momentum = state.momentum;
-                let (m, v) = (momentum.moment_1.into_data(), momentum.moment_2.into_data());
-                (momentum.time + 1, false, m, v)
-            }
-            None => {
-                let zeros = || TensorData::new(vec![0f32; shape.num_elements()], shape.clone());
-                (1, true, zeros(), zeros())
-            }
-        };
+        let (mut m, mut v) = (m.into_data(), v.into_data());
         let k = self.coefficients(time, lr);
-        let updated = match (
-            param.as_mut_slice::<f32>(),
-            m.as_mut_slice::<f32>(),
-            v.as_mut_slice::<f32>(),
-            grad.as_slice::<f32>(),
-        ) {
-            (Ok(p), Ok(m), Ok(v), Ok(g)) if [m.len(), v.len(), g.len()] == [p.len(); 3] => {
-                self.update(first, true, p, m, v, g, k);
-                true
-            }
-            _ => false,
-        };
+        let buffers = (
+            param.as_mut_slice::<f32>().ok(),
+            m.as_mut_slice::<f32>().ok(),
+            v.as_mut_slice::<f32>().ok(),
+            grad.as_slice::<f32>().ok(),
+        );
+        let updated = self.update((first, true), buffers, k);
         let back = |data: TensorData| Tensor::<B, D>::from_data(data, (&device, DType::F32));
         if !updated {
             // Unaligned or odd buffers: Burn's operations on the untouched values.
@@ -216,46 +209,22 @@ impl FusedAdam {
         state: Option<AdamState<B, D>>,
     ) -> (Tensor<B, D>, Option<AdamState<B, D>>) {
         use burn::tensor::TensorPrimitive;
-        let device = tensor.device();
-        let (time, first, m, v) = match state {
-            Some(state) => {
-                let momentum = state.momentum;
-                (
-                    momentum.time + 1,
-                    false,
-                    momentum.moment_1,
-                    momentum.moment_2,
-                )
-            }
-            None => {
-                let zeros = || Tensor::<B, D>::zeros(tensor.shape(), (&device, DType::F32));
-                (1, true, zeros(), zeros())
-            }
-        };
+        let (time, first, m, v) = moments(state, &tensor);
         let primitive = |t: Tensor<B, D>| t.into_primitive().tensor();
-        let (mut p, mut g, mut m, mut v) = (
-            primitive(tensor),
-            primitive(grad),
-            primitive(m),
-            primitive(v),
-        );
+        let (mut p, mut g) = (primitive(tensor), primitive(grad));
+        let (mut m, mut v) = (primitive(m), primitive(v));
         // A weight's gradient is often a transposed view: one copy makes it readable in order.
         torch::make_contiguous(&mut g);
         let k = self.coefficients(time, lr);
-        let updated = match (
+        let buffers = (
             torch::slice_mut(&mut p),
             torch::slice_mut(&mut m),
             torch::slice_mut(&mut v),
             torch::slice(&g),
-        ) {
-            (Some(p), Some(m), Some(v), Some(g)) if [m.len(), v.len(), g.len()] == [p.len(); 3] => {
-                // One thread: LibTorch's OpenMP workers still spin after the backward pass,
-                // and rayon threads beside them made the loop slower, not faster (measured).
-                self.update(first, false, p, m, v, g, k);
-                true
-            }
-            _ => false,
-        };
+        );
+        // One thread: LibTorch's OpenMP workers still spin after the backward pass, and rayon
+        // threads beside them made the loop slower, not faster (measured).
+        let updated = self.update((first, false), buffers, k);
         let back = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
         let (p, g, m, v) = (back(p), back(g), back(m), back(v));
         if !updated {
@@ -316,6 +285,25 @@ mod torch {
         // SAFETY: as in `slice`; and the storage is this tensor's alone (`can_mut`), borrowed
         // mutably, so no other reference to these elements exists.
         Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    }
+}
+
+/// The step number this step will have, whether it is the first, and the two moments (zeros,
+/// shaped like `param`, on the first step).
+fn moments<B: Backend, const D: usize>(
+    state: Option<AdamState<B, D>>,
+    param: &Tensor<B, D>,
+) -> (usize, bool, Tensor<B, D>, Tensor<B, D>) {
+    match state {
+        Some(state) => {
+            let momentum = state.momentum;
+            let (m, v) = (momentum.moment_1, momentum.moment_2);
+            (momentum.time + 1, false, m, v)
+        }
+        None => {
+            let zeros = || Tensor::<B, D>::zeros(param.shape(), (&param.device(), DType::F32));
+            (1, true, zeros(), zeros())
+        }
     }
 }
 
