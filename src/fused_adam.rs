@@ -106,6 +106,14 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdam {
     }
 }
 
+/// A parameter's, its two moments' and its gradient's elements, where they could be reached.
+type Buffers<'a> = (
+    Option<&'a mut [f32]>,
+    Option<&'a mut [f32]>,
+    Option<&'a mut [f32]>,
+    Option<&'a [f32]>,
+);
+
 /// The scalars of one step, computed as Burn's `AdaptiveMomentum` computes them.
 #[derive(Clone, Copy)]
 struct Coefficients {
