@@ -150,12 +150,7 @@ impl FusedAdam {
     fn update(
         &self,
         (first, parallel): (bool, bool),
-        buffers: (
-            Option<&mut [f32]>,
-            Option<&mut [f32]>,
-            Option<&mut [f32]>,
-            Option<&[f32]>,
-        ),
+        buffers: Buffers<'_>,
         k: Coefficients,
     ) -> bool {
         let (Some(p), Some(m), Some(v), Some(g)) = buffers else {
