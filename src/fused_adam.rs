@@ -2,14 +2,21 @@
 //!
 //! Burn's [`Adam`] runs about fourteen tensor operations per parameter and step, each a pass over
 //! the parameter's memory (and most a fresh allocation). On a CPU backend whose tensors are host
-//! memory (Flex, LibTorch on the CPU) [`FusedAdam`] takes the parameter, its gradient and the
-//! two moments out of their tensors (no copy on Flex when nothing else holds them), updates all
-//! three in one loop (over the rank's rayon threads on Flex), and puts them back. The arithmetic
+//! memory (Flex, LibTorch on the CPU) [`FusedAdam`] reads the gradient and updates the parameter
+//! and its two moments in the tensors' own memory (when no other tensor shares theirs; the
+//! gradient may be a view into DDP's bucket), in one loop (over the rank's rayon threads on
+//! Flex); tensors it cannot reach in place go through host copies. The arithmetic
 //! is Burn's, operation for operation in `f32`, so on Flex the results equal [`Adam`]'s bit for
 //! bit (LibTorch's kernels round a few of Burn's Adam operations differently, so there they agree
 //! to an ulp or so per step); the state is Burn's [`AdamState`], so records and checkpoints are
 //! interchangeable with [`Adam`]'s.
 //! Other backends, dtypes other than `f32`, and AMSGrad go through Burn's [`Adam`].
+
+// Without a host-memory backend compiled in, only the delegation to Burn's Adam is reachable.
+#![cfg_attr(
+    not(any(feature = "flex", feature = "tch")),
+    allow(dead_code, unused_imports, unused_variables)
+)]
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -94,9 +101,12 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdam {
                 .as_ref()
                 .is_none_or(|s| s.momentum.max_moment_2.is_none());
         match memory::<B>(&tensor.device()) {
-            Memory::Data if f32_only => self.step_data(lr, tensor, grad, state),
+            #[cfg(feature = "flex")]
+            Memory::Flex if f32_only => self.step_in_place(lr, tensor, grad, state, true),
             #[cfg(feature = "tch")]
-            Memory::Torch if f32_only => self.step_torch(lr, tensor, grad, state),
+            // One thread: LibTorch's OpenMP workers still spin after the backward pass, and
+            // rayon threads beside them made the loop slower, not faster (measured).
+            Memory::Torch if f32_only => self.step_in_place(lr, tensor, grad, state, false),
             _ => self.burn.step(lr, tensor, grad, state),
         }
     }
@@ -168,8 +178,9 @@ impl FusedAdam {
         true
     }
 
-    /// The step on host buffers taken out of the tensors (no copy on Flex for tensors nothing
-    /// else holds).
+    /// The step on host buffers taken out of the tensors (copies where they are shared): what
+    /// [`step_in_place`](Self::step_in_place) falls back to.
+    #[cfg(any(feature = "flex", feature = "tch"))]
     fn step_data<B: Backend, const D: usize>(
         &self,
         lr: f64,
@@ -201,33 +212,32 @@ impl FusedAdam {
         (back(param), Some(state))
     }
 
-    /// The step on LibTorch CPU tensors, in their own memory when nothing else holds the
-    /// parameter and the moments (otherwise through host copies).
-    #[cfg(feature = "tch")]
-    fn step_torch<B: Backend, const D: usize>(
+    /// The step in the tensors' own memory (Flex, LibTorch CPU) when nothing else holds the
+    /// parameter and the moments; otherwise through host copies ([`step_data`](Self::step_data)).
+    #[cfg(any(feature = "flex", feature = "tch"))]
+    fn step_in_place<B: Backend, const D: usize>(
         &self,
         lr: f64,
         tensor: Tensor<B, D>,
         grad: Tensor<B, D>,
         state: Option<AdamState<B, D>>,
+        parallel: bool,
     ) -> (Tensor<B, D>, Option<AdamState<B, D>>) {
         use burn::tensor::TensorPrimitive;
         let (time, first, m, v) = moments(state, &tensor);
         let primitive = |t: Tensor<B, D>| t.into_primitive().tensor();
         let (mut p, mut g) = (primitive(tensor), primitive(grad));
         let (mut m, mut v) = (primitive(m), primitive(v));
-        // A weight's gradient is often a transposed view: one copy makes it readable in order.
-        torch::make_contiguous(&mut g);
+        // A weight's gradient may be a transposed view: one copy makes it readable in order.
+        host::make_contiguous(&mut g);
         let k = self.coefficients(time, lr);
         let buffers = (
-            torch::slice_mut(&mut p),
-            torch::slice_mut(&mut m),
-            torch::slice_mut(&mut v),
-            torch::slice(&g),
+            host::slice_mut(&mut p),
+            host::slice_mut(&mut m),
+            host::slice_mut(&mut v),
+            host::slice(&g),
         );
-        // One thread: LibTorch's OpenMP workers still spin after the backward pass, and rayon
-        // threads beside them made the loop slower, not faster (measured).
-        let updated = self.update((first, false), buffers, k);
+        let updated = self.update((first, parallel), buffers, k);
         let back = |t| Tensor::<B, D>::from_primitive(TensorPrimitive::Float(t));
         let (p, g, m, v) = (back(p), back(g), back(m), back(v));
         if !updated {
@@ -245,49 +255,81 @@ impl FusedAdam {
     }
 }
 
-/// In-place access to LibTorch CPU tensors.
-#[cfg(feature = "tch")]
-mod torch {
-    use burn::backend::libtorch::TchTensor;
+/// In-place access to the elements of host-memory tensors (Flex, LibTorch CPU).
+#[cfg(any(feature = "flex", feature = "tch"))]
+mod host {
     use std::any::Any;
 
-    /// The elements of `t` if it is a contiguous f32 LibTorch tensor on the CPU.
-    fn elements(t: &TchTensor) -> Option<(*mut f32, usize)> {
+    /// Replaces a non-contiguous tensor by a contiguous copy.
+    pub(super) fn make_contiguous<P: 'static>(primitive: &mut P) {
+        #[cfg(feature = "flex")]
+        if let Some(t) = (primitive as &mut dyn Any).downcast_mut::<burn_flex::FlexTensor>()
+            && !t.is_contiguous()
+        {
+            *t = t.to_contiguous();
+        }
+        #[cfg(feature = "tch")]
+        if let Some(t) =
+            (primitive as &mut dyn Any).downcast_mut::<burn::backend::libtorch::TchTensor>()
+            && !t.tensor.is_contiguous()
+        {
+            *t = burn::backend::libtorch::TchTensor::new(t.tensor.contiguous());
+        }
+    }
+
+    /// `primitive`'s f32 elements for reading, if it is a contiguous f32 host tensor (a view
+    /// into a shared buffer included).
+    pub(super) fn slice<P: 'static>(primitive: &P) -> Option<&[f32]> {
+        #[cfg(feature = "flex")]
+        if let Some(t) = (primitive as &dyn Any).downcast_ref::<burn_flex::FlexTensor>() {
+            return t.as_slice::<f32>();
+        }
+        #[cfg(feature = "tch")]
+        if let Some(t) =
+            (primitive as &dyn Any).downcast_ref::<burn::backend::libtorch::TchTensor>()
+        {
+            let (ptr, len) = torch_elements(t)?;
+            // SAFETY: a contiguous f32 CPU tensor holds `len` initialised f32s at `ptr`, alive
+            // as long as the borrowed tensor; nothing writes them while it is borrowed here.
+            return Some(unsafe { std::slice::from_raw_parts(ptr, len) });
+        }
+        None
+    }
+
+    /// `primitive`'s f32 elements for writing, if it is a contiguous f32 host tensor whose
+    /// storage no other tensor shares (the backends' own test before writing in place).
+    pub(super) fn slice_mut<P: 'static>(primitive: &mut P) -> Option<&mut [f32]> {
+        let primitive = primitive as &mut dyn Any;
+        #[cfg(feature = "flex")]
+        if primitive.is::<burn_flex::FlexTensor>() {
+            let t = primitive.downcast_mut::<burn_flex::FlexTensor>()?;
+            if t.dtype() != burn::tensor::DType::F32 {
+                return None;
+            }
+            let (start, end) = t.layout().contiguous_offsets()?;
+            return t.try_storage_mut::<f32>()?.get_mut(start..end);
+        }
+        #[cfg(feature = "tch")]
+        if let Some(t) = primitive.downcast_mut::<burn::backend::libtorch::TchTensor>() {
+            if !t.can_mut() {
+                return None;
+            }
+            let (ptr, len) = torch_elements(t)?;
+            // SAFETY: as in `slice`; and the storage is this tensor's alone (`can_mut`),
+            // borrowed mutably, so no other reference to these elements exists.
+            return Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) });
+        }
+        None
+    }
+
+    /// Where a contiguous f32 LibTorch CPU tensor keeps its elements, and how many.
+    #[cfg(feature = "tch")]
+    fn torch_elements(t: &burn::backend::libtorch::TchTensor) -> Option<(*mut f32, usize)> {
         let tensor = &t.tensor;
         let ok = tensor.kind() == tch::Kind::Float
             && tensor.device() == tch::Device::Cpu
             && tensor.is_contiguous();
         ok.then(|| (tensor.data_ptr().cast::<f32>(), tensor.numel()))
-    }
-
-    /// Replaces a non-contiguous LibTorch tensor by a contiguous copy.
-    pub(super) fn make_contiguous<P: 'static>(primitive: &mut P) {
-        if let Some(t) = (primitive as &mut dyn Any).downcast_mut::<TchTensor>()
-            && !t.tensor.is_contiguous()
-        {
-            *t = TchTensor::new(t.tensor.contiguous());
-        }
-    }
-
-    /// `primitive`'s elements for reading, if it is such a tensor.
-    pub(super) fn slice<P: 'static>(primitive: &P) -> Option<&[f32]> {
-        let (ptr, len) = elements((primitive as &dyn Any).downcast_ref::<TchTensor>()?)?;
-        // SAFETY: a contiguous f32 CPU tensor holds `len` initialised f32s at `ptr`, alive as
-        // long as the borrowed tensor; nothing writes them while it is borrowed here.
-        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
-    }
-
-    /// `primitive`'s elements for writing, if it is such a tensor and no other tensor shares
-    /// its storage (Burn's own test before it writes in place).
-    pub(super) fn slice_mut<P: 'static>(primitive: &mut P) -> Option<&mut [f32]> {
-        let t = (primitive as &mut dyn Any).downcast_mut::<TchTensor>()?;
-        if !t.can_mut() {
-            return None;
-        }
-        let (ptr, len) = elements(t)?;
-        // SAFETY: as in `slice`; and the storage is this tensor's alone (`can_mut`), borrowed
-        // mutably, so no other reference to these elements exists.
-        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
     }
 }
 
@@ -360,8 +402,9 @@ fn update_chunk<const FIRST: bool, const DECAY: bool>(
 
 /// Where the fused loop finds a backend's f32 elements.
 enum Memory {
-    /// In the tensor's `TensorData` (Flex: taken out and put back without a copy).
-    Data,
+    /// In a Flex tensor's buffer, reached in place.
+    #[cfg(feature = "flex")]
+    Flex,
     /// In a LibTorch CPU tensor, reached in place.
     #[cfg(feature = "tch")]
     Torch,
@@ -374,7 +417,7 @@ fn memory<B: Backend>(device: &B::Device) -> Memory {
     let backend = TypeId::of::<B>();
     #[cfg(feature = "flex")]
     if backend == TypeId::of::<burn::backend::Flex>() {
-        return Memory::Data;
+        return Memory::Flex;
     }
     #[cfg(feature = "tch")]
     if backend == TypeId::of::<burn::backend::LibTorch>() {
@@ -409,7 +452,7 @@ mod tests {
     /// for step, with and without weight decay: parameters and both moments equal bit for bit.
     #[test]
     fn fused_step_equals_burn_adam_bit_for_bit() {
-        assert!(matches!(memory::<Flex>(&Default::default()), Memory::Data));
+        assert!(matches!(memory::<Flex>(&Default::default()), Memory::Flex));
         let len = 2 * CHUNK + 123;
         for decay in [None, Some(0.05)] {
             let config = FusedAdamConfig::new().with_weight_decay(decay);
@@ -419,7 +462,8 @@ mod tests {
             for step in 0..4 {
                 let grad = tensor(len, 1.0 + step as f32).mul_scalar(1e-2 * (step + 1) as f32);
                 let lr = 1e-2 / (step + 1) as f64;
-                (p_fused, s_fused) = fused.step_data(lr, p_fused, grad.clone(), s_fused);
+                (p_fused, s_fused) =
+                    SimpleOptimizer::<Flex>::step(&fused, lr, p_fused, grad.clone(), s_fused);
                 (p_burn, s_burn) = fused.burn.step(lr, p_burn, grad, s_burn);
                 assert_eq!(
                     bits(&p_fused),
@@ -445,6 +489,23 @@ mod tests {
             // The parameters moved, so equality is not that of two untouched tensors.
             assert_ne!(bits(&p_fused), bits(&tensor(len, 0.0)));
         }
+    }
+
+    /// Flex tensors are reached in place when unshared, read in place when shared (DDP's
+    /// gradient views), and never written while shared.
+    #[test]
+    fn flex_elements_in_place_only_when_unshared() {
+        let mut unique = tensor(10, 0.0).into_primitive().tensor();
+        assert_eq!(host::slice_mut(&mut unique).map(|s| s.len()), Some(10));
+        let whole = tensor(10, 0.0);
+        let mut view = whole.clone().slice(2..7).into_primitive().tensor();
+        assert!(
+            host::slice_mut(&mut view).is_none(),
+            "a view shares its buffer"
+        );
+        let read = host::slice(&view).map(<[f32]>::to_vec);
+        let want: Vec<f32> = whole.to_data().to_vec::<f32>().unwrap()[2..7].to_vec();
+        assert_eq!(read, Some(want));
     }
 
     /// Other dtypes take Burn's path (and still train).
