@@ -12,24 +12,16 @@ use crate::optimizer::FabricOptimizer;
 use burn::lr_scheduler::LrScheduler;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::Optimizer;
-use burn::record::{
-    DoublePrecisionSettings, FullPrecisionSettings, NamedMpkBytesRecorder, Record, Recorder,
-};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor};
 use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
-use fabric_core::checkpoint::{Entry, EntryKind, Settings};
-use fabric_core::checkpoint::{decode, encode, error, remove_stale_temporaries, write_atomic};
-use fabric_core::checkpoint::{read_consolidated, shard_file_name, shard_files};
-use fabric_core::collective::ReduceOp;
+use fabric_core::checkpoint::{Entry, EntryKind, Settings, decode_record, encode_record, error};
 use fabric_core::loader::RankDataLoader;
+use fabric_strategies::agree;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
-
-/// Reserved key of the loss scaler's state (saved and restored automatically under `16-mixed`).
-pub(crate) const GRAD_SCALER_KEY: &str = "fabric.grad_scaler";
 
 type Encoded = Result<(EntryKind, Settings, Vec<u8>), String>;
 
@@ -220,45 +212,6 @@ impl Remainder {
             })
             .transpose()
     }
-}
-
-pub(crate) fn encode_record<B: Backend, R: Record<B>>(
-    record: R,
-    settings: Settings,
-) -> Result<Vec<u8>, String> {
-    let bytes = match settings {
-        Settings::Full => Recorder::<B>::record(
-            &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
-            record,
-            (),
-        ),
-        Settings::Double => Recorder::<B>::record(
-            &NamedMpkBytesRecorder::<DoublePrecisionSettings>::default(),
-            record,
-            (),
-        ),
-    };
-    bytes.map_err(|e| format!("cannot encode the record: {e}"))
-}
-
-pub(crate) fn decode_record<B: Backend, R: Record<B>>(
-    bytes: &[u8],
-    settings: Settings,
-    device: &B::Device,
-) -> Result<R, String> {
-    let record = match settings {
-        Settings::Full => Recorder::<B>::load(
-            &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
-            bytes.to_vec(),
-            device,
-        ),
-        Settings::Double => Recorder::<B>::load(
-            &NamedMpkBytesRecorder::<DoublePrecisionSettings>::default(),
-            bytes.to_vec(),
-            device,
-        ),
-    };
-    record.map_err(|e| format!("the record does not fit this object: {e}"))
 }
 
 struct ModuleItem<'a, B, M> {
@@ -489,137 +442,18 @@ impl<B: AutodiffBackend, BT: Backend, I, O> LoadItem<B> for LoaderLoad<'_, BT, I
     }
 }
 
-impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
-    /// Writes `checkpoint` to `path` from global rank 0 (atomically: a crash leaves the previous
-    /// file intact) and returns on every rank once it is on disk. Under `16-mixed` the loss
-    /// scaler's state is saved too.
-    ///
-    /// Under a sharded strategy (`zero1`, `zero2`) `path` is a directory and every rank writes
-    /// its own file in it, `shard-RRRRR-of-NNNNN.fabric`, holding the whole checkpoint with that
-    /// rank's part of each optimizer's state (see [`consolidate`](crate::consolidate)).
-    pub fn save(
-        &self,
-        path: impl AsRef<Path>,
-        checkpoint: Checkpoint<'_>,
-    ) -> Result<(), FabricError> {
-        let path = path.as_ref();
-        let sharded = self.shards_optimizer();
-        let mut written = Ok(());
-        if sharded {
-            written = self.prepare_shard_dir(path).and_then(|file| {
-                let entries = self.entries(&file, &checkpoint)?;
-                write_atomic(&file, &encode(&entries))
-            });
-        } else if self.is_global_zero() {
-            written = self
-                .entries(path, &checkpoint)
-                .and_then(|entries| write_atomic(path, &encode(&entries)));
-        }
-        let elsewhere = if sharded {
-            "another rank could not write its shard"
-        } else {
-            "rank 0 could not write it"
-        };
-        self.agree("save", path, written, elsewhere)
-    }
-
-    /// Whether this rank's strategy shards optimizer state.
-    fn shards_optimizer(&self) -> bool {
-        self.strategy_ref().is_some_and(|s| s.shards_optimizer())
-    }
-
-    /// Creates the shard directory `dir` (rank 0 also removes shards of another world size)
-    /// and returns this rank's shard file in it.
-    fn prepare_shard_dir(&self, dir: &Path) -> Result<std::path::PathBuf, FabricError> {
-        if dir.is_file() {
-            return Err(error(
-                dir,
-                None,
-                "is a file, but a sharded strategy saves a directory of shards",
-            ));
-        }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| error(dir, None, format!("cannot create the directory: {e}")))?;
-        let (rank, world) = (self.global_rank(), self.world_size());
-        if rank == 0 {
-            let stale = std::fs::read_dir(dir).into_iter().flatten().flatten();
-            for entry in stale {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with("shard-") && !name.ends_with(&format!("-of-{world:05}.fabric"))
-                {
-                    // A leftover of another world size would make the set inconsistent.
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-        }
-        let file = dir.join(shard_file_name(rank, world));
-        remove_stale_temporaries(&file);
-        Ok(file)
-    }
-
-    /// `checkpoint`'s entries, plus the loss scaler's state under `16-mixed`.
-    fn entries(&self, path: &Path, checkpoint: &Checkpoint<'_>) -> Result<Vec<Entry>, FabricError> {
-        let mut entries = checkpoint
-            .encode()
-            .map_err(|(key, reason)| error(path, Some(&key), reason))?;
-        if let Some(scaler) = self.grad_scaler() {
-            entries.push(Entry {
-                key: GRAD_SCALER_KEY.into(),
-                kind: EntryKind::Value,
-                settings: Settings::Full,
-                bytes: serde_json::to_vec(&scaler).unwrap_or_default(),
-            });
-        }
-        Ok(entries)
-    }
-
-    /// Loads `path` into what `restore` names, in place, on every rank, and returns the entries
-    /// it did not ask for. A missing, truncated or corrupted file, or one whose shapes do not
-    /// fit, is an error naming the file and the first offending entry. Stale temporaries of an
-    /// earlier killed save are removed. Under `16-mixed` the loss scaler's state is restored.
-    ///
-    /// A directory of shards (written under `zero1`/`zero2`) loads each rank's own shard when
-    /// the strategy is sharded at the same world size; otherwise the shards are consolidated in
-    /// memory first, so it loads at any world size and under any strategy. A sharded strategy
-    /// that loads a whole optimizer state keeps only its own part of it (at the next step).
-    pub fn load(
-        &mut self,
-        path: impl AsRef<Path>,
-        mut restore: Restore<'_, B>,
-    ) -> Result<Remainder, FabricError> {
-        let path = path.as_ref();
-        if self.is_global_zero() {
-            remove_stale_temporaries(path);
-        }
-        let loaded = self.read_checkpoint(path, &mut restore);
-        self.agree("load", path, loaded, "another rank could not load it")
-    }
-
-    fn read_checkpoint(
+impl<'a, B: AutodiffBackend> Restore<'a, B> {
+    /// Loads `entries` (read from `path`) into the items, in place; returns the entries not
+    /// asked for.
+    fn apply(
         &mut self,
         path: &Path,
-        restore: &mut Restore<'_, B>,
+        mut entries: Vec<Entry>,
+        device: &B::Device,
     ) -> Result<Remainder, FabricError> {
-        let mut entries = if path.is_dir() {
-            let own = path.join(shard_file_name(self.global_rank(), self.world_size()));
-            if self.shards_optimizer() && shard_files(path)?.len() == self.world_size() {
-                decode(&own, &read(&own)?)?
-            } else {
-                read_consolidated(path)?
-            }
-        } else {
-            decode(path, &read(path)?)?
-        };
-        if let Some(i) = entries.iter().position(|e| e.key == GRAD_SCALER_KEY) {
-            let entry = entries.remove(i);
-            let state = serde_json::from_slice(&entry.bytes)
-                .map_err(|e| error(path, Some(GRAD_SCALER_KEY), e.to_string()))?;
-            self.load_grad_scaler(state);
-        }
-        let device = self.device().clone();
-        for (key, item) in restore.items.iter_mut() {
+        for (key, item) in self.items.iter_mut() {
             let Some(i) = entries.iter().position(|e| &e.key == key) else {
-                if restore.strict {
+                if self.strict {
                     return Err(error(
                         path,
                         Some(key),
@@ -640,10 +474,59 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
                     ),
                 ));
             }
-            item.decode(&entry, &device)
+            item.decode(&entry, device)
                 .map_err(|reason| error(path, Some(key), reason))?;
         }
         Ok(Remainder { entries })
+    }
+}
+
+impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
+    /// Writes `checkpoint` to `path` and returns on every rank once it is on disk. Under
+    /// `16-mixed` the loss scaler's state is saved too.
+    ///
+    /// Under DDP and on one device global rank 0 writes one file, atomically (a crash leaves
+    /// the previous file intact). Under a sharded strategy (`zero1`, `zero2`) `path` is a
+    /// directory and every rank writes its own file in it, `shard-RRRRR-of-NNNNN.fabric`,
+    /// holding the whole checkpoint with that rank's part of each optimizer's state (see
+    /// [`consolidate`](crate::consolidate)).
+    pub fn save(
+        &self,
+        path: impl AsRef<Path>,
+        checkpoint: Checkpoint<'_>,
+    ) -> Result<(), FabricError> {
+        let encode = |file: &Path| {
+            checkpoint
+                .encode()
+                .map_err(|(key, reason)| error(file, Some(&key), reason))
+        };
+        self.rank_strategy("save")?
+            .save_checkpoint(path.as_ref(), &encode)
+    }
+
+    /// Loads `path` into what `restore` names, in place, on every rank, and returns the entries
+    /// it did not ask for. A missing, truncated or corrupted file, or one whose shapes do not
+    /// fit, is an error naming the file and the first offending entry, on every rank. Stale
+    /// temporaries of an earlier killed save are removed. Under `16-mixed` the loss scaler's
+    /// state is restored.
+    ///
+    /// A directory of shards (written under `zero1`/`zero2`) loads each rank's own shard when
+    /// the strategy is sharded at the same world size; otherwise the shards are consolidated in
+    /// memory first, so it loads at any world size and under any strategy. A sharded strategy
+    /// that loads a whole optimizer state keeps only its own part of it (at the next step).
+    pub fn load(
+        &mut self,
+        path: impl AsRef<Path>,
+        mut restore: Restore<'_, B>,
+    ) -> Result<Remainder, FabricError> {
+        let strategy = self.rank_strategy("load")?;
+        let device = strategy.device().clone();
+        let mut remainder = Remainder::default();
+        strategy.load_checkpoint(path.as_ref(), &mut |file, entries| {
+            remainder = restore.apply(file, entries, &device)?;
+            Ok(())
+        })?;
+        Ok(remainder)
     }
 
     /// Loads a plain Burn module file (written by `Module::save_file` with
@@ -654,47 +537,19 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         model: &mut M,
     ) -> Result<(), FabricError> {
         let path = path.as_ref();
-        let loaded = read(path).and_then(|bytes| {
-            let record = decode_record::<B, M::Record>(&bytes, Settings::Full, self.device())
+        let strategy = self.rank_strategy("load_raw")?;
+        let loaded = fabric_strategies::read(path).and_then(|bytes| {
+            let record = decode_record::<B, M::Record>(&bytes, Settings::Full, strategy.device())
                 .map_err(|reason| error(path, None, reason))?;
             load_checked::<B, M>(model, record).map_err(|reason| error(path, None, reason))
         });
-        let loaded = self.agree("load_raw", path, loaded, "another rank could not load it")?;
-        *model = loaded;
+        *model = agree(
+            strategy.collective(),
+            "load_raw",
+            path,
+            loaded,
+            "another rank could not load it",
+        )?;
         Ok(())
     }
-
-    /// Makes every rank return an error if any rank failed.
-    fn agree<T>(
-        &self,
-        operation: &'static str,
-        path: &Path,
-        outcome: Result<T, FabricError>,
-        elsewhere: &str,
-    ) -> Result<T, FabricError> {
-        if self.world_size() == 1 {
-            return outcome;
-        }
-        let failed =
-            self.all_reduce_scalar(f64::from(u8::from(outcome.is_err())), ReduceOp::Max)?;
-        match outcome {
-            Ok(_) if failed > 0.0 => Err(error(
-                path,
-                None,
-                format!("`{operation}` failed: {elsewhere}"),
-            )),
-            outcome => outcome,
-        }
-    }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, FabricError> {
-    std::fs::read(path).map_err(|e| {
-        let reason = if e.kind() == std::io::ErrorKind::NotFound {
-            "not found".to_string()
-        } else {
-            format!("cannot read it: {e}")
-        };
-        error(path, None, reason)
-    })
 }

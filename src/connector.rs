@@ -18,10 +18,9 @@ fn shared_device_engine<B: burn::tensor::backend::Backend>(
     None
 }
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
-use fabric_core::environment::ClusterEnvironment;
-use fabric_core::strategy::Strategy;
+use fabric_core::environment::{ClusterEnvironment, EnvironmentKind};
 use fabric_precision::PrecisionPlugin;
-use fabric_strategies::{Ddp, SingleDevice, Zero, ZeroStage};
+use fabric_strategies::{Ddp, RankState, SingleDevice, Strategy, Zero, ZeroStage};
 
 use crate::processes::Processes;
 use fabric_core::callback::Callback;
@@ -37,7 +36,8 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub strategy: StrategyChoice,
     /// The other processes of a multi-process job.
     pub processes: Option<Processes>,
-    /// The precision plugin every rank uses.
+    /// The precision plugin for forward passes before `launch` (each rank's strategy owns its
+    /// own).
     pub precision: PrecisionPlugin,
     /// Where `log` sends metrics (used by global rank 0 only).
     pub loggers: Mutex<Vec<Box<dyn Logger>>>,
@@ -81,7 +81,10 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             B::backend_name(),
             &placement.devices[0],
         )?;
-        let processes = Processes::join(env, &config, placement.devices.len())?;
+        let processes = match is_multi_process(env, &config)? {
+            true => Some(Processes::join(env, &config, placement.devices.len())?),
+            false => None,
+        };
         let local = placement.devices.len();
         let strategy = match config.strategy {
             StrategyChoice::Auto if local * config.num_nodes == 1 => StrategyChoice::SingleDevice,
@@ -129,36 +132,30 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         self.local_world_size() * self.config.num_nodes
     }
 
-    /// The strategy of one rank, talking through `collective`.
+    /// The strategy of one rank, talking through `collective`, with its own precision plugin.
     pub fn strategy_for(
         &self,
         local_rank: usize,
         collective: Box<dyn Collective>,
-    ) -> Arc<dyn Strategy<B>> {
-        let device = self.placement.devices[local_rank].clone();
-        let bucket_bytes = self.config.bucket_bytes;
-        match self.strategy {
-            StrategyChoice::SingleDevice => Arc::new(SingleDevice::<B>::default()),
+    ) -> Result<Arc<dyn Strategy<B>>, FabricError> {
+        let state = RankState::<B>::new(
+            collective,
+            self.placement.devices[local_rank].clone(),
+            PrecisionPlugin::new(self.config.precision)?,
+            self.config.bucket_bytes,
+        );
+        Ok(match self.strategy {
+            StrategyChoice::SingleDevice => Arc::new(SingleDevice::new(state)),
             StrategyChoice::Auto | StrategyChoice::Ddp => {
-                let ddp = Ddp::<B>::new(collective, device, bucket_bytes);
+                let ddp = Ddp::new(state);
                 match &self.engine {
                     Some(engine) => Arc::new(ddp.with_engine(engine.for_rank(local_rank))),
                     None => Arc::new(ddp),
                 }
             }
-            StrategyChoice::Zero1 => Arc::new(Zero::<B>::new(
-                collective,
-                device,
-                bucket_bytes,
-                ZeroStage::One,
-            )),
-            StrategyChoice::Zero2 => Arc::new(Zero::<B>::new(
-                collective,
-                device,
-                bucket_bytes,
-                ZeroStage::Two,
-            )),
-        }
+            StrategyChoice::Zero1 => Arc::new(Zero::new(state, ZeroStage::One)),
+            StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
+        })
     }
 
     /// Rayon threads per rank: CPU ranks split the cores between them.
@@ -189,4 +186,19 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         }
         line
     }
+}
+
+/// Whether the job spans several processes: the environment says so or `num_nodes > 1`.
+/// Processes started by torchrun are refused (they would need torch's rendezvous, not MPI).
+fn is_multi_process(env: &ClusterEnvironment, config: &FabricConfig) -> Result<bool, FabricError> {
+    if !env.is_distributed() && config.num_nodes == 1 {
+        return Ok(false);
+    }
+    if env.kind == EnvironmentKind::TorchElastic {
+        return Err(FabricError::Unsupported {
+            what: format!("a job of {} processes started by torchrun", env.world_size),
+            reason: "burn-fabric joins processes with MPI: start them with `fabric run --num-nodes N` or mpirun".into(),
+        });
+    }
+    Ok(true)
 }

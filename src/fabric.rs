@@ -1,31 +1,29 @@
 //! The façade: one `Fabric<B>` per rank, forwarding to the strategy and the collective.
 
 use crate::connector::{CallbackFactory, Connector};
-use crate::optimizer::{FabricOptimizer, StepState, lock};
+use crate::optimizer::FabricOptimizer;
 use burn::module::{AutodiffModule, Module, ParamId};
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::Optimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
 use fabric_core::callback::Callback;
-use fabric_core::collective::ReduceOp;
 use fabric_core::collective::{Collective, SingleProcess};
 use fabric_core::config::{
     Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
 };
 use fabric_core::environment::ClusterEnvironment;
-use fabric_core::grads::{AssignParams, CollectParams};
 use fabric_core::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
-use fabric_core::strategy::Strategy;
-use fabric_precision::{GradScaler, GradScalerState, PrecisionPlugin};
+use fabric_precision::{GradScalerState, PrecisionPlugin};
+use fabric_strategies::{AssignParams, CollectParams, Params, Strategy};
 use std::error::Error;
 use std::fmt::Display;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Lightning Fabric for Burn: keep your training loop, let Fabric place it on devices, ranks
@@ -54,13 +52,11 @@ pub struct Fabric<B: AutodiffBackend + BackendDevices> {
     pub(crate) callbacks: Vec<Box<dyn Callback>>,
 }
 
-/// What one running rank holds.
+/// What one running rank holds: its place in the job and its strategy, which owns everything
+/// else (collective, precision, gradients).
 struct Rank<B: AutodiffBackend> {
     info: RankInfo,
-    device: B::Device,
     strategy: Arc<dyn Strategy<B>>,
-    precision: PrecisionPlugin,
-    state: Arc<Mutex<StepState>>,
     backward_sync: bool,
 }
 
@@ -150,8 +146,10 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
             self.loggers,
             self.callbacks,
         )?);
-        let rank = (connector.world_size() == 1)
-            .then(|| Fabric::make_rank(&connector, 0, Box::new(SingleProcess)));
+        let rank = match connector.world_size() {
+            1 => Some(Fabric::make_rank(&connector, 0, Box::new(SingleProcess))?),
+            _ => None,
+        };
         let callbacks = match (&rank, &connector.callbacks) {
             (Some(_), Some(make)) => make(),
             _ => Vec::new(),
@@ -182,23 +180,17 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         connector: &Connector<B>,
         local_rank: usize,
         collective: Box<dyn Collective>,
-    ) -> Rank<B> {
-        Rank {
+    ) -> Result<Rank<B>, FabricError> {
+        Ok(Rank {
             info: RankInfo::new(
                 connector.node_rank(),
                 connector.config.num_nodes,
                 local_rank,
                 connector.local_world_size(),
             ),
-            device: connector.placement.devices[local_rank].clone(),
-            strategy: connector.strategy_for(local_rank, collective),
-            precision: connector.precision.clone(),
-            state: Arc::new(Mutex::new(StepState {
-                scaler: connector.precision.grad_scaler(),
-                ..StepState::default()
-            })),
+            strategy: connector.strategy_for(local_rank, collective)?,
             backward_sync: true,
-        }
+        })
     }
 
     fn rank(&self, operation: &'static str) -> Result<&Rank<B>, FabricError> {
@@ -208,9 +200,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         })
     }
 
-    /// The rank's strategy, once launched.
-    pub(crate) fn strategy_ref(&self) -> Option<&dyn Strategy<B>> {
-        self.rank.as_ref().map(|r| r.strategy.as_ref())
+    /// The rank's strategy, which `operation` needs.
+    pub(crate) fn rank_strategy(
+        &self,
+        operation: &'static str,
+    ) -> Result<&dyn Strategy<B>, FabricError> {
+        Ok(self.rank(operation)?.strategy.as_ref())
     }
 
     /// The rank's collective, for the façade's collective operations.
@@ -280,9 +275,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
                     Some(processes) => processes.collective(member),
                     None => Box::new(member),
                 };
+                let rank = Self::make_rank(connector, local_rank, collective)
+                    .map_err(|e| error_chain(&e))?;
                 let mut fabric = Fabric {
                     connector: Arc::clone(connector),
-                    rank: Some(Self::make_rank(connector, local_rank, collective)),
+                    rank: Some(rank),
                     seed,
                     launched: true,
                     callbacks: connector
@@ -331,7 +328,9 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     pub fn device(&self) -> &B::Device {
         self.rank
             .as_ref()
-            .map_or(&self.connector.placement.devices[0], |r| &r.device)
+            .map_or(&self.connector.placement.devices[0], |r| {
+                r.strategy.device()
+            })
     }
 
     /// The resolved accelerator.
@@ -376,19 +375,21 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// 0's, so every rank starts from the same model however each was initialised.
     pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
         let rank = self.rank("setup_module")?;
-        let model = rank.precision.convert_module(model.fork(&rank.device));
+        let strategy = rank.strategy.as_ref();
+        let model = strategy
+            .precision()
+            .convert_module(model.fork(strategy.device()));
         if rank.info.world_size == 1 {
             self.call(|callback| callback.on_after_setup());
             return Ok(model);
         }
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
-        let values = rank.strategy.broadcast_parameters(collect.values)?;
+        let values = strategy.broadcast_parameters(collect.values)?;
         // Rank 0's parameter ids too, so optimizer state and checkpoints are keyed alike on
         // every rank (ZeRO's shards merge by id).
         let ids: Vec<u64> = collect.ids.iter().map(ParamId::val).collect();
-        let ids = rank
-            .strategy
+        let ids = strategy
             .collective()
             .broadcast(TensorData::new(ids.clone(), [ids.len()]), 0)?;
         let ids = ids
@@ -411,12 +412,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         optimizer: O,
     ) -> Result<FabricOptimizer<B, M, O>, FabricError> {
         let rank = self.rank("setup_optimizer")?;
-        Ok(FabricOptimizer::new(
-            optimizer,
-            Arc::clone(&rank.state),
-            Arc::clone(&rank.strategy),
-            rank.device.clone(),
-        ))
+        Ok(FabricOptimizer::new(optimizer, Arc::clone(&rank.strategy)))
     }
 
     /// [`setup_module`](Self::setup_module) and [`setup_optimizer`](Self::setup_optimizer).
@@ -445,7 +441,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         loader.into_rank(
             rank.strategy.sampler_shard(),
             self.seed,
-            rank.device.clone(),
+            rank.strategy.device().clone(),
         )
     }
 
@@ -453,42 +449,21 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// not yet consumed by a step. Outside [`no_backward_sync`](Self::no_backward_sync) the
     /// stored gradients are then averaged across ranks.
     ///
-    /// Under `16-mixed` the loss is multiplied by the loss scale first and the gradients divided
-    /// by it before they are stored, so clipping and the step see true gradients; an inf or NaN
-    /// on any rank marks the next step to be skipped on every rank.
+    /// Under `*-mixed` the loss must come from a forward pass through
+    /// [`forward`](Self::forward) (or [`autocast`](Self::autocast)) since the last `backward`:
+    /// otherwise this returns [`FabricError::PrecisionBypassed`] rather than silently training
+    /// in f32. Under `16-mixed` the loss is multiplied by the loss scale first and the gradients
+    /// divided by it before they are stored, so clipping and the step see true gradients; an
+    /// inf or NaN on any rank marks the next step to be skipped on every rank.
     pub fn backward<M: AutodiffModule<B>, const D: usize>(
         &mut self,
         loss: Tensor<B, D>,
         model: &M,
     ) -> Result<(), FabricError> {
         let rank = self.rank("backward")?;
-        let mut state = lock(&rank.state);
-        let scale = state.scaler.as_ref().map(|s| s.scale());
-        let loss = match scale {
-            Some(scale) => loss.mul_scalar(scale),
-            None => loss,
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        match scale {
-            Some(scale) => {
-                let finite = state
-                    .grads
-                    .accumulate_scaled::<B, M>(model, grads, 1.0 / scale);
-                state.overflow |= !finite;
-            }
-            None => state.grads.accumulate::<B, M>(model, grads),
-        }
-        if !rank.backward_sync || rank.info.world_size == 1 {
-            return Ok(());
-        }
-        state.grads.reduce::<B, M>(model, rank.strategy.as_ref())?;
-        if state.scaler.is_some() {
-            // Every rank must skip the same steps.
-            let flag = TensorData::new(vec![u8::from(state.overflow)], [1]);
-            let any = rank.strategy.collective().all_reduce(flag, ReduceOp::Max)?;
-            state.overflow = any.as_slice::<u8>().is_ok_and(|v| v.first() == Some(&1));
-        }
-        Ok(())
+        let numel = loss.shape().num_elements();
+        rank.strategy
+            .backward(loss.reshape([numel]), &Params(model), rank.backward_sync)
     }
 
     /// Runs `body` with gradient synchronisation skipped when `enabled`: `backward` inside only
@@ -515,13 +490,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64, FabricError> {
-        let rank = self.rank("clip_gradients_norm")?;
-        let strategy = Arc::clone(&rank.strategy);
-        lock(&rank.state)
-            .grads
-            .clip_norm::<B, M>(model, max_norm, norm_type, |partial| {
-                strategy.combine_norm(partial, norm_type)
-            })
+        self.rank_strategy("clip_gradients_norm")?
+            .clip_gradients_norm(&Params(model), max_norm, norm_type)
     }
 
     /// Clamps each of `model`'s stored gradients into `[-clip_value, clip_value]`.
@@ -530,10 +500,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         model: &M,
         clip_value: f64,
     ) -> Result<(), FabricError> {
-        let rank = self.rank("clip_gradients_value")?;
-        lock(&rank.state)
-            .grads
-            .clip_value::<B, M>(model, clip_value)
+        self.rank_strategy("clip_gradients_value")?
+            .clip_gradients_value(&Params(model), clip_value)
     }
 
     /// Gradient of one parameter as stored now (after `backward`, before the step).
@@ -541,8 +509,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         &self,
         param: &burn::module::Param<Tensor<B, D>>,
     ) -> Option<Tensor<B::InnerBackend, D>> {
-        let rank = self.rank.as_ref()?;
-        lock(&rank.state).grads.get::<B, D>(param)
+        let grad = self.rank.as_ref()?.strategy.gradient(param.id)?;
+        Some(grad.reshape(param.lazy_shape()))
     }
 
     /// Runs `forward` on `model` as the precision wants: `input` cast to the compute dtype, the
@@ -564,10 +532,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         BT: Backend,
         M: Module<BT>,
     {
-        let precision = self.precision_plugin();
-        let input = precision.convert_input(input);
-        let output = self.autocast(model, |m| forward(m, input));
-        precision.convert_output(output)
+        self.precision_plugin().forward(model, input, forward)
     }
 
     /// Runs `body` with the module a forward pass should use: the half-precision view of the
@@ -579,10 +544,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         model: &M,
         body: impl FnOnce(&M) -> R,
     ) -> R {
-        match self.precision_plugin().forward_module(model) {
-            Some(view) => body(&view),
-            None => body(model),
-        }
+        self.precision_plugin().autocast(model, body)
     }
 
     /// Casts a float input to the precision's compute dtype.
@@ -597,23 +559,21 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
 
     /// The loss scaler's state under `16-mixed` (for checkpoints), `None` otherwise.
     pub fn grad_scaler(&self) -> Option<GradScalerState> {
-        let rank = self.rank.as_ref()?;
-        lock(&rank.state).scaler.as_ref().map(GradScaler::state)
+        self.rank.as_ref()?.strategy.precision().scaler_state()
     }
 
     /// Restores the loss scaler's state (from a checkpoint); ignored without a scaler.
     pub fn load_grad_scaler(&mut self, scaler: GradScalerState) {
-        if let Some(rank) = self.rank.as_ref()
-            && let Some(current) = lock(&rank.state).scaler.as_mut()
-        {
-            current.load_state(scaler);
+        if let Some(rank) = self.rank.as_ref() {
+            rank.strategy.precision().load_scaler_state(scaler);
         }
     }
 
+    /// The rank's precision plugin (the connector's before launch).
     fn precision_plugin(&self) -> &PrecisionPlugin {
         self.rank
             .as_ref()
-            .map_or(&self.connector.precision, |r| &r.precision)
+            .map_or(&self.connector.precision, |r| r.strategy.precision())
     }
 }
 

@@ -20,23 +20,43 @@
 //!
 //! Pick the backend with a Cargo feature (`flex`, the default, `ndarray`, `tch`, `wgpu` or
 //! `cuda`); [`DefaultBackend`] follows it.
+#![warn(missing_docs)]
 
 mod checkpoint;
 pub mod cli;
 mod collectives;
 mod connector;
+#[cfg(any(
+    feature = "flex",
+    feature = "ndarray",
+    feature = "tch",
+    feature = "wgpu",
+    feature = "cuda"
+))]
+mod default_backend;
 mod export;
 mod fabric;
-mod fused_adam;
 mod logging;
 mod optimizer;
+#[cfg(feature = "mpi")]
+mod processes;
+#[cfg(not(feature = "mpi"))]
+#[path = "processes_stub.rs"]
 mod processes;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
+#[cfg(any(
+    feature = "flex",
+    feature = "ndarray",
+    feature = "tch",
+    feature = "wgpu",
+    feature = "cuda"
+))]
+pub use default_backend::DefaultBackend;
 pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
 pub use fabric_core::checkpoint::consolidate;
-pub use fused_adam::{FusedAdam, FusedAdamConfig};
+pub use fabric_optim::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
 
 pub use fabric_core::backend::{BackendDevices, DevicePool};
@@ -54,41 +74,9 @@ pub use fabric_precision::{GradScalerState, PrecisionMode};
 /// The crates behind the façade, for what it does not re-export.
 pub use burn;
 pub use fabric_core;
+pub use fabric_optim;
 pub use fabric_precision;
 pub use fabric_strategies;
-
-/// The autodiff backend the enabled Cargo feature selects. When several backend features are
-/// on, the most specific wins: `cuda`, then `tch`, then `wgpu`, then `ndarray`, then the default
-/// `flex`.
-#[cfg(feature = "cuda")]
-pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Cuda>;
-
-/// The autodiff backend the enabled Cargo feature selects.
-#[cfg(all(feature = "tch", not(feature = "cuda")))]
-pub type DefaultBackend = burn::backend::Autodiff<burn::backend::LibTorch>;
-
-/// The autodiff backend the enabled Cargo feature selects.
-#[cfg(all(feature = "wgpu", not(any(feature = "cuda", feature = "tch"))))]
-pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Wgpu>;
-
-/// The autodiff backend the enabled Cargo feature selects.
-#[cfg(all(
-    feature = "ndarray",
-    not(any(feature = "cuda", feature = "tch", feature = "wgpu"))
-))]
-pub type DefaultBackend = burn::backend::Autodiff<burn::backend::NdArray>;
-
-/// The autodiff backend the enabled Cargo feature selects.
-#[cfg(all(
-    feature = "flex",
-    not(any(
-        feature = "cuda",
-        feature = "tch",
-        feature = "wgpu",
-        feature = "ndarray"
-    ))
-))]
-pub type DefaultBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
 /// What a training script usually imports.
 pub mod prelude {

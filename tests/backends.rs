@@ -16,7 +16,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
-use burn_fabric::fabric_core::grads::CollectParams;
+use burn_fabric::fabric_strategies::CollectParams;
 use burn_fabric::{
     BackendDevices, Checkpoint, Fabric, FabricError, FusedAdamConfig, ReduceOp, Restore,
 };

@@ -124,6 +124,16 @@ pub enum FabricError {
         rank: usize,
     },
 
+    /// `backward` under a `*-mixed` precision got a loss that no forward pass through the
+    /// precision context produced, so half precision would silently not have applied.
+    #[error(
+        "`backward` under `{precision}` got a loss computed outside the precision context: run the forward pass as `fabric.forward(&model, x, |m, x| m.forward(x))` (or inside `fabric.autocast`) so that it runs in half precision"
+    )]
+    PrecisionBypassed {
+        /// The precision in force.
+        precision: String,
+    },
+
     /// A rank returned an error or panicked.
     #[error("rank {rank} failed: {message}")]
     RankFailed {

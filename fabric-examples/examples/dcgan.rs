@@ -236,9 +236,10 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
             );
 
             // Discriminator: real digits are real, generated ones fake.
-            let fake = generator.forward(latent.clone());
-            let real_logits = discriminator.forward(real);
-            let fake_logits = discriminator.forward(fake.detach());
+            // Every forward goes through `fabric.forward`, so `--precision *-mixed` applies.
+            let fake = fabric.forward(&generator, latent.clone(), |m, x| m.forward(x));
+            let real_logits = fabric.forward(&discriminator, real, |m, x| m.forward(x));
+            let fake_logits = fabric.forward(&discriminator, fake.detach(), |m, x| m.forward(x));
             let real_score = mean(sigmoid(real_logits.clone()));
             let fake_score = mean(sigmoid(fake_logits.clone()));
             let loss_d =
@@ -248,7 +249,8 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
             discriminator = opt_d.step(args.lr_d, discriminator)?;
 
             // Generator: make the (updated) discriminator call its digits real.
-            let logits = discriminator.forward(generator.forward(latent));
+            let fake = fabric.forward(&generator, latent, |m, x| m.forward(x));
+            let logits = fabric.forward(&discriminator, fake, |m, x| m.forward(x));
             let loss_g = softplus(logits.neg(), 1.0).mean();
             let loss_g_value = mean(loss_g.clone());
             fabric.backward(loss_g, &generator)?;

@@ -247,7 +247,7 @@ fn meta_train<B: AutodiffBackend + BackendDevices>(
                 let task = train.task(&mut rng, ways, shots, queries);
                 let adapted = adapt(&model, &task.support, args, &device);
                 let (images, labels) = batch::<B>(&task.query, &device);
-                let logits = adapted.forward(images);
+                let logits = fabric.forward(&adapted, images, |m, x| m.forward(x));
                 correct_sum +=
                     count_correct(logits.clone(), labels.clone()) / task.query.len() as f64;
                 // The mean over this rank's tasks; Fabric's average over ranks makes it the

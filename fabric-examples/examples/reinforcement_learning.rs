@@ -243,8 +243,12 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
                 discounted_returns(&rollout.rewards, &rollout.continues, &bootstrap, args.gamma);
 
             let n = steps * envs;
-            let (logits, values) =
-                model.forward(observations_tensor(&rollout.observations, n, &device));
+            // Through the precision context (two outputs, so `autocast` and the casts by
+            // hand), so that `--precision *-mixed` applies.
+            let observations =
+                fabric.cast_input(observations_tensor(&rollout.observations, n, &device));
+            let (logits, values) = fabric.autocast(&model, |m| m.forward(observations));
+            let (logits, values) = (fabric.cast_output(logits), fabric.cast_output(values));
             let returns = Tensor::<B, 1>::from_data(TensorData::new(returns, [n]), &device);
             let advantages = (returns.clone() - values.clone()).detach();
             let log_probs = log_softmax(logits, 1);

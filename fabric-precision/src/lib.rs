@@ -21,5 +21,5 @@ mod support;
 
 pub use cast::CastParams;
 pub use grad_scaler::{GradScaler, GradScalerState};
-pub use plugin::{PrecisionMode, PrecisionPlugin};
+pub use plugin::{GRAD_SCALER_KEY, PrecisionMode, PrecisionPlugin};
 pub use support::{backends_supporting, check_available, check_backend};

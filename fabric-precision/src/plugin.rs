@@ -1,13 +1,26 @@
-//! What a precision does to a rank's module, inputs, outputs and loss.
+//! One rank's precision plugin (Lightning's `Precision`): it converts the module at setup, runs
+//! the forward pass in the compute dtype, scales the loss and unscales the gradients around
+//! backward, decides at the step whether the optimizer may step, and saves its own state in
+//! checkpoints. All of precision lives here; strategies call it, the façade never does the
+//! arithmetic itself.
 
 use crate::cast::CastParams;
-use crate::grad_scaler::GradScaler;
+use crate::grad_scaler::{GradScaler, GradScalerState};
 use crate::support::{check_available, compute_dtype};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
 use fabric_core::FabricError;
+use fabric_core::checkpoint::{Entry, EntryKind, Settings, error};
+use fabric_core::collective::{Collective, ReduceOp};
 use fabric_core::config::Precision;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Reserved checkpoint key of the loss scaler's state (saved and restored with every checkpoint
+/// under `16-mixed`).
+pub const GRAD_SCALER_KEY: &str = "fabric.grad_scaler";
 
 /// Whether parameters live in the compute dtype or stay f32 with a half view per forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,12 +31,19 @@ pub enum PrecisionMode {
     Mixed,
 }
 
-/// One rank's precision plugin.
-#[derive(Debug, Clone, PartialEq)]
+/// One rank's precision plugin, with the rank's loss-scaling state.
+#[derive(Debug)]
 pub struct PrecisionPlugin {
     precision: Precision,
     dtype: FloatDType,
     mode: PrecisionMode,
+    /// `16-mixed`'s loss scaler.
+    scaler: Option<Mutex<GradScaler>>,
+    /// Whether a gradient since the last step held an inf or NaN (agreed across ranks at each
+    /// synchronisation).
+    overflow: AtomicBool,
+    /// Forward passes run through the precision context since the last backward.
+    forwards: AtomicU64,
 }
 
 fn float_dtype(dtype: DType) -> FloatDType {
@@ -36,7 +56,8 @@ fn float_dtype(dtype: DType) -> FloatDType {
 }
 
 impl PrecisionPlugin {
-    /// The plugin of `precision`; Transformer Engine precisions are refused.
+    /// The plugin of `precision`, with a fresh loss scaler under `16-mixed`; Transformer Engine
+    /// precisions are refused.
     pub fn new(precision: Precision) -> Result<Self, FabricError> {
         check_available(precision)?;
         let dtype = float_dtype(compute_dtype(precision).unwrap_or(DType::F32));
@@ -48,6 +69,9 @@ impl PrecisionPlugin {
             precision,
             dtype,
             mode,
+            scaler: (precision == Precision::HalfMixed).then(|| Mutex::new(GradScaler::default())),
+            overflow: AtomicBool::new(false),
+            forwards: AtomicU64::new(0),
         })
     }
 
@@ -66,13 +90,14 @@ impl PrecisionPlugin {
         self.mode
     }
 
-    /// A fresh loss scaler when the precision uses one (`16-mixed`).
-    pub fn grad_scaler(&self) -> Option<GradScaler> {
-        (self.precision == Precision::HalfMixed).then(GradScaler::default)
-    }
-
     fn is_identity(&self) -> bool {
         self.mode == PrecisionMode::True && self.dtype == FloatDType::F32
+    }
+
+    fn scaler(&self) -> Option<MutexGuard<'_, GradScaler>> {
+        self.scaler
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Converts a module at setup: `*-true` parameters to the compute dtype, `*-mixed`
@@ -91,8 +116,39 @@ impl PrecisionPlugin {
         })
     }
 
-    /// For `*-mixed`, the half-precision view of `model` a forward pass runs on (on an autodiff
-    /// backend a differentiable cast: gradients reach the f32 parameters). `None` when the
+    /// Runs `forward` on `model` in the precision context: `input` cast to the compute dtype,
+    /// the model's half-precision view under `*-mixed`, the output cast back to f32.
+    pub fn forward<BK, M, const DI: usize, const DO: usize>(
+        &self,
+        model: &M,
+        input: Tensor<BK, DI>,
+        forward: impl FnOnce(&M, Tensor<BK, DI>) -> Tensor<BK, DO>,
+    ) -> Tensor<BK, DO>
+    where
+        BK: Backend,
+        M: Module<BK>,
+    {
+        let input = self.convert_input(input);
+        let output = self.autocast(model, |m| forward(m, input));
+        self.convert_output(output)
+    }
+
+    /// Runs `body` with the module a forward pass should use: the half-precision view of the
+    /// f32 master parameters under `*-mixed` (a differentiable cast: gradients reach the f32
+    /// parameters), `model` itself otherwise. Counts as a forward in the precision context.
+    pub fn autocast<BK: Backend, M: Module<BK>, R>(
+        &self,
+        model: &M,
+        body: impl FnOnce(&M) -> R,
+    ) -> R {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+        match self.forward_module(model) {
+            Some(view) => body(&view),
+            None => body(model),
+        }
+    }
+
+    /// For `*-mixed`, the half-precision view of `model` a forward pass runs on; `None` when the
     /// model is used as it is. Works for training modules and their `valid()` inner modules.
     pub fn forward_module<BK: Backend, M: Module<BK>>(&self, model: &M) -> Option<M> {
         (self.mode == PrecisionMode::Mixed).then(|| {
@@ -123,6 +179,127 @@ impl PrecisionPlugin {
             return output;
         }
         output.cast(FloatDType::F32)
+    }
+
+    /// Before a backward pass: under `*-mixed` a loss must come from a forward pass run through
+    /// the precision context ([`forward`](Self::forward) or [`autocast`](Self::autocast)) since
+    /// the last backward, or half precision silently would not apply (Lightning refuses a bare
+    /// `loss.backward()` likewise). Then multiplies the loss by the loss scale (`16-mixed`).
+    pub fn scale_loss<B: AutodiffBackend, const D: usize>(
+        &self,
+        loss: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>, FabricError> {
+        let forwards = self.forwards.swap(0, Ordering::Relaxed);
+        if self.mode == PrecisionMode::Mixed && forwards == 0 {
+            return Err(FabricError::PrecisionBypassed {
+                precision: self.precision.to_string(),
+            });
+        }
+        Ok(match self.scaler() {
+            Some(scaler) => loss.mul_scalar(scaler.scale()),
+            None => loss,
+        })
+    }
+
+    /// After a backward pass: divides the gradients (flattened) by the loss scale so that
+    /// clipping and the step see true gradients, and notes whether any holds an inf or NaN
+    /// (the next step is then skipped on every rank). The identity without a loss scaler.
+    pub fn unscale_gradients<BK: Backend>(
+        &self,
+        grads: Vec<Option<Tensor<BK, 1>>>,
+    ) -> Vec<Option<Tensor<BK, 1>>> {
+        let Some(scale) = self.scaler().map(|s| s.scale()) else {
+            return grads;
+        };
+        let factor = 1.0 / scale;
+        let mut sums = Vec::new();
+        let grads = grads
+            .into_iter()
+            .map(|grad| {
+                grad.map(|grad| {
+                    let grad = if factor == 1.0 {
+                        grad
+                    } else {
+                        grad.mul_scalar(factor)
+                    };
+                    sums.push(grad.clone().sum().cast(FloatDType::F32));
+                    grad
+                })
+            })
+            .collect();
+        if !sums.is_empty() {
+            // inf and NaN survive a sum: one read tells whether any gradient holds one.
+            let total: f64 = Tensor::cat(sums, 0).sum().into_scalar().elem();
+            if !total.is_finite() {
+                self.overflow.store(true, Ordering::Relaxed);
+            }
+        }
+        grads
+    }
+
+    /// After gradients were synchronised: every rank learns whether any rank overflowed, so
+    /// that all skip the same steps. Nothing to agree on without a loss scaler.
+    pub fn agree_overflow(&self, collective: &dyn Collective) -> Result<(), FabricError> {
+        if self.scaler.is_none() {
+            return Ok(());
+        }
+        let flag = TensorData::new(vec![u8::from(self.overflow.load(Ordering::Relaxed))], [1]);
+        let any = collective.all_reduce(flag, ReduceOp::Max)?;
+        let any = any.as_slice::<u8>().is_ok_and(|v| v.first() == Some(&1));
+        self.overflow.store(any, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// At the optimizer step: whether the optimizer may step. Under `16-mixed` a step whose
+    /// gradients overflowed is skipped (and the scale backs off); otherwise the scaler counts a
+    /// clean step. Always true without a loss scaler.
+    pub fn step_allowed(&self) -> bool {
+        let overflow = self.overflow.swap(false, Ordering::Relaxed);
+        match self.scaler() {
+            Some(mut scaler) => scaler.update(!overflow),
+            None => true,
+        }
+    }
+
+    /// The loss scaler's state under `16-mixed`, `None` otherwise.
+    pub fn scaler_state(&self) -> Option<GradScalerState> {
+        self.scaler().map(|s| s.state())
+    }
+
+    /// Restores the loss scaler's state; ignored without a scaler.
+    pub fn load_scaler_state(&self, state: GradScalerState) {
+        if let Some(mut scaler) = self.scaler() {
+            scaler.load_state(state);
+        }
+    }
+
+    /// Adds the precision's own checkpoint entry (the loss scaler's state under `16-mixed`).
+    pub fn save_state(&self, entries: &mut Vec<Entry>) -> Result<(), String> {
+        let Some(state) = self.scaler_state() else {
+            return Ok(());
+        };
+        let bytes = serde_json::to_vec(&state)
+            .map_err(|e| format!("cannot encode the loss scaler's state: {e}"))?;
+        entries.push(Entry {
+            key: GRAD_SCALER_KEY.into(),
+            kind: EntryKind::Value,
+            settings: Settings::Full,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// Takes the precision's own entry out of a loaded checkpoint (read from `path`) and
+    /// restores it; a checkpoint without one leaves the state as it is.
+    pub fn load_state(&self, path: &Path, entries: &mut Vec<Entry>) -> Result<(), FabricError> {
+        let Some(i) = entries.iter().position(|e| e.key == GRAD_SCALER_KEY) else {
+            return Ok(());
+        };
+        let entry = entries.remove(i);
+        let state = serde_json::from_slice(&entry.bytes)
+            .map_err(|e| error(path, Some(GRAD_SCALER_KEY), e.to_string()))?;
+        self.load_scaler_state(state);
+        Ok(())
     }
 }
 
@@ -169,13 +346,13 @@ mod tests {
         assert!(
             PrecisionPlugin::new(Precision::HalfMixed)
                 .unwrap()
-                .grad_scaler()
+                .scaler_state()
                 .is_some()
         );
         assert!(
             PrecisionPlugin::new(Precision::Bf16Mixed)
                 .unwrap()
-                .grad_scaler()
+                .scaler_state()
                 .is_none()
         );
     }

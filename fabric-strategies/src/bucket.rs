@@ -1,11 +1,11 @@
 //! Grouping many small tensors into few large buffers, one collective per buffer (PyTorch DDP's
 //! gradient buckets).
 
+use crate::module::FlatGrad;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use fabric_core::FabricError;
 use fabric_core::collective::{Collective, DeviceCollective, ReduceOp, pack};
-use fabric_core::strategy::FlatGrad;
 use std::ops::Range;
 
 /// A run of consecutive tensors that travel together; all share one dtype.

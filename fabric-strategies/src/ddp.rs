@@ -2,11 +2,13 @@
 //! are averaged across ranks after each synchronised backward pass, in buckets.
 
 use crate::bucket::{broadcast_buckets, reduce_buckets, reduce_buckets_on_device};
+use crate::module::FlatGrad;
+use crate::rank_state::RankState;
+use crate::strategy::Strategy;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, DeviceCollective};
-use fabric_core::strategy::{FlatGrad, Strategy};
+use fabric_core::collective::DeviceCollective;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -16,20 +18,16 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 /// device engine ([`with_engine`](Self::with_engine), NCCL on CUDA) the buckets are averaged in
 /// device memory instead of through the host collective.
 pub struct Ddp<B: AutodiffBackend> {
-    collective: Box<dyn Collective>,
+    state: RankState<B>,
     engine: Option<Box<dyn DeviceCollective<Inner<B>>>>,
-    device: B::Device,
-    bucket_bytes: usize,
 }
 
 impl<B: AutodiffBackend> Ddp<B> {
-    /// DDP over `collective` for the rank whose device is `device`.
-    pub fn new(collective: Box<dyn Collective>, device: B::Device, bucket_bytes: usize) -> Self {
+    /// DDP for the rank `state` describes.
+    pub fn new(state: RankState<B>) -> Self {
         Self {
-            collective,
+            state,
             engine: None,
-            device,
-            bucket_bytes: bucket_bytes.max(1),
         }
     }
 
@@ -39,16 +37,6 @@ impl<B: AutodiffBackend> Ddp<B> {
         self.engine = Some(engine);
         self
     }
-
-    /// The rank's device.
-    pub(crate) fn device(&self) -> &B::Device {
-        &self.device
-    }
-
-    /// The bucket size cap.
-    pub(crate) fn bucket_bytes(&self) -> usize {
-        self.bucket_bytes
-    }
 }
 
 impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
@@ -56,19 +44,20 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
         "ddp"
     }
 
-    fn collective(&self) -> &dyn Collective {
-        self.collective.as_ref()
+    fn rank_state(&self) -> &RankState<B> {
+        &self.state
     }
 
     fn broadcast_parameters(
         &self,
         params: Vec<Tensor<Inner<B>, 1>>,
     ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
+        let state = &self.state;
         broadcast_buckets::<Inner<B>>(
-            self.collective.as_ref(),
-            &self.device,
+            state.collective(),
+            state.device(),
             params,
-            self.bucket_bytes,
+            state.bucket_bytes(),
             0,
         )
     }
@@ -77,25 +66,27 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
         &self,
         grads: Vec<FlatGrad<Inner<B>>>,
     ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
+        let state = &self.state;
         if let Some(engine) = &self.engine {
             return reduce_buckets_on_device::<Inner<B>>(
-                self.collective.as_ref(),
+                state.collective(),
                 engine.as_ref(),
-                &self.device,
+                state.device(),
                 grads,
-                self.bucket_bytes,
+                state.bucket_bytes(),
             );
         }
         reduce_buckets::<Inner<B>>(
-            self.collective.as_ref(),
-            &self.device,
+            state.collective(),
+            state.device(),
             grads,
-            self.bucket_bytes,
+            state.bucket_bytes(),
             None,
         )
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {
-        Some((self.collective.world_size(), self.collective.rank()))
+        let collective = self.state.collective();
+        Some((collective.world_size(), collective.rank()))
     }
 }

@@ -1,24 +1,23 @@
 //! One device, one rank: nothing is exchanged.
 
+use crate::module::FlatGrad;
+use crate::rank_state::RankState;
+use crate::strategy::Strategy;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, SingleProcess};
-use fabric_core::strategy::{FlatGrad, Strategy};
-use std::marker::PhantomData;
 
-/// Lightning's `SingleDeviceStrategy`: ranks 0 of 1, every collective the identity.
-pub struct SingleDevice<B> {
-    collective: SingleProcess,
-    _backend: PhantomData<fn() -> B>,
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// Lightning's `SingleDeviceStrategy`: rank 0 of 1, every collective the identity.
+pub struct SingleDevice<B: AutodiffBackend> {
+    state: RankState<B>,
 }
 
-impl<B> Default for SingleDevice<B> {
-    fn default() -> Self {
-        Self {
-            collective: SingleProcess,
-            _backend: PhantomData,
-        }
+impl<B: AutodiffBackend> SingleDevice<B> {
+    /// The strategy of the one rank `state` describes (its collective is `SingleProcess`).
+    pub fn new(state: RankState<B>) -> Self {
+        Self { state }
     }
 }
 
@@ -27,21 +26,21 @@ impl<B: AutodiffBackend> Strategy<B> for SingleDevice<B> {
         "single_device"
     }
 
-    fn collective(&self) -> &dyn Collective {
-        &self.collective
+    fn rank_state(&self) -> &RankState<B> {
+        &self.state
     }
 
     fn broadcast_parameters(
         &self,
-        params: Vec<Tensor<B::InnerBackend, 1>>,
-    ) -> Result<Vec<Tensor<B::InnerBackend, 1>>, FabricError> {
+        params: Vec<Tensor<Inner<B>, 1>>,
+    ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
         Ok(params)
     }
 
     fn reduce_gradients(
         &self,
-        grads: Vec<FlatGrad<B::InnerBackend>>,
-    ) -> Result<Vec<FlatGrad<B::InnerBackend>>, FabricError> {
+        grads: Vec<FlatGrad<Inner<B>>>,
+    ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
         Ok(grads)
     }
 

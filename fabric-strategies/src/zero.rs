@@ -2,13 +2,17 @@
 //! but each owns a partition of the parameters; only the owner keeps optimizer state for a
 //! parameter and steps it, then the owners broadcast the updated values to everyone.
 
-use crate::Ddp;
 use crate::bucket::{broadcast_buckets, reduce_buckets};
+use crate::checkpoint_io::{ApplyEntries, EncodeEntries};
+use crate::ddp::Ddp;
+use crate::module::{FlatGrad, ModuleParams, ParamSlot, StepTarget};
+use crate::rank_state::RankState;
+use crate::sharded::{self, Sharded};
+use crate::strategy::Strategy;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, ReduceOp};
-use fabric_core::strategy::{FlatGrad, Strategy};
+use std::path::Path;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -21,33 +25,28 @@ pub enum ZeroStage {
     Two,
 }
 
-/// ZeRO stage 1 or 2 over a collective. The partition depends only on the parameters' sizes
-/// and visit order (see [`partition`]), so it is the same on every rank and in every run.
+/// ZeRO stage 1 or 2. The partition depends only on the parameters' sizes and visit order (see
+/// [`partition`]), so it is the same on every rank and in every run.
 ///
 /// After a synchronised `backward` a rank holds gradients for its own parameters only, so
 /// `Fabric::gradient` returns `None` for the others, and gradient-norm clipping combines the
 /// ranks' partial norms.
 pub struct Zero<B: AutodiffBackend> {
-    /// Setup broadcast, stage 1's reduction, the collective, the device and the bucket size.
+    /// Setup broadcast, stage 1's reduction and the rank's state.
     ddp: Ddp<B>,
     stage: ZeroStage,
 }
 
 impl<B: AutodiffBackend> Zero<B> {
-    /// ZeRO at `stage` over `collective` for the rank whose device is `device`.
-    pub fn new(
-        collective: Box<dyn Collective>,
-        device: B::Device,
-        bucket_bytes: usize,
-        stage: ZeroStage,
-    ) -> Self {
+    /// ZeRO at `stage` for the rank `state` describes.
+    pub fn new(state: RankState<B>, stage: ZeroStage) -> Self {
         Self {
-            ddp: Ddp::new(collective, device, bucket_bytes),
+            ddp: Ddp::new(state),
             stage,
         }
     }
 
-    fn owners(&self, layout: &[(usize, DType)]) -> Vec<usize> {
+    fn owners_of(&self, layout: &[(usize, DType)]) -> Vec<usize> {
         partition(layout, self.collective().world_size())
     }
 }
@@ -75,10 +74,6 @@ pub fn partition(layout: &[(usize, DType)], world: usize) -> Vec<usize> {
     owners
 }
 
-fn layout_of<T>(items: &[T], f: impl Fn(&T) -> (usize, DType)) -> Vec<(usize, DType)> {
-    items.iter().map(f).collect()
-}
-
 impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
     fn name(&self) -> &'static str {
         match self.stage {
@@ -87,8 +82,8 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         }
     }
 
-    fn collective(&self) -> &dyn Collective {
-        self.ddp.collective()
+    fn rank_state(&self) -> &RankState<B> {
+        self.ddp.rank_state()
     }
 
     fn broadcast_parameters(
@@ -102,20 +97,20 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         &self,
         grads: Vec<FlatGrad<Inner<B>>>,
     ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
-        let owners = self.owners(&layout_of(&grads, |g| (g.numel, g.dtype)));
-        let collective = self.collective();
+        let owners = self.owners_of(&grads.iter().map(|g| (g.numel, g.dtype)).collect::<Vec<_>>());
+        let state = self.rank_state();
         let reduced = match self.stage {
             ZeroStage::One => self.ddp.reduce_gradients(grads)?,
             ZeroStage::Two => reduce_buckets(
-                collective,
-                self.ddp.device(),
+                state.collective(),
+                state.device(),
                 grads,
-                self.ddp.bucket_bytes(),
+                state.bucket_bytes(),
                 Some(&owners),
             )?,
         };
         // Stage 1 received every average; keep only this rank's.
-        let rank = collective.rank();
+        let rank = state.collective().rank();
         Ok(reduced
             .into_iter()
             .zip(owners)
@@ -127,32 +122,65 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {
-        Some((self.collective().world_size(), self.collective().rank()))
+        self.ddp.sampler_shard()
     }
 
-    fn owned_parameters(&self, layout: &[(usize, DType)]) -> Option<Vec<bool>> {
-        let rank = self.collective().rank();
-        Some(self.owners(layout).into_iter().map(|o| o == rank).collect())
+    fn optimizer_step(&self, lr: f64, target: &mut dyn StepTarget<B>) -> Result<(), FabricError> {
+        sharded::step(self, lr, target)
+    }
+
+    fn clip_gradients_norm(
+        &self,
+        module: &dyn ModuleParams<B>,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64, FabricError> {
+        let layout = module.layout();
+        crate::grads::clip_norm(
+            &mut self.rank_state().grads(),
+            &layout,
+            max_norm,
+            norm_type,
+            |partial| sharded::combine_norm(self, partial, norm_type),
+        )
+    }
+
+    fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {
+        sharded::save(self, path, encode)
+    }
+
+    fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
+        sharded::load(self, path, apply)
+    }
+}
+
+impl<B: AutodiffBackend> Sharded<B> for Zero<B> {
+    fn owners(&self, layout: &[ParamSlot]) -> Vec<usize> {
+        self.owners_of(
+            &layout
+                .iter()
+                .map(|p| (p.numel, p.dtype))
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// One bucketed broadcast per owner, from the owner.
     fn sync_parameters(
         &self,
         params: Vec<Tensor<Inner<B>, 1>>,
-        _owned: &[bool],
+        layout: &[ParamSlot],
     ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
-        let owners = self.owners(&layout_of(&params, |p| {
-            (p.shape().num_elements(), p.dtype())
-        }));
+        let owners = self.owners(layout);
+        let state = self.rank_state();
         let mut slots: Vec<Option<Tensor<Inner<B>, 1>>> = params.into_iter().map(Some).collect();
-        for owner in 0..self.collective().world_size() {
+        for owner in 0..state.collective().world_size() {
             let indices: Vec<usize> = (0..slots.len()).filter(|&i| owners[i] == owner).collect();
             let values: Vec<_> = indices.iter().filter_map(|&i| slots[i].take()).collect();
             let synced = broadcast_buckets::<Inner<B>>(
-                self.collective(),
-                self.ddp.device(),
+                state.collective(),
+                state.device(),
                 values,
-                self.ddp.bucket_bytes(),
+                state.bucket_bytes(),
                 owner,
             )?;
             for (&i, value) in indices.iter().zip(synced) {
@@ -160,26 +188,6 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
             }
         }
         Ok(slots.into_iter().flatten().collect())
-    }
-
-    fn shards_optimizer(&self) -> bool {
-        true
-    }
-
-    fn combine_norm(&self, partial: f64, norm_type: f64) -> Result<f64, FabricError> {
-        let op = if norm_type.is_infinite() {
-            ReduceOp::Max
-        } else {
-            ReduceOp::Sum
-        };
-        let total = self
-            .collective()
-            .all_reduce(TensorData::new(vec![partial], [1]), op)?;
-        let total = total.as_slice::<f64>().map_err(|e| FabricError::Data {
-            context: "gradient norm",
-            message: format!("{e:?}"),
-        })?;
-        Ok(total.first().copied().unwrap_or(partial))
     }
 }
 

@@ -7,7 +7,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::Optimizer;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_fabric::fabric_core::grads::CollectParams;
+use burn_fabric::fabric_strategies::CollectParams;
 use burn_fabric::{Fabric, FabricError};
 
 pub type B = burn::backend::Autodiff<burn::backend::Flex>;

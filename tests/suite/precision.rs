@@ -7,7 +7,7 @@ use burn::backend::Flex;
 use burn::module::Module;
 use burn::optim::SgdConfig;
 use burn::tensor::{DType, Tensor};
-use burn_fabric::fabric_core::grads::CollectParams;
+use burn_fabric::fabric_strategies::CollectParams;
 use burn_fabric::{EnvVars, Fabric, FabricError};
 use common::{B, Mlp, batch};
 
@@ -213,4 +213,41 @@ fn backends_without_the_dtype_are_refused_at_configuration() {
                 .is_ok()
         );
     }
+}
+
+/// Under `*-mixed` a loss from a bare `model.forward` (outside `fabric.forward`) would train in
+/// f32 without anyone noticing: `backward` refuses it, names the precision and says what to do,
+/// and stores no gradient; the same loss through `fabric.forward` is accepted. Under `32-true`
+/// there is nothing to bypass.
+#[test]
+fn mixed_precision_refuses_a_loss_that_skipped_the_precision_context() {
+    for precision in ["bf16-mixed", "16-mixed"] {
+        let mut fabric = fabric(precision, 1);
+        let device = *fabric.device();
+        let (model, _optim) = fabric
+            .setup(Mlp::<B>::deterministic(&device), SgdConfig::new().init())
+            .unwrap();
+        let (x, y) = batch::<B>(0, 8, &device);
+        let bare = (model.forward(x.clone()) - y.clone()).powi_scalar(2).mean();
+        let err = fabric.backward(bare, &model).unwrap_err();
+        assert!(
+            matches!(&err, FabricError::PrecisionBypassed { precision: p } if p == precision),
+            "{precision}: {err}"
+        );
+        assert!(err.to_string().contains("fabric.forward"), "{err}");
+        assert!(fabric.gradient(&model.l1.weight).is_none(), "{precision}");
+
+        let out = fabric.forward(&model, x, |m, x| m.forward(x));
+        let loss = (out - y).powi_scalar(2).mean();
+        fabric.backward(loss, &model).unwrap();
+        assert!(fabric.gradient(&model.l1.weight).is_some(), "{precision}");
+    }
+    let mut fabric = fabric("32-true", 1);
+    let device = *fabric.device();
+    let (model, _optim) = fabric
+        .setup(Mlp::<B>::deterministic(&device), SgdConfig::new().init())
+        .unwrap();
+    let (x, y) = batch::<B>(0, 8, &device);
+    let bare = (model.forward(x) - y).powi_scalar(2).mean();
+    fabric.backward(bare, &model).unwrap();
 }

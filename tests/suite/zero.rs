@@ -14,7 +14,7 @@ use burn::module::{Module, ParamId};
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::tensor::Tensor;
-use burn_fabric::fabric_core::grads::CollectParams;
+use burn_fabric::fabric_strategies::CollectParams;
 use burn_fabric::{Checkpoint, Fabric, FabricError, Restore};
 use common::{B, Mlp, batch, worst_ratio};
 use std::collections::BTreeSet;
@@ -104,8 +104,8 @@ impl Run<'_> {
                 for m in 0..self.micro {
                     let start = step * BATCH + fabric.global_rank() * per_rank + m * per_micro;
                     let (x, y) = batch::<B>(start, per_micro, &device);
-                    let out = model.forward(x.cast(model.l1.weight.val().dtype()));
-                    let loss = (out.cast(burn::tensor::DType::F32) - y)
+                    let out = fabric.forward(&model, x, |m, x| m.forward(x));
+                    let loss = (out - y)
                         .powi_scalar(2)
                         .mean()
                         .div_scalar(self.micro as f64);

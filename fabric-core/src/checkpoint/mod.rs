@@ -4,10 +4,12 @@
 
 mod atomic;
 mod container;
+mod record;
 mod shards;
 
 pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
+pub use record::{decode_record, encode_record};
 pub use shards::{
     consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,
 };

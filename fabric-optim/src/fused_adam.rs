@@ -12,12 +12,7 @@
 //! interchangeable with [`Adam`]'s.
 //! Other backends, dtypes other than `f32`, and AMSGrad go through Burn's [`Adam`].
 
-// Without a host-memory backend compiled in, only the delegation to Burn's Adam is reachable.
-#![cfg_attr(
-    not(any(feature = "flex", feature = "tch")),
-    allow(dead_code, unused_imports, unused_variables)
-)]
-
+use crate::host;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::decay::WeightDecayConfig;
@@ -25,7 +20,6 @@ use burn::optim::{Adam, AdamConfig, AdamState, AdaptiveMomentumState, SimpleOpti
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
-use std::any::TypeId;
 
 /// Elements per task of the parallel update: large enough to amortise the task, small enough
 /// that two ranks' threads share the work evenly.
@@ -100,13 +94,8 @@ impl<B: Backend> SimpleOptimizer<B> for FusedAdam {
             && state
                 .as_ref()
                 .is_none_or(|s| s.momentum.max_moment_2.is_none());
-        match memory::<B>(&tensor.device()) {
-            #[cfg(feature = "flex")]
-            Memory::Flex if f32_only => self.step_in_place(lr, tensor, grad, state, true),
-            #[cfg(feature = "tch")]
-            // One thread: LibTorch's OpenMP workers still spin after the backward pass, and
-            // rayon threads beside them made the loop slower, not faster (measured).
-            Memory::Torch if f32_only => self.step_in_place(lr, tensor, grad, state, false),
+        match host::in_place::<B>(&tensor.device()) {
+            Some(parallel) if f32_only => self.step_in_place(lr, tensor, grad, state, parallel),
             _ => self.burn.step(lr, tensor, grad, state),
         }
     }
@@ -180,7 +169,6 @@ impl FusedAdam {
 
     /// The step on host buffers taken out of the tensors (copies where they are shared): what
     /// [`step_in_place`](Self::step_in_place) falls back to.
-    #[cfg(any(feature = "flex", feature = "tch"))]
     fn step_data<B: Backend, const D: usize>(
         &self,
         lr: f64,
@@ -214,7 +202,6 @@ impl FusedAdam {
 
     /// The step in the tensors' own memory (Flex, LibTorch CPU) when nothing else holds the
     /// parameter and the moments; otherwise through host copies ([`step_data`](Self::step_data)).
-    #[cfg(any(feature = "flex", feature = "tch"))]
     fn step_in_place<B: Backend, const D: usize>(
         &self,
         lr: f64,
@@ -252,84 +239,6 @@ impl FusedAdam {
             p,
             Some(AdamState::new(AdaptiveMomentumState::new(time, m, v))),
         )
-    }
-}
-
-/// In-place access to the elements of host-memory tensors (Flex, LibTorch CPU).
-#[cfg(any(feature = "flex", feature = "tch"))]
-mod host {
-    use std::any::Any;
-
-    /// Replaces a non-contiguous tensor by a contiguous copy.
-    pub(super) fn make_contiguous<P: 'static>(primitive: &mut P) {
-        #[cfg(feature = "flex")]
-        if let Some(t) = (primitive as &mut dyn Any).downcast_mut::<burn_flex::FlexTensor>()
-            && !t.is_contiguous()
-        {
-            *t = t.to_contiguous();
-        }
-        #[cfg(feature = "tch")]
-        if let Some(t) =
-            (primitive as &mut dyn Any).downcast_mut::<burn::backend::libtorch::TchTensor>()
-            && !t.tensor.is_contiguous()
-        {
-            *t = burn::backend::libtorch::TchTensor::new(t.tensor.contiguous());
-        }
-    }
-
-    /// `primitive`'s f32 elements for reading, if it is a contiguous f32 host tensor (a view
-    /// into a shared buffer included).
-    pub(super) fn slice<P: 'static>(primitive: &P) -> Option<&[f32]> {
-        #[cfg(feature = "flex")]
-        if let Some(t) = (primitive as &dyn Any).downcast_ref::<burn_flex::FlexTensor>() {
-            return t.as_slice::<f32>();
-        }
-        #[cfg(feature = "tch")]
-        if let Some(t) =
-            (primitive as &dyn Any).downcast_ref::<burn::backend::libtorch::TchTensor>()
-        {
-            let (ptr, len) = torch_elements(t)?;
-            // SAFETY: a contiguous f32 CPU tensor holds `len` initialised f32s at `ptr`, alive
-            // as long as the borrowed tensor; nothing writes them while it is borrowed here.
-            return Some(unsafe { std::slice::from_raw_parts(ptr, len) });
-        }
-        None
-    }
-
-    /// `primitive`'s f32 elements for writing, if it is a contiguous f32 host tensor whose
-    /// storage no other tensor shares (the backends' own test before writing in place).
-    pub(super) fn slice_mut<P: 'static>(primitive: &mut P) -> Option<&mut [f32]> {
-        let primitive = primitive as &mut dyn Any;
-        #[cfg(feature = "flex")]
-        if primitive.is::<burn_flex::FlexTensor>() {
-            let t = primitive.downcast_mut::<burn_flex::FlexTensor>()?;
-            if t.dtype() != burn::tensor::DType::F32 {
-                return None;
-            }
-            let (start, end) = t.layout().contiguous_offsets()?;
-            return t.try_storage_mut::<f32>()?.get_mut(start..end);
-        }
-        #[cfg(feature = "tch")]
-        if let Some(t) = primitive.downcast_mut::<burn::backend::libtorch::TchTensor>() {
-            if !t.can_mut() {
-                return None;
-            }
-            let (ptr, len) = torch_elements(t)?;
-            // SAFETY: as in `slice`; and the storage is this tensor's alone (`can_mut`),
-            // borrowed mutably, so no other reference to these elements exists.
-            return Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) });
-        }
-        None
-    }
-
-    /// Where a contiguous f32 LibTorch CPU tensor keeps its elements, and how many.
-    #[cfg(feature = "tch")]
-    fn torch_elements(t: &burn::backend::libtorch::TchTensor) -> Option<(*mut f32, usize)> {
-        let tensor = &t.tensor;
-        let ok = tensor.kind() == tch::Kind::Float
-            && tensor.device() == tch::Device::Cpu
-            && tensor.is_contiguous();
-        ok.then(|| (tensor.data_ptr().cast::<f32>(), tensor.numel()))
     }
 }
 
@@ -400,38 +309,6 @@ fn update_chunk<const FIRST: bool, const DECAY: bool>(
     }
 }
 
-/// Where the fused loop finds a backend's f32 elements.
-enum Memory {
-    /// In a Flex tensor's buffer, reached in place.
-    #[cfg(feature = "flex")]
-    Flex,
-    /// In a LibTorch CPU tensor, reached in place.
-    #[cfg(feature = "tch")]
-    Torch,
-    /// Not on the host (GPU backends), or a backend not handled: Burn's Adam.
-    Elsewhere,
-}
-
-/// Where tensors of backend `B` on `device` keep their elements.
-fn memory<B: Backend>(device: &B::Device) -> Memory {
-    let backend = TypeId::of::<B>();
-    #[cfg(feature = "flex")]
-    if backend == TypeId::of::<burn::backend::Flex>() {
-        return Memory::Flex;
-    }
-    #[cfg(feature = "tch")]
-    if backend == TypeId::of::<burn::backend::LibTorch>() {
-        use burn::backend::libtorch::LibTorchDevice;
-        let cpu = (device as &dyn std::any::Any).downcast_ref::<LibTorchDevice>()
-            == Some(&LibTorchDevice::Cpu);
-        if cpu {
-            return Memory::Torch;
-        }
-    }
-    let _ = (backend, device);
-    Memory::Elsewhere
-}
-
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
@@ -452,7 +329,7 @@ mod tests {
     /// for step, with and without weight decay: parameters and both moments equal bit for bit.
     #[test]
     fn fused_step_equals_burn_adam_bit_for_bit() {
-        assert!(matches!(memory::<Flex>(&Default::default()), Memory::Flex));
+        assert_eq!(host::in_place::<Flex>(&Default::default()), Some(true));
         let len = 2 * CHUNK + 123;
         for decay in [None, Some(0.05)] {
             let config = FusedAdamConfig::new().with_weight_decay(decay);

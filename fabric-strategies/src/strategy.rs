@@ -1,0 +1,150 @@
+//! The strategy seam (Lightning's `Strategy`): one per rank, it owns the rank's collective,
+//! precision plugin and gradient store, and with them every arrow of a training step —
+//! backward (scale, back-propagate, unscale, synchronise), clipping, the optimizer step and
+//! checkpoint I/O. The façade only hands it the module, the optimizer and the files.
+//!
+//! A strategy sees modules through the [module seam](crate::module): trainable parameters
+//! flattened in module-visit order, the same on every rank.
+
+use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries};
+use crate::module::{FlatGrad, ModuleParams, StepTarget};
+use crate::rank_state::RankState;
+use burn::module::ParamId;
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use fabric_core::FabricError;
+use fabric_core::collective::Collective;
+use fabric_precision::PrecisionPlugin;
+use std::path::Path;
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// A parallel strategy for backend `B`. Implementors say how parameters and gradients cross
+/// between ranks; the provided methods run the step on top of that, and a sharded strategy
+/// ([`Sharded`](crate::Sharded)) overrides the step and checkpoint I/O.
+pub trait Strategy<B: AutodiffBackend>: Send + Sync {
+    /// Lightning's registry name (`single_device`, `ddp`, ...).
+    fn name(&self) -> &'static str;
+
+    /// The rank's collective, device, precision and gradients.
+    fn rank_state(&self) -> &RankState<B>;
+
+    /// Makes every rank hold rank 0's parameters (each flattened, in module-visit order).
+    fn broadcast_parameters(
+        &self,
+        params: Vec<Tensor<Inner<B>, 1>>,
+    ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError>;
+
+    /// Averages gradients over the ranks, in the given (module-visit) order. A gradient that no
+    /// rank has stays `None`; one that only some ranks have counts as zero on the others.
+    fn reduce_gradients(
+        &self,
+        grads: Vec<FlatGrad<Inner<B>>>,
+    ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError>;
+
+    /// `(num_replicas, rank)` for the distributed sampler, or `None` if every rank should see
+    /// the whole dataset.
+    fn sampler_shard(&self) -> Option<(usize, usize)>;
+
+    /// The rank's collective, for the façade's `barrier`, `broadcast`, `all_gather` and
+    /// `all_reduce`.
+    fn collective(&self) -> &dyn Collective {
+        self.rank_state().collective()
+    }
+
+    /// The rank's precision plugin.
+    fn precision(&self) -> &PrecisionPlugin {
+        self.rank_state().precision()
+    }
+
+    /// The rank's device.
+    fn device(&self) -> &B::Device {
+        self.rank_state().device()
+    }
+
+    /// Back-propagates `loss` (scaled by the precision), stores `module`'s gradients (unscaled),
+    /// adding to any not yet consumed by a step, and with `sync` averages the stored gradients
+    /// across ranks.
+    fn backward(
+        &self,
+        loss: Tensor<B, 1>,
+        module: &dyn ModuleParams<B>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
+        let state = self.rank_state();
+        let precision = state.precision();
+        let mut grads = precision.scale_loss(loss)?.backward();
+        let layout = module.layout();
+        let new = precision.unscale_gradients(module.gradients(&mut grads));
+        state.grads().accumulate(&layout, new);
+        if !sync || self.collective().world_size() == 1 {
+            return Ok(());
+        }
+        let taken = state.grads().take(&layout);
+        let reduced = self.reduce_gradients(taken)?;
+        state.grads().put(&layout, reduced);
+        precision.agree_overflow(self.collective())
+    }
+
+    /// Steps `target`'s optimizer with the stored gradients of its module and clears them,
+    /// unless the precision skips the step (an overflow under `16-mixed`).
+    fn optimizer_step(&self, lr: f64, target: &mut dyn StepTarget<B>) -> Result<(), FabricError> {
+        let grads = self.rank_state().grads().take(&target.layout());
+        if self.precision().step_allowed() {
+            target.step(lr, grads);
+        }
+        Ok(())
+    }
+
+    /// Discards `module`'s stored gradients.
+    fn zero_grad(&self, module: &dyn ModuleParams<B>) {
+        drop(self.rank_state().grads().take(&module.layout()));
+    }
+
+    /// The stored gradient of parameter `id`, flattened (`None` where this rank holds none).
+    fn gradient(&self, id: ParamId) -> Option<Tensor<Inner<B>, 1>> {
+        self.rank_state().grads().get(id)
+    }
+
+    /// Scales `module`'s stored gradients so that their total `norm_type`-norm is at most
+    /// `max_norm`; returns the norm before clipping.
+    fn clip_gradients_norm(
+        &self,
+        module: &dyn ModuleParams<B>,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64, FabricError> {
+        let layout = module.layout();
+        crate::grads::clip_norm(
+            &mut self.rank_state().grads(),
+            &layout,
+            max_norm,
+            norm_type,
+            Ok,
+        )
+    }
+
+    /// Clamps `module`'s stored gradients into `[-clip_value, clip_value]`.
+    fn clip_gradients_value(
+        &self,
+        module: &dyn ModuleParams<B>,
+        clip_value: f64,
+    ) -> Result<(), FabricError> {
+        let layout = module.layout();
+        crate::grads::clip_value(&mut self.rank_state().grads(), &layout, clip_value)
+    }
+
+    /// Writes a checkpoint of the entries `encode` makes (plus the precision's own state) to
+    /// `path`: one file written by global rank 0, atomically. Returns on every rank once it is
+    /// on disk, with an error on every rank if it failed anywhere.
+    fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {
+        checkpoint_io::save_whole(self.rank_state(), path, encode)
+    }
+
+    /// Reads the checkpoint at `path` (a file, or a directory of shards consolidated in
+    /// memory), restores the precision's own state, and hands the other entries to `apply`;
+    /// an error on any rank is an error on every rank.
+    fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
+        checkpoint_io::load_whole(self.rank_state(), path, apply)
+    }
+}
