@@ -5,21 +5,9 @@ use burn::tensor::backend::AutodiffBackend;
 use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
 use fabric_core::collective::{Collective, DeviceEngine, device_engine};
-
-/// The fused engine for ranks sharing one CubeCL device (features `wgpu`, `cuda`).
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-use fabric_precision::shared_device::engine as shared_device_engine;
-
-/// Without a CubeCL backend compiled in there is no shared-device engine.
-#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-fn shared_device_engine<B: burn::tensor::backend::Backend>(
-    _devices: &[B::Device],
-) -> Option<DeviceEngine<B>> {
-    None
-}
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::{ClusterEnvironment, EnvironmentKind};
-use fabric_precision::PrecisionPlugin;
+use fabric_precision::{PrecisionPlugin, shared_device};
 use fabric_strategies::{Ddp, RankState, SingleDevice, Strategy, Zero, ZeroStage};
 
 use crate::processes::Processes;
@@ -101,7 +89,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         // Gradients stay on the GPUs when every rank is a device of this process.
         let engine = match (strategy, &processes) {
             (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?
-                .or_else(|| shared_device_engine::<B::InnerBackend>(&placement.devices)),
+                .or_else(|| shared_device::engine::<B::InnerBackend>(&placement.devices)),
             _ => None,
         };
         Ok(Self {

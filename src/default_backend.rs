@@ -1,4 +1,5 @@
-//! [`DefaultBackend`]: the autodiff backend the enabled Cargo feature selects.
+//! `DefaultBackend`: the autodiff backend the enabled Cargo feature selects (absent when no
+//! backend feature is on).
 
 /// The autodiff backend the enabled Cargo feature selects. When several backend features are
 /// on, the most specific wins: `cuda`, then `tch`, then `wgpu`, then `ndarray`, then the default

@@ -26,13 +26,6 @@ mod checkpoint;
 pub mod cli;
 mod collectives;
 mod connector;
-#[cfg(any(
-    feature = "flex",
-    feature = "ndarray",
-    feature = "tch",
-    feature = "wgpu",
-    feature = "cuda"
-))]
 mod default_backend;
 mod export;
 mod fabric;
@@ -45,14 +38,7 @@ mod processes;
 mod processes;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
-#[cfg(any(
-    feature = "flex",
-    feature = "ndarray",
-    feature = "tch",
-    feature = "wgpu",
-    feature = "cuda"
-))]
-pub use default_backend::DefaultBackend;
+pub use default_backend::*;
 pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
 pub use fabric_core::checkpoint::consolidate;
@@ -80,13 +66,6 @@ pub use fabric_strategies;
 
 /// What a training script usually imports.
 pub mod prelude {
-    #[cfg(any(
-        feature = "flex",
-        feature = "ndarray",
-        feature = "tch",
-        feature = "wgpu",
-        feature = "cuda"
-    ))]
-    pub use crate::DefaultBackend;
+    pub use crate::default_backend::*;
     pub use crate::{DataLoader, Fabric, FabricError, FabricOptimizer, RankDataLoader, ReduceOp};
 }

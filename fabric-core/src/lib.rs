@@ -1,5 +1,6 @@
 //! Core of burn-fabric: configuration, the rank context, the collective seam and its in-process
 //! engine, the thread launcher, distributed data loading and checkpoint files.
+#![warn(missing_docs)]
 
 pub mod backend;
 pub mod callback;

@@ -1,5 +1,6 @@
 //! Code the examples share: the command-line flags that map onto the Fabric configuration, the
 //! UCI handwritten digits data set, the digits classifier, seeded noise and the progress bar.
+#![warn(missing_docs)]
 
 pub mod args;
 pub mod backend;

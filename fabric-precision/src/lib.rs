@@ -9,6 +9,7 @@
 //!   ([`GradScaler`], PyTorch's defaults).
 //!
 //! Burn has no autocast: ops do not promote dtypes, so the plugin casts every operand itself.
+#![warn(missing_docs)]
 
 mod cast;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -16,6 +17,9 @@ pub mod fused;
 mod grad_scaler;
 mod plugin;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod shared_device;
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+#[path = "shared_device_stub.rs"]
 pub mod shared_device;
 mod support;
 

@@ -2,9 +2,10 @@
 //! accumulate across backward passes until a step takes them. Kept flattened and keyed by
 //! parameter id; every walk goes in a module's layout (visit) order.
 
-use crate::module::{FlatGrad, ParamSlot};
+use crate::module::{FlatGrad, ModuleParams, ParamSlot};
+use crate::rank_state::RankState;
 use burn::module::ParamId;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use fabric_core::FabricError;
 use std::collections::HashMap;
@@ -97,16 +98,16 @@ impl<B: Backend> GradStore<B> {
     }
 }
 
-/// Scales `layout`'s gradients so that their joint `norm_type`-norm is at most `max_norm`
+/// Scales `module`'s stored gradients so that their joint `norm_type`-norm is at most `max_norm`
 /// (PyTorch's `clip_grad_norm_`, coefficient `max_norm / (norm + 1e-6)` capped at 1) and returns
 /// the norm before clipping. `norm_type` may be `f64::INFINITY`.
 ///
 /// `combine` turns this rank's partial norm ([`GradStore::partial_norm`]) into the job's: the
 /// identity when every rank holds every gradient (DDP), a reduction across ranks when each holds
 /// a shard (ZeRO).
-pub fn clip_norm<B: Backend>(
-    store: &mut GradStore<B>,
-    layout: &[ParamSlot],
+pub fn clip_norm<B: AutodiffBackend>(
+    state: &RankState<B>,
+    module: &dyn ModuleParams<B>,
     max_norm: f64,
     norm_type: f64,
     combine: impl FnOnce(f64) -> Result<f64, FabricError>,
@@ -126,7 +127,9 @@ pub fn clip_norm<B: Backend>(
             reason: "must be zero or positive".into(),
         });
     }
-    let total = combine(store.partial_norm(layout, norm_type))?;
+    let layout = module.layout();
+    let partial = state.grads().partial_norm(&layout, norm_type);
+    let total = combine(partial)?;
     let norm = if norm_type.is_infinite() {
         total
     } else {
@@ -137,15 +140,15 @@ pub fn clip_norm<B: Backend>(
     }
     let coefficient = max_norm / (norm + 1e-6);
     if coefficient < 1.0 {
-        store.map(layout, |g| g.mul_scalar(coefficient));
+        state.grads().map(&layout, |g| g.mul_scalar(coefficient));
     }
     Ok(norm)
 }
 
-/// Clamps every gradient of `layout` into `[-clip_value, clip_value]`.
-pub fn clip_value<B: Backend>(
-    store: &mut GradStore<B>,
-    layout: &[ParamSlot],
+/// Clamps every stored gradient of `module` into `[-clip_value, clip_value]`.
+pub fn clip_value<B: AutodiffBackend>(
+    state: &RankState<B>,
+    module: &dyn ModuleParams<B>,
     clip_value: f64,
 ) -> Result<(), FabricError> {
     if clip_value.is_nan() || clip_value < 0.0 {
@@ -155,6 +158,8 @@ pub fn clip_value<B: Backend>(
             reason: "must be zero or positive".into(),
         });
     }
-    store.map(layout, |g| g.clamp(-clip_value, clip_value));
+    state
+        .grads()
+        .map(&module.layout(), |g| g.clamp(-clip_value, clip_value));
     Ok(())
 }

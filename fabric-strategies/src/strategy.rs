@@ -114,14 +114,7 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64, FabricError> {
-        let layout = module.layout();
-        crate::grads::clip_norm(
-            &mut self.rank_state().grads(),
-            &layout,
-            max_norm,
-            norm_type,
-            Ok,
-        )
+        crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, Ok)
     }
 
     /// Clamps `module`'s stored gradients into `[-clip_value, clip_value]`.
@@ -130,8 +123,7 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         module: &dyn ModuleParams<B>,
         clip_value: f64,
     ) -> Result<(), FabricError> {
-        let layout = module.layout();
-        crate::grads::clip_value(&mut self.rank_state().grads(), &layout, clip_value)
+        crate::grads::clip_value(self.rank_state(), module, clip_value)
     }
 
     /// Writes a checkpoint of the entries `encode` makes (plus the precision's own state) to

@@ -135,14 +135,9 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64, FabricError> {
-        let layout = module.layout();
-        crate::grads::clip_norm(
-            &mut self.rank_state().grads(),
-            &layout,
-            max_norm,
-            norm_type,
-            |partial| sharded::combine_norm(self, partial, norm_type),
-        )
+        crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, |partial| {
+            sharded::combine_norm(self, partial, norm_type)
+        })
     }
 
     fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {

@@ -7,7 +7,6 @@
 //! [`Collective`]: super::Collective
 
 use super::{Collective, ReduceOp};
-use crate::FabricError;
 use crate::error::CollectiveError;
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -94,21 +93,6 @@ impl<B: Backend> std::fmt::Debug for DeviceEngine<B> {
     }
 }
 
-/// The device engine for local ranks on `devices` (one device each, in this process), if
-/// backend `B` has one: NCCL for Burn's `Cuda` backend (feature `cuda`) with two or more
-/// devices. `Ok(None)` means the host collectives do the work. An error means the engine
-/// applies but cannot run on this machine (no NCCL library): a typed error, never a panic.
-pub fn device_engine<B: Backend>(
-    devices: &[B::Device],
-) -> Result<Option<DeviceEngine<B>>, FabricError> {
-    #[cfg(feature = "cuda")]
-    if let Some(engine) = super::nccl::engine::<B>(devices)? {
-        return Ok(Some(engine));
-    }
-    let _ = devices;
-    Ok(None)
-}
-
 /// `value` as type `U`, which it is (checked by the caller's `TypeId` test): how a concrete
 /// engine serves a generic backend without specialisation. `None` when the types differ.
 pub fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
@@ -121,13 +105,6 @@ pub fn same_type<T: 'static, U: 'static>(value: T) -> Option<U> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_backends_have_no_device_engine() {
-        type F = burn::backend::Flex;
-        let engine = device_engine::<F>(&[Default::default(), Default::default()]).unwrap();
-        assert!(engine.is_none());
-    }
 
     #[test]
     fn same_type_casts_only_to_the_same_type() {

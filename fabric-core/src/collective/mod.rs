@@ -10,6 +10,7 @@
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 pub mod device;
+mod engine;
 #[cfg(feature = "mpi")]
 mod hierarchical;
 mod host;
@@ -25,7 +26,8 @@ mod thread_group;
 pub use hierarchical::HierarchicalCollective;
 pub use host::{pack, split};
 
-pub use device::{DeviceCollective, DeviceEngine, ThroughHost, device_engine};
+pub use device::{DeviceCollective, DeviceEngine, ThroughHost};
+pub use engine::device_engine;
 pub use single::SingleProcess;
 pub use thread_group::{ThreadCollective, ThreadGroup};
 
