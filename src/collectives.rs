@@ -1,12 +1,12 @@
 //! The façade's collectives: tensors of any kind (float, int, bool) of this rank's backend or its
-//! inner backend, moved through the strategy's [`Collective`](fabric_core::collective::Collective).
+//! inner backend, moved through the strategy's [`Collective`](fabric_collective::Collective).
 
 use crate::fabric::Fabric;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{BasicOps, Tensor, TensorData};
+use fabric_collective::Collective;
+use fabric_collective::ReduceOp;
 use fabric_core::backend::BackendDevices;
-use fabric_core::collective::Collective;
-use fabric_core::collective::ReduceOp;
 use fabric_core::{CollectiveError, FabricError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

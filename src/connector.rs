@@ -2,15 +2,14 @@
 //! devices, the concrete strategy, and the checks that reject what this build cannot run.
 
 use burn::tensor::backend::AutodiffBackend;
+use fabric_collective::{Collective, DeviceEngine, Processes, device_engine};
 use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
-use fabric_core::collective::{Collective, DeviceEngine, device_engine};
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::{ClusterEnvironment, EnvironmentKind};
-use fabric_precision::{PrecisionPlugin, shared_device};
+use fabric_precision::PrecisionPlugin;
 use fabric_strategies::{Ddp, RankState, SingleDevice, Strategy, Zero, ZeroStage};
 
-use crate::processes::Processes;
 use fabric_core::callback::Callback;
 use fabric_core::logger::Logger;
 use std::sync::atomic::AtomicU64;
@@ -88,8 +87,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         };
         // Gradients stay on the GPUs when every rank is a device of this process.
         let engine = match (strategy, &processes) {
-            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?
-                .or_else(|| shared_device::engine::<B::InnerBackend>(&placement.devices)),
+            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?,
             _ => None,
         };
         Ok(Self {

@@ -6,15 +6,15 @@ use burn::module::{AutodiffModule, Module, ParamId};
 use burn::optim::Optimizer;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
+use fabric_collective::launcher::{ThreadLaunch, launch_threads_with};
+use fabric_collective::{Collective, SingleProcess};
 use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
 use fabric_core::callback::Callback;
-use fabric_core::collective::{Collective, SingleProcess};
 use fabric_core::config::{
     Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
 };
 use fabric_core::environment::ClusterEnvironment;
-use fabric_core::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;

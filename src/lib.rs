@@ -31,11 +31,6 @@ mod export;
 mod fabric;
 mod logging;
 mod optimizer;
-#[cfg(feature = "mpi")]
-mod processes;
-#[cfg(not(feature = "mpi"))]
-#[path = "processes_stub.rs"]
-mod processes;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use default_backend::*;
@@ -45,9 +40,9 @@ pub use fabric_core::checkpoint::consolidate;
 pub use fabric_optim::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
 
+pub use fabric_collective::{Collective, ReduceOp};
 pub use fabric_core::backend::{BackendDevices, DevicePool};
 pub use fabric_core::callback::{Callback, TrainBatchEnd, ValidationEnd};
-pub use fabric_core::collective::{Collective, ReduceOp};
 pub use fabric_core::config::{Accelerator, Devices, EnvVars, Precision, StrategyChoice};
 pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
 pub use fabric_core::logger::{CsvLogger, Logger, TensorBoardLogger};
@@ -59,6 +54,7 @@ pub use fabric_precision::{GradScalerState, PrecisionMode};
 
 /// The crates behind the façade, for what it does not re-export.
 pub use burn;
+pub use fabric_collective;
 pub use fabric_core;
 pub use fabric_optim;
 pub use fabric_precision;

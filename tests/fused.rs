@@ -8,12 +8,12 @@
 
 use burn::backend::Wgpu;
 use burn::tensor::f16;
+use burn_fabric::fabric_collective::fused::cubecl::prelude::*;
+use burn_fabric::fabric_collective::fused::cubecl::server::Handle;
+use burn_fabric::fabric_collective::fused::cubecl::wgpu::WgpuRuntime;
+use burn_fabric::fabric_collective::fused::{FloatKind, Path, sum_cast};
 use burn_fabric::fabric_core::backend::{BackendDevices, DevicePool};
 use burn_fabric::fabric_core::config::Accelerator;
-use burn_fabric::fabric_precision::fused::cubecl::prelude::*;
-use burn_fabric::fabric_precision::fused::cubecl::server::Handle;
-use burn_fabric::fabric_precision::fused::cubecl::wgpu::WgpuRuntime;
-use burn_fabric::fabric_precision::fused::{FloatKind, Path, sum_cast};
 
 fn client() -> Option<ComputeClient<WgpuRuntime>> {
     let device = match Wgpu::device_pool(Accelerator::Wgpu) {
@@ -159,9 +159,9 @@ fn f16_inputs_accumulate_in_f32() {
 #[test]
 fn shared_device_engine_equals_the_host_engine() {
     use burn::tensor::{DType, Tensor, TensorData};
-    use burn_fabric::fabric_core::collective::{Collective, ReduceOp};
-    use burn_fabric::fabric_core::launcher::{ThreadLaunch, launch_threads};
-    use burn_fabric::fabric_precision::shared_device;
+    use burn_fabric::fabric_collective::launcher::{ThreadLaunch, launch_threads};
+    use burn_fabric::fabric_collective::shared_device;
+    use burn_fabric::fabric_collective::{Collective, ReduceOp};
 
     if client().is_none() {
         return;
@@ -238,7 +238,7 @@ fn shared_device_engine_equals_the_host_engine() {
 /// the pass may divide (the last step of a mean): against the reference, fused and unfused.
 #[test]
 fn mixed_operands_and_divisor_match_the_reference() {
-    use burn_fabric::fabric_precision::fused::{Operand, sum_scale_cast};
+    use burn_fabric::fabric_collective::fused::{Operand, sum_scale_cast};
     let Some(client) = client() else {
         return;
     };

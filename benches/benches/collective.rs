@@ -2,7 +2,7 @@
 //! between warm buffers: the copy is the floor any exchange of that much data pays.
 
 use burn::tensor::TensorData;
-use burn_fabric::fabric_core::collective::{Collective, ReduceOp, ThreadGroup};
+use burn_fabric::fabric_collective::{Collective, ReduceOp, ThreadGroup};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};

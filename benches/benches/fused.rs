@@ -14,7 +14,7 @@ mod run {
     use cubecl::prelude::*;
     use cubecl::server::Handle;
     use fabric_benches::report::{Goal, Row};
-    use fabric_precision::fused::{FloatKind, Path, sum_cast};
+    use fabric_collective::fused::{FloatKind, Path, sum_cast};
     use std::time::{Duration, Instant};
 
     #[cube(launch)]

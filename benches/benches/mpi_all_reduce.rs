@@ -5,10 +5,8 @@
 //! starts itself under `mpirun -np 2`.
 
 use burn::tensor::TensorData;
-use burn_fabric::fabric_core::collective::mpi::MpiProcesses;
-use burn_fabric::fabric_core::collective::{
-    Collective, HierarchicalCollective, ReduceOp, ThreadGroup,
-};
+use burn_fabric::fabric_collective::mpi::MpiProcesses;
+use burn_fabric::fabric_collective::{Collective, HierarchicalCollective, ReduceOp, ThreadGroup};
 use fabric_benches::report::{self, Goal, Row, median_of};
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;

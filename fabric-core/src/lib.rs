@@ -1,15 +1,14 @@
-//! Core of burn-fabric: configuration, the rank context, the collective seam and its in-process
-//! engine, the thread launcher, distributed data loading and checkpoint files.
+//! Core of burn-fabric: configuration, cluster environments, the rank context, errors,
+//! distributed data loading, checkpoint files, loggers and callbacks. The `burn-fabric` crate
+//! puts a façade over this and the other crates; depend on that one.
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod callback;
 pub mod checkpoint;
-pub mod collective;
 pub mod config;
 pub mod environment;
 mod error;
-pub mod launcher;
 pub mod loader;
 pub mod logger;
 pub mod rank;

@@ -12,15 +12,8 @@
 #![warn(missing_docs)]
 
 mod cast;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub mod fused;
 mod grad_scaler;
 mod plugin;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub mod shared_device;
-#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-#[path = "shared_device_stub.rs"]
-pub mod shared_device;
 mod support;
 
 pub use cast::CastParams;

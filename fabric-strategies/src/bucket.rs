@@ -4,8 +4,8 @@
 use crate::module::FlatGrad;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use fabric_collective::{Collective, DeviceCollective, ReduceOp, pack};
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, DeviceCollective, ReduceOp, pack};
 use std::ops::Range;
 
 /// A run of consecutive tensors that travel together; all share one dtype.
@@ -307,7 +307,7 @@ mod tests {
 
     #[test]
     fn device_path_equals_host_path() {
-        use fabric_core::launcher::{ThreadLaunch, launch_threads};
+        use fabric_collective::launcher::{ThreadLaunch, launch_threads};
         type F = burn::backend::Flex;
         for world in [1, 2, 3] {
             let launch = ThreadLaunch {
@@ -319,7 +319,7 @@ mod tests {
             let (host, on_device) = launch_threads(&launch, |rank, c| {
                 let device = Default::default();
                 let host = reduce_buckets::<F>(&c, &device, rank_grads(rank, &device), 64, None);
-                let engine = fabric_core::collective::ThroughHost;
+                let engine = fabric_collective::ThroughHost;
                 let grads = rank_grads(rank, &device);
                 let on_device = reduce_buckets_on_device::<F>(&c, &engine, &device, grads, 64);
                 match (host, on_device) {

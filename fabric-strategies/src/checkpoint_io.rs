@@ -5,11 +5,11 @@
 use crate::rank_state::RankState;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
+use fabric_collective::{Collective, ReduceOp};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     Entry, decode, encode, error, read_consolidated, remove_stale_temporaries, write_atomic,
 };
-use fabric_core::collective::{Collective, ReduceOp};
 use std::path::Path;
 
 /// Makes the entries to save (errors name the file at the path given and the entry).

@@ -7,8 +7,8 @@ use crate::rank_state::RankState;
 use crate::strategy::Strategy;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use fabric_collective::DeviceCollective;
 use fabric_core::FabricError;
-use fabric_core::collective::DeviceCollective;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 

@@ -3,7 +3,7 @@
 
 use crate::grads::GradStore;
 use burn::tensor::backend::AutodiffBackend;
-use fabric_core::collective::Collective;
+use fabric_collective::Collective;
 use fabric_precision::PrecisionPlugin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

@@ -8,12 +8,12 @@ use crate::module::{FlatGrad, ParamSlot, StepTarget};
 use crate::strategy::Strategy;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
+use fabric_collective::ReduceOp;
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     encode, error, read_consolidated, remove_stale_temporaries, shard_file_name, shard_files,
     write_atomic,
 };
-use fabric_core::collective::ReduceOp;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

@@ -12,8 +12,8 @@ use crate::rank_state::RankState;
 use burn::module::ParamId;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
+use fabric_collective::Collective;
 use fabric_core::FabricError;
-use fabric_core::collective::Collective;
 use fabric_precision::PrecisionPlugin;
 use std::path::Path;
 

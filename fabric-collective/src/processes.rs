@@ -1,15 +1,17 @@
 //! Joining this process to the others of a multi-process job through MPI (the `mpi` feature;
 //! `processes_stub.rs` stands in without it).
 
+use crate::mpi::MpiProcesses;
+/// Marks a launch in progress: if the process exits meanwhile, the job is aborted.
+pub use crate::mpi::Training;
+use crate::{Collective, HierarchicalCollective, ThreadCollective};
 use fabric_core::FabricError;
-use fabric_core::collective::mpi::{MpiProcesses, Training};
-use fabric_core::collective::{Collective, HierarchicalCollective, ThreadCollective};
 use fabric_core::config::FabricConfig;
 use fabric_core::environment::ClusterEnvironment;
 use std::sync::Arc;
 
-/// The other processes of the job.
-pub(crate) struct Processes {
+/// The other processes of the job, joined by MPI.
+pub struct Processes {
     mpi: Arc<MpiProcesses>,
 }
 

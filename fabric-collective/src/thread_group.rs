@@ -12,10 +12,10 @@
 //! rank that returned while others wait for it) is recorded once and wakes every waiter, so no
 //! rank blocks for longer than the timeout, and usually not at all.
 
-use super::reduce::{aligned, check_supported, chunk, reduce_range};
-use super::{Collective, ReduceOp, check_rank};
-use crate::error::CollectiveError;
+use crate::reduce::{aligned, check_supported, chunk, reduce_range};
+use crate::{Collective, ReduceOp, check_rank};
 use burn::tensor::{DType, TensorData};
+use fabric_core::CollectiveError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 

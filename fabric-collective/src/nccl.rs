@@ -9,12 +9,10 @@
 //! stream. NCCL spans the devices of one process; ranks in other processes are joined by MPI
 //! on the host.
 
-use super::Collective;
-use super::ReduceOp;
-use super::cube::{CubeTensor, from_cube, into_cube};
-use super::device::{DeviceCollective, DeviceEngine, same_type};
-use crate::FabricError;
-use crate::error::CollectiveError;
+use crate::Collective;
+use crate::ReduceOp;
+use crate::cube::{CubeTensor, from_cube, into_cube};
+use crate::device::{DeviceCollective, DeviceEngine, same_type};
 use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
 use burn::tensor::Tensor;
@@ -24,6 +22,8 @@ use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
 use cubecl::server::ReduceOperation;
 use cubecl_common::device::{Device as _, DeviceId};
+use fabric_core::CollectiveError;
+use fabric_core::FabricError;
 use std::any::TypeId;
 
 /// The backend under Burn's fusion layer for `Cuda`.

@@ -4,11 +4,11 @@
 //! buffer per operation whatever its number of ranks. Ranks are numbered node-major:
 //! `global = process * ranks_per_process + local`.
 
-use super::mpi::MpiProcesses;
-use super::reduce::divide;
-use super::{Collective, ReduceOp, ThreadCollective, check_rank, pack, split};
-use crate::error::CollectiveError;
+use crate::mpi::MpiProcesses;
+use crate::reduce::divide;
+use crate::{Collective, ReduceOp, ThreadCollective, check_rank, pack, split};
 use burn::tensor::TensorData;
+use fabric_core::CollectiveError;
 use std::sync::Arc;
 
 /// One rank's collective in a multi-process job.

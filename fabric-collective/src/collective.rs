@@ -7,33 +7,10 @@
 //! `TensorData` and back is free for Flex when the tensor is not shared, so the in-process engine
 //! reduces straight in the tensors' own memory.
 
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub mod cube;
-pub mod device;
-mod engine;
-#[cfg(feature = "mpi")]
-mod hierarchical;
-mod host;
-#[cfg(feature = "mpi")]
-pub mod mpi;
-#[cfg(feature = "cuda")]
-pub mod nccl;
-mod reduce;
-mod single;
-mod thread_group;
-
-#[cfg(feature = "mpi")]
-pub use hierarchical::HierarchicalCollective;
-pub use host::{pack, split};
-
-pub use device::{DeviceCollective, DeviceEngine, ThroughHost};
-pub use engine::device_engine;
-pub use single::SingleProcess;
-pub use thread_group::{ThreadCollective, ThreadGroup};
-
-use crate::FabricError;
-use crate::error::CollectiveError;
+use crate::host::{pack, split};
 use burn::tensor::{DType, TensorData};
+use fabric_core::CollectiveError;
+use fabric_core::FabricError;
 use std::fmt;
 use std::str::FromStr;
 
@@ -163,7 +140,7 @@ pub trait Collective: Send + Sync {
 }
 
 /// `InvalidRank` unless `rank < world_size` (the root of a broadcast or reduce).
-pub(crate) fn check_rank(rank: usize, world_size: usize) -> Result<(), CollectiveError> {
+pub fn check_rank(rank: usize, world_size: usize) -> Result<(), CollectiveError> {
     if rank < world_size {
         Ok(())
     } else {
@@ -177,6 +154,7 @@ pub(crate) fn check_rank(rank: usize, world_size: usize) -> Result<(), Collectiv
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ThreadCollective;
     use crate::launcher::{ThreadLaunch, launch_threads};
     use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! The collective of a job with one rank: every operation is the identity.
 
-use super::{Collective, ReduceOp};
-use crate::error::CollectiveError;
+use crate::{Collective, ReduceOp};
 use burn::tensor::TensorData;
+use fabric_core::CollectiveError;
 
 /// World size 1: nothing to exchange, nothing to wait for.
 #[derive(Debug, Clone, Copy, Default)]

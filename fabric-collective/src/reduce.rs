@@ -4,9 +4,9 @@
 //! that chunk across all buffers (in rank order, so the result is deterministic and identical on
 //! every rank) and writes it back into every buffer. Work is tiled so the write-back hits cache.
 
-use super::ReduceOp;
-use crate::error::CollectiveError;
+use crate::ReduceOp;
 use burn::tensor::{DType, TensorData};
+use fabric_core::CollectiveError;
 use half::{bf16, f16};
 use std::ops::Range;
 

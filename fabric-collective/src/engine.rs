@@ -1,25 +1,24 @@
-//! The one place that picks the device engine for DDP's gradient buckets in this crate: NCCL
-//! when the ranks are distinct CUDA devices of this process (feature `cuda`), else none (the
-//! host collective). Kept apart from the seam (`device.rs`) and the engines so that neither
-//! imports the other.
+//! The one place that picks the device engine for DDP's gradient buckets: NCCL when the ranks
+//! are distinct CUDA devices of this process (feature `cuda`), else the fused kernel when they
+//! share one CubeCL device (features `wgpu`, `cuda`), else none (the host collective). Kept
+//! apart from the seam (`device.rs`) and the engines so that none imports another.
 
-use super::device::DeviceEngine;
-use crate::FabricError;
+use crate::device::DeviceEngine;
 use burn::tensor::backend::Backend;
+use fabric_core::FabricError;
 
 /// The device engine for local ranks on `devices` (one device each, in this process), if
 /// backend `B` has one: NCCL for Burn's `Cuda` backend (feature `cuda`) with two or more
-/// devices. `Ok(None)` means the host collectives do the work. An error means the engine
+/// distinct devices, the fused shared-device engine when they all share one Wgpu or Cuda device. `Ok(None)` means the host collectives do the work. An error means the engine
 /// applies but cannot run on this machine (no NCCL library): a typed error, never a panic.
 pub fn device_engine<B: Backend>(
     devices: &[B::Device],
 ) -> Result<Option<DeviceEngine<B>>, FabricError> {
     #[cfg(feature = "cuda")]
-    if let Some(engine) = super::nccl::engine::<B>(devices)? {
+    if let Some(engine) = crate::nccl::engine::<B>(devices)? {
         return Ok(Some(engine));
     }
-    let _ = devices;
-    Ok(None)
+    Ok(crate::shared_device::engine::<B>(devices))
 }
 
 #[cfg(test)]

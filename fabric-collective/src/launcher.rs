@@ -1,8 +1,8 @@
 //! Runs one function per local rank, each on its own thread, and turns any rank's error or panic
 //! into an error naming that rank, after releasing every rank blocked in a collective.
 
-use crate::FabricError;
-use crate::collective::{ThreadCollective, ThreadGroup};
+use crate::thread_group::{ThreadCollective, ThreadGroup};
+use fabric_core::FabricError;
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
@@ -141,7 +141,7 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collective::{Collective, ReduceOp};
+    use crate::{Collective, ReduceOp};
     use burn::tensor::TensorData;
     use std::time::Instant;
 

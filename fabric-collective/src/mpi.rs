@@ -15,11 +15,11 @@
 //! MPI can be initialised only once per process, so the world lives until the process exits
 //! (finalised by an `atexit` handler): several Fabrics in one process share it.
 
-use super::reduce::aligned;
-use super::{ReduceOp, check_rank};
-use crate::FabricError;
-use crate::error::CollectiveError;
+use crate::reduce::aligned;
+use crate::{ReduceOp, check_rank};
 use burn::tensor::{BoolStore, DType, TensorData};
+use fabric_core::CollectiveError;
+use fabric_core::FabricError;
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::environment::{Threading, Universe};

@@ -1,16 +1,16 @@
 //! Without the `mpi` feature there are never other processes: [`Processes`] has no values, and
 //! joining a multi-process job is a typed error. Stands in for `processes.rs`.
 
+use crate::{Collective, ThreadCollective};
 use fabric_core::FabricError;
-use fabric_core::collective::{Collective, ThreadCollective};
 use fabric_core::config::FabricConfig;
 use fabric_core::environment::ClusterEnvironment;
 
 /// The other processes of the job: none can exist in this build.
-pub(crate) enum Processes {}
+pub enum Processes {}
 
 /// Marks a launch in progress (nothing to mark without other processes).
-pub(crate) type Training = ();
+pub type Training = ();
 
 impl Processes {
     /// Always an error: several processes or nodes need the MPI engine.

@@ -4,12 +4,12 @@
 //! for a [`DeviceEngine`] at configuration time and, where there is one, averages its gradient
 //! buckets through it.
 //!
-//! [`Collective`]: super::Collective
+//! [`Collective`]: crate::Collective
 
-use super::{Collective, ReduceOp};
-use crate::error::CollectiveError;
+use crate::{Collective, ReduceOp};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use fabric_core::CollectiveError;
 use std::sync::Arc;
 
 /// Reduces one rank's tensors with the other local ranks' on their own devices. Every rank of

@@ -10,15 +10,15 @@
 //! with several owners. Buffers the kernel has no type for (`f64`) and operations other than sum
 //! and mean go through the host ([`ThroughHost`]).
 
+use crate::cube::{CubeBackend, CubeRuntime, CubeTensor, from_cube, into_cube};
+use crate::device::same_type;
 use crate::fused::{FloatKind, Operand, Path, sum_scale_cast};
+use crate::{Collective, DeviceCollective, DeviceEngine, ReduceOp, ThroughHost};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use burn_fusion::{Fusion, FusionBackend};
 use burn_ir::BackendIr;
 use fabric_core::CollectiveError;
-use fabric_core::collective::cube::{CubeBackend, CubeRuntime, CubeTensor, from_cube, into_cube};
-use fabric_core::collective::device::same_type;
-use fabric_core::collective::{Collective, DeviceCollective, DeviceEngine, ReduceOp, ThroughHost};
 use std::any::TypeId;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
