@@ -215,7 +215,13 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
 
     let epochs = args.fabric.epochs;
     let progress = progress::bar(fabric, (epochs * loader.len()) as u64, "steps");
-    let untrained = PixelStats::of_samples(&generator.valid().forward(fixed.clone()));
+    // Sampling goes through `fabric.forward` too: under `*-mixed` the half-precision view shares
+    // BatchNorm's running statistics with the model (Burn's `RunningState`), so they are kept in
+    // the compute dtype and a bare f32 forward would meet half-precision statistics.
+    let untrained =
+        PixelStats::of_samples(
+            &fabric.forward(&generator.valid(), fixed.clone(), |m, x| m.forward(x)),
+        );
     let mut distances = vec![untrained.mean_distance(&real)];
     let mut spread = vec![untrained.spread(&real)];
     let mut grids = Vec::new();
@@ -270,7 +276,7 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
         for (slot, sum) in last.iter_mut().zip(sums) {
             *slot = fabric.all_reduce_scalar(sum / batches.max(1) as f64, ReduceOp::Mean)?;
         }
-        let samples = generator.valid().forward(fixed.clone());
+        let samples = fabric.forward(&generator.valid(), fixed.clone(), |m, x| m.forward(x));
         let stats = PixelStats::of_samples(&samples);
         distances.push(stats.mean_distance(&real));
         spread.push(stats.spread(&real));
