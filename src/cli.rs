@@ -5,7 +5,8 @@
 use crate::{Accelerator, Devices, FabricError, Precision, StrategyChoice};
 use clap::{Args, Parser, Subcommand};
 use fabric_core::config::{
-    LT_ACCELERATOR, LT_CLI_USED, LT_DEVICES, LT_NUM_NODES, LT_PRECISION, LT_STRATEGY,
+    CollectiveTimeout, LT_ACCELERATOR, LT_CLI_USED, LT_COLLECTIVE_TIMEOUT, LT_DEVICES,
+    LT_NUM_NODES, LT_PRECISION, LT_STRATEGY,
 };
 
 /// burn-fabric's launcher.
@@ -69,6 +70,10 @@ pub struct RunArgs {
     /// 32-true, 64-true, 16-mixed, bf16-mixed, 16-true, bf16-true (or an alias)
     #[arg(long)]
     pub precision: Option<String>,
+    /// How long a collective waits for the other ranks before failing and naming them: `90`
+    /// (seconds), `90s`, `1.5m`, `2h` [default: 30 minutes, as PyTorch]
+    #[arg(long)]
+    pub collective_timeout: Option<String>,
     /// Comma-separated machines, one process each (default: all processes on this machine)
     #[arg(long, value_delimiter = ',')]
     pub hosts: Vec<String>,
@@ -116,6 +121,10 @@ impl RunArgs {
         if let Some(precision) = &self.precision {
             precision.parse::<Precision>()?;
             env.push((LT_PRECISION.into(), precision.clone()));
+        }
+        if let Some(timeout) = &self.collective_timeout {
+            timeout.parse::<CollectiveTimeout>()?;
+            env.push((LT_COLLECTIVE_TIMEOUT.into(), timeout.trim().to_string()));
         }
         if self.node_rank >= self.num_nodes {
             return Err(FabricError::InvalidSetting {
@@ -316,5 +325,42 @@ mod tests {
             "a program is required"
         );
         assert!(Cli::try_parse_from(["fabric", "run", "--main-port", "70000", "--", "p"]).is_err());
+    }
+
+    #[test]
+    fn the_collective_timeout_reaches_every_process_and_a_bad_one_is_refused() {
+        let plan = run(&[
+            "--num-nodes",
+            "2",
+            "--collective-timeout",
+            "5s",
+            "--",
+            "./train",
+        ])
+        .plan(false)
+        .unwrap();
+        assert_eq!(
+            env_of(&plan, "LT_COLLECTIVE_TIMEOUT").as_deref(),
+            Some("5s")
+        );
+        let exported = plan
+            .args
+            .windows(2)
+            .any(|w| w[0] == "-x" && w[1] == "LT_COLLECTIVE_TIMEOUT");
+        assert!(exported, "mpirun must export it: {:?}", plan.args);
+        let plan = run(&["--", "./train"]).plan(false).unwrap();
+        assert_eq!(
+            env_of(&plan, "LT_COLLECTIVE_TIMEOUT"),
+            None,
+            "default: not set"
+        );
+        let err = run(&["--collective-timeout", "0", "--", "./train"])
+            .plan(false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("collective_timeout") && err.contains("`0`"),
+            "{err}"
+        );
     }
 }

@@ -101,7 +101,9 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         self
     }
 
-    /// How long a collective waits for the other ranks before failing (default 30 minutes).
+    /// How long a collective waits for the other ranks before failing and naming them (default
+    /// 30 minutes, as PyTorch). The `LT_COLLECTIVE_TIMEOUT` environment variable (`90`, `90s`,
+    /// `1.5m`, `2h`, `500ms`; what `fabric run --collective-timeout` sets) overrides it.
     pub fn collective_timeout(mut self, timeout: Duration) -> Self {
         self.raw.collective_timeout = Some(timeout);
         self

@@ -2,8 +2,12 @@
 //! (set by `fabric run`) and then to Fabric's defaults.
 
 use burn::tensor::backend::AutodiffBackend;
-use burn_fabric::{BackendDevices, CsvLogger, Fabric, FabricBuilder, TensorBoardLogger};
+use burn_fabric::fabric_core::config::CollectiveTimeout;
+use burn_fabric::{
+    BackendDevices, CsvLogger, Fabric, FabricBuilder, FabricError, TensorBoardLogger,
+};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Which logger `--logger` asks for.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,8 +18,8 @@ pub enum LoggerKind {
     Tensorboard,
 }
 
-/// `--backend --accelerator --devices --num-nodes --strategy --precision --epochs --batch-size
-/// --seed`,
+/// `--backend --accelerator --devices --num-nodes --strategy --precision --collective-timeout
+/// --epochs --batch-size --seed`,
 /// plus checkpointing (`--checkpoint-dir --checkpoint-every --resume`) and logging
 /// (`--logger --log-dir`).
 #[derive(clap::Args, Debug, Clone)]
@@ -39,6 +43,10 @@ pub struct FabricArgs {
     /// 32-true (64-true, 16-mixed, bf16-mixed, ... as Fabric supports them)
     #[arg(long)]
     pub precision: Option<String>,
+    /// How long a collective waits for the other ranks before failing and naming them: `90`
+    /// (seconds), `90s`, `1.5m`, `2h` [default: 30 minutes, or LT_COLLECTIVE_TIMEOUT]
+    #[arg(long, value_parser = parse_timeout)]
+    pub collective_timeout: Option<Duration>,
     /// Passes over the training data
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
@@ -92,6 +100,14 @@ impl FabricArgs {
         if let Some(precision) = &self.precision {
             builder = builder.precision(precision.as_str());
         }
+        if let Some(timeout) = self.collective_timeout {
+            builder = builder.collective_timeout(timeout);
+        }
         builder
     }
+}
+
+/// `--collective-timeout`, parsed as Fabric parses `LT_COLLECTIVE_TIMEOUT`.
+fn parse_timeout(text: &str) -> Result<Duration, FabricError> {
+    Ok(text.parse::<CollectiveTimeout>()?.duration())
 }

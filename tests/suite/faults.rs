@@ -116,3 +116,51 @@ fn launching_twice_is_refused() {
         Err(FabricError::AlreadyLaunched { .. })
     ));
 }
+
+/// `LT_COLLECTIVE_TIMEOUT` (what `fabric run --collective-timeout` sets) bounds a stall without
+/// any change to the code: the job ends well before the stalled rank wakes, naming the
+/// operation and the timeout. A value the CLI set that contradicts the code's is an error.
+#[test]
+fn the_environment_sets_the_collective_timeout() {
+    use burn_fabric::EnvVars;
+    let env = EnvVars::from_pairs([("LT_COLLECTIVE_TIMEOUT", "300ms")]);
+    let mut fabric = Fabric::<B>::builder().devices(2).env(env).build().unwrap();
+    let start = Instant::now();
+    let err = fabric
+        .launch(|fabric| {
+            let device = *fabric.device();
+            if fabric.global_rank() == 0 {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+            fabric.all_reduce(Tensor::<Flex, 1>::ones([4], &device), ReduceOp::Sum)?;
+            Ok::<_, FabricError>(())
+        })
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let (_, message) = failed_rank(err);
+    assert!(
+        message.contains("all_reduce") && message.contains("300ms"),
+        "{message}"
+    );
+
+    let conflict = EnvVars::from_pairs([("LT_COLLECTIVE_TIMEOUT", "5s"), ("LT_CLI_USED", "1")]);
+    let err = Fabric::<B>::builder()
+        .collective_timeout(Duration::from_secs(2))
+        .env(conflict)
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("collective_timeout") && err.contains("LT_COLLECTIVE_TIMEOUT"),
+        "{err}"
+    );
+    let bad = EnvVars::from_pairs([("LT_COLLECTIVE_TIMEOUT", "soon")]);
+    let err = Fabric::<B>::builder()
+        .env(bad)
+        .build()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("soon") && err.contains("90s"), "{err}");
+}

@@ -14,6 +14,9 @@ pub const LT_DEVICES: &str = "LT_DEVICES";
 pub const LT_NUM_NODES: &str = "LT_NUM_NODES";
 /// Precision set by the CLI.
 pub const LT_PRECISION: &str = "LT_PRECISION";
+/// Collective timeout (`90`, `90s`, `1.5m`, `2h`, `500ms`), set by `fabric run
+/// --collective-timeout` or by hand; read by every `Fabric` builder.
+pub const LT_COLLECTIVE_TIMEOUT: &str = "LT_COLLECTIVE_TIMEOUT";
 
 /// Variables read by name: torchrun's (and Lightning's) launch variables.
 const NAMES: [&str; 9] = [

@@ -7,23 +7,24 @@ mod env;
 mod precision;
 mod setting;
 mod strategy;
+mod timeout;
 
 pub use accelerator::Accelerator;
 pub use devices::Devices;
 pub use env::{
-    EnvVars, LT_ACCELERATOR, LT_CLI_USED, LT_DEVICES, LT_NUM_NODES, LT_PRECISION, LT_STRATEGY,
+    EnvVars, LT_ACCELERATOR, LT_CLI_USED, LT_COLLECTIVE_TIMEOUT, LT_DEVICES, LT_NUM_NODES,
+    LT_PRECISION, LT_STRATEGY,
 };
 pub use precision::Precision;
 pub use setting::Setting;
 pub use strategy::StrategyChoice;
+pub use timeout::{CollectiveTimeout, DEFAULT_COLLECTIVE_TIMEOUT};
 
 use crate::FabricError;
 use std::fmt::Display;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// PyTorch's default collective timeout.
-pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// PyTorch DDP's default gradient bucket size.
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
@@ -102,16 +103,15 @@ impl RawConfig {
             env,
         )?
         .0;
-        let collective_timeout = self
-            .collective_timeout
-            .unwrap_or(DEFAULT_COLLECTIVE_TIMEOUT);
-        if collective_timeout.is_zero() {
-            return Err(FabricError::InvalidArgument {
-                name: "collective_timeout",
-                value: format!("{collective_timeout:?}"),
-                reason: "must be longer than zero".into(),
-            });
-        }
+        let collective_timeout = from_env(
+            "collective_timeout",
+            LT_COLLECTIVE_TIMEOUT,
+            self.collective_timeout
+                .map(CollectiveTimeout::new)
+                .transpose()?,
+            env,
+        )?
+        .duration();
         let bucket_bytes = self.bucket_bytes.unwrap_or(DEFAULT_BUCKET_BYTES);
         if bucket_bytes == 0 {
             return Err(FabricError::InvalidArgument {
