@@ -33,3 +33,31 @@ fn weights_export_with_pytorch_names_and_layout() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Two exports of the same weights are the same bytes (safetensors' metadata map would otherwise
+/// come out in a random order), and the file still reads back with its metadata.
+#[test]
+fn identical_weights_export_to_identical_bytes() {
+    let dir = std::env::temp_dir().join(format!("fabric-export-bytes-{}", std::process::id()));
+    let model = Mlp::<B>::deterministic(&Default::default());
+    let exports: Vec<Vec<u8>> = (0..8)
+        .map(|i| {
+            let path = dir.join(format!("model-{i}.safetensors"));
+            export_safetensors(&model, &path).unwrap();
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    for (i, bytes) in exports.iter().enumerate() {
+        assert!(bytes == &exports[0], "export {i} differs from export 0");
+    }
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&exports[0]).unwrap();
+    let meta = metadata.metadata().clone().unwrap();
+    assert_eq!(
+        meta.get("producer").map(String::as_str),
+        Some("burn-fabric")
+    );
+    assert!(meta.contains_key("format") && meta.contains_key("version"));
+    let file = safetensors::SafeTensors::deserialize(&exports[0]).unwrap();
+    assert_eq!(file.names().len(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
