@@ -4,8 +4,8 @@ use crate::connector::{CallbackFactory, Connector};
 use crate::optimizer::FabricOptimizer;
 use burn::module::{AutodiffModule, Module, ParamId};
 use burn::optim::Optimizer;
+use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
 use fabric_collective::launcher::{ThreadLaunch, launch_threads_with};
 use fabric_collective::{Collective, SingleProcess};
 use fabric_core::FabricError;
@@ -49,6 +49,8 @@ pub struct Fabric<B: AutodiffBackend + BackendDevices> {
     rank: Option<Rank<B>>,
     seed: u64,
     launched: bool,
+    /// Modules set up so far on this rank: the high half of their parameters' ids.
+    setups: u64,
     pub(crate) callbacks: Vec<Box<dyn Callback>>,
 }
 
@@ -161,6 +163,7 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
             rank,
             seed: 0,
             launched: false,
+            setups: 0,
             callbacks,
         })
     }
@@ -284,6 +287,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
                     rank: Some(rank),
                     seed,
                     launched: true,
+                    setups: 0,
                     callbacks: connector
                         .callbacks
                         .as_ref()
@@ -375,35 +379,30 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// Moves `model` to this rank's device, converts it to the precision (`*-true`: parameters
     /// in that dtype; `*-mixed`: f32 master parameters) and makes its parameters equal to rank
     /// 0's, so every rank starts from the same model however each was initialised.
+    ///
+    /// The parameters get ids from the order of `setup` calls and the module's visit order
+    /// (not Burn's random ones): the same on every rank and in every run, so optimizer state
+    /// and checkpoints are keyed alike everywhere and identical runs write identical
+    /// checkpoints. (BatchNorm's running statistics keep Burn's ids: Burn does not let a
+    /// mapper change them.)
     pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
+        let index = self.setups;
         let rank = self.rank("setup_module")?;
         let strategy = rank.strategy.as_ref();
         let model = strategy
             .precision()
             .convert_module(model.fork(strategy.device()));
-        if rank.info.world_size == 1 {
-            self.call(|callback| callback.on_after_setup());
-            return Ok(model);
-        }
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
-        let values = strategy.broadcast_parameters(collect.values)?;
-        // Rank 0's parameter ids too, so optimizer state and checkpoints are keyed alike on
-        // every rank (ZeRO's shards merge by id).
-        let ids: Vec<u64> = collect.ids.iter().map(ParamId::val).collect();
-        let ids = strategy
-            .collective()
-            .broadcast(TensorData::new(ids.clone(), [ids.len()]), 0)?;
-        let ids = ids
-            .as_slice::<u64>()
-            .map_err(|e| FabricError::Data {
-                context: "setup",
-                message: format!("parameter ids: {e:?}"),
-            })?
-            .iter()
-            .map(|&id| ParamId::from(id))
+        let ids = (0..collect.ids.len() as u64)
+            .map(|position| ParamId::from((index << 32) | position))
             .collect();
+        let values = match rank.info.world_size {
+            1 => collect.values,
+            _ => strategy.broadcast_parameters(collect.values)?,
+        };
         let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
+        self.setups += 1;
         self.call(|callback| callback.on_after_setup());
         Ok(model)
     }

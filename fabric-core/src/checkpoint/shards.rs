@@ -6,6 +6,7 @@
 //! to that parameter's state. Shards hold disjoint ids, so merging is a union of the `item`
 //! maps, and keeping one rank's part is a filter on them; neither needs the optimizer's type.
 
+use super::record::{read_value, write_value};
 use super::{Entry, EntryKind, decode, encode, error, write_atomic};
 use crate::FabricError;
 use rmpv::Value;
@@ -101,16 +102,6 @@ pub fn consolidate(dir: &Path, output: Option<&Path>) -> Result<PathBuf, FabricE
     let entries = read_consolidated(dir)?;
     write_atomic(&output, &encode(&entries))?;
     Ok(output)
-}
-
-fn read_value(bytes: &[u8]) -> Result<Value, String> {
-    rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| format!("not a MessagePack record: {e}"))
-}
-
-fn write_value(value: &Value) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, value).map_err(|e| format!("cannot encode: {e}"))?;
-    Ok(out)
 }
 
 /// The `item` map of a record (parameter id → state).
