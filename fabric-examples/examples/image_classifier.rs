@@ -104,11 +104,14 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     // Where to start: fresh, or the newest checkpoint with --resume.
     let (mut epoch, mut batch_in_epoch, mut global_step) = (0u64, 0usize, 0u64);
     let dir = args.fabric.checkpoint_dir.clone();
-    if let Some(path) = dir
-        .as_deref()
-        .filter(|_| args.fabric.resume)
-        .and_then(checkpoints::newest)
-    {
+    let (newest, skipped) = match dir.as_deref().filter(|_| args.fabric.resume) {
+        Some(dir) => checkpoints::newest(dir),
+        None => (None, Vec::new()),
+    };
+    for line in skipped {
+        fabric.print(line);
+    }
+    if let Some(path) = newest {
         fabric.load(
             &path,
             Restore::new()

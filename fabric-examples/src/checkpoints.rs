@@ -1,6 +1,7 @@
 //! Where the examples keep checkpoints: `DIR/step-00000123.ckpt`, the newest being the one
 //! with the largest step.
 
+use burn_fabric::fabric_core::checkpoint::shard_files;
 use std::path::{Path, PathBuf};
 
 /// The checkpoint file of optimizer step `step`.
@@ -8,10 +9,14 @@ pub fn path(dir: &Path, step: u64) -> PathBuf {
     dir.join(format!("step-{step:08}.ckpt"))
 }
 
-/// The newest checkpoint in `dir`, if any.
-pub fn newest(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
+/// The newest complete checkpoint in `dir`, if any, and a line for each newer one skipped
+/// because it is incomplete: a sharded save (a directory of per-rank shards) interrupted before
+/// every rank wrote its shard. A checkpoint file is always complete (written atomically).
+pub fn newest(dir: &Path) -> (Option<PathBuf>, Vec<String>) {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return (None, Vec::new());
+    };
+    let mut found: Vec<(u64, PathBuf)> = listing
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -22,8 +27,25 @@ pub fn newest(dir: &Path) -> Option<PathBuf> {
                 .ok()?;
             Some((step, entry.path()))
         })
-        .max_by_key(|(step, _)| *step)
-        .map(|(_, path)| path)
+        .collect();
+    found.sort();
+    let mut skipped = Vec::new();
+    while let Some((_, path)) = found.pop() {
+        match incomplete(&path) {
+            None => return (Some(path), skipped),
+            // The reason names the checkpoint: "checkpoint PATH: ...".
+            Some(reason) => skipped.push(format!("skipping incomplete {reason}")),
+        }
+    }
+    (None, skipped)
+}
+
+/// Why the checkpoint at `path` cannot be loaded whole, or `None` if it can.
+fn incomplete(path: &Path) -> Option<String> {
+    if !path.is_dir() {
+        return None;
+    }
+    shard_files(path).err().map(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -35,12 +57,26 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fabric-examples-ckpt-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(newest(&dir), None);
+        assert_eq!(newest(&dir), (None, Vec::new()));
         for step in [9, 120, 10] {
             std::fs::write(path(&dir, step), b"x").unwrap();
         }
         std::fs::write(dir.join(".step-00000999.ckpt.tmp-1-1"), b"partial").unwrap();
-        assert_eq!(newest(&dir), Some(path(&dir, 120)));
+        assert_eq!(newest(&dir).0, Some(path(&dir, 120)));
+        // A newer sharded save that rank 1 never finished is skipped, named, never chosen.
+        let partial = path(&dir, 130);
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("shard-00000-of-00002.fabric"), b"x").unwrap();
+        let (chosen, skipped) = newest(&dir);
+        assert_eq!(chosen, Some(path(&dir, 120)));
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            skipped[0].contains("step-00000130.ckpt") && skipped[0].contains("[1]"),
+            "{skipped:?}"
+        );
+        // Once every shard is there it is the newest.
+        std::fs::write(partial.join("shard-00001-of-00002.fabric"), b"x").unwrap();
+        assert_eq!(newest(&dir), (Some(partial), Vec::new()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
