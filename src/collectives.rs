@@ -52,15 +52,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
 
     /// [`all_reduce`](Self::all_reduce) of one number.
     pub fn all_reduce_scalar(&self, value: f64, op: ReduceOp) -> Result<f64, FabricError> {
-        let collective = self.collective("all_reduce")?;
-        let data = collective.all_reduce(TensorData::new(vec![value], [1]), op)?;
-        data.as_slice::<f64>()
-            .ok()
-            .and_then(|v| v.first().copied())
-            .ok_or_else(|| FabricError::Data {
-                context: "all_reduce_scalar",
-                message: "the reduced value is missing".into(),
-            })
+        fabric_collective::all_reduce_scalar(self.collective("all_reduce")?, value, op)
     }
 
     /// Rank `src`'s `tensor` on every rank (the others' `tensor` only says where to put it).

@@ -139,6 +139,22 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<(), CollectiveError>;
 }
 
+/// [`Collective::all_reduce`] of one number: every rank gets the combined value.
+pub fn all_reduce_scalar(
+    collective: &dyn Collective,
+    value: f64,
+    op: ReduceOp,
+) -> Result<f64, FabricError> {
+    let data = collective.all_reduce(TensorData::new(vec![value], [1]), op)?;
+    data.as_slice::<f64>()
+        .ok()
+        .and_then(|v| v.first().copied())
+        .ok_or_else(|| FabricError::Data {
+            context: "all_reduce_scalar",
+            message: "the reduced value is missing".into(),
+        })
+}
+
 /// `InvalidRank` unless `rank < world_size` (the root of a broadcast or reduce).
 pub fn check_rank(rank: usize, world_size: usize) -> Result<(), CollectiveError> {
     if rank < world_size {

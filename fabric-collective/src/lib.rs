@@ -38,7 +38,7 @@ pub mod shared_device;
 mod single;
 mod thread_group;
 
-pub use collective::{Collective, ReduceOp, check_rank};
+pub use collective::{Collective, ReduceOp, all_reduce_scalar, check_rank};
 pub use device::{DeviceCollective, DeviceEngine, ThroughHost};
 pub use engine::device_engine;
 #[cfg(feature = "mpi")]

@@ -9,8 +9,8 @@ use crate::grad_scaler::{GradScaler, GradScalerState};
 use crate::support::{check_available, compute_dtype};
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, FloatDType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp};
+use burn::tensor::{DType, ElementConversion, FloatDType, Tensor};
+use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{Entry, EntryKind, Settings, error};
 use fabric_core::config::Precision;
@@ -243,9 +243,8 @@ impl PrecisionPlugin {
         if self.scaler.is_none() {
             return Ok(());
         }
-        let flag = TensorData::new(vec![u8::from(self.overflow.load(Ordering::Relaxed))], [1]);
-        let any = collective.all_reduce(flag, ReduceOp::Max)?;
-        let any = any.as_slice::<u8>().is_ok_and(|v| v.first() == Some(&1));
+        let mine = f64::from(u8::from(self.overflow.load(Ordering::Relaxed)));
+        let any = all_reduce_scalar(collective, mine, ReduceOp::Max)? > 0.0;
         self.overflow.store(any, Ordering::Relaxed);
         Ok(())
     }

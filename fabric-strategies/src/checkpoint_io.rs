@@ -3,9 +3,8 @@
 //! rank an error on all.
 
 use crate::rank_state::RankState;
-use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
-use fabric_collective::{Collective, ReduceOp};
+use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     Entry, decode, encode, error, read_consolidated, remove_stale_temporaries, write_atomic,
@@ -125,13 +124,8 @@ pub fn agree<T>(
     if collective.world_size() == 1 {
         return outcome;
     }
-    let flag = TensorData::new(vec![f64::from(u8::from(outcome.is_err()))], [1]);
-    let failed = collective.all_reduce(flag, ReduceOp::Max)?;
-    let failed = failed
-        .as_slice::<f64>()
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(1.0);
+    let mine = f64::from(u8::from(outcome.is_err()));
+    let failed = all_reduce_scalar(collective, mine, ReduceOp::Max)?;
     match outcome {
         Ok(_) if failed > 0.0 => Err(error(
             path,

@@ -46,7 +46,10 @@ pub trait ModuleParams<B: AutodiffBackend> {
 }
 
 /// A module and its optimizer at the optimizer step: what a strategy needs to step it.
-pub trait StepTarget<B: AutodiffBackend>: ModuleParams<B> {
+pub trait StepTarget<B: AutodiffBackend> {
+    /// Id, element count and dtype of each trainable parameter of the module.
+    fn layout(&self) -> Vec<ParamSlot>;
+
     /// Steps the optimizer with learning rate `lr` and `grads` (in layout order; `None`: the
     /// parameter is left untouched).
     fn step(&mut self, lr: f64, grads: Vec<FlatGrad<Inner<B>>>);
@@ -139,7 +142,7 @@ where
     }
 }
 
-impl<B, M, O> ModuleParams<B> for OptimizerStep<'_, B, M, O>
+impl<B, M, O> StepTarget<B> for OptimizerStep<'_, B, M, O>
 where
     B: AutodiffBackend,
     M: AutodiffModule<B>,
@@ -149,20 +152,6 @@ where
         self.model.as_ref().map(layout::<B, M>).unwrap_or_default()
     }
 
-    fn gradients(&self, grads: &mut B::Gradients) -> Vec<Option<Tensor<Inner<B>, 1>>> {
-        match &self.model {
-            Some(model) => Params(model).gradients(grads),
-            None => Vec::new(),
-        }
-    }
-}
-
-impl<B, M, O> StepTarget<B> for OptimizerStep<'_, B, M, O>
-where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
-    O: Optimizer<M, B>,
-{
     fn step(&mut self, lr: f64, grads: Vec<FlatGrad<Inner<B>>>) {
         let mut params = GradientsParams::new();
         self.visit(&mut Unflatten::<B> {

@@ -6,9 +6,9 @@
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
 use crate::module::{FlatGrad, ParamSlot, StepTarget};
 use crate::strategy::Strategy;
+use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
-use fabric_collective::ReduceOp;
+use fabric_collective::{ReduceOp, all_reduce_scalar};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     encode, error, read_consolidated, remove_stale_temporaries, shard_file_name, shard_files,
@@ -94,14 +94,7 @@ pub fn combine_norm<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
     } else {
         ReduceOp::Sum
     };
-    let total = strategy
-        .collective()
-        .all_reduce(TensorData::new(vec![partial], [1]), op)?;
-    let total = total.as_slice::<f64>().map_err(|e| FabricError::Data {
-        context: "gradient norm",
-        message: format!("{e:?}"),
-    })?;
-    Ok(total.first().copied().unwrap_or(partial))
+    all_reduce_scalar(strategy.collective(), partial, op)
 }
 
 /// Every rank writes its own file in the directory `path`, `shard-RRRRR-of-NNNNN.fabric`,

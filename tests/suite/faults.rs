@@ -66,22 +66,28 @@ fn a_rank_returning_an_error_is_named() {
     assert!(message.contains("could not read shard 1"), "{message}");
 }
 
-#[test]
-fn a_stalled_rank_is_named_when_the_timeout_expires() {
-    let mut fabric = fabric(2, Duration::from_millis(400));
+/// Launches `fabric` with rank 0 asleep for `stall` before an `all_reduce` the others wait in;
+/// asserts the job failed within 10 s and returns the failed rank and message.
+fn stall_rank_0(fabric: &mut Fabric<B>, stall: Duration) -> (usize, String) {
     let start = Instant::now();
     let err = fabric
         .launch(|fabric| {
             let device = *fabric.device();
             if fabric.global_rank() == 0 {
-                std::thread::sleep(Duration::from_secs(3));
+                std::thread::sleep(stall);
             }
             fabric.all_reduce(Tensor::<Flex, 1>::ones([4], &device), ReduceOp::Sum)?;
             Ok::<_, FabricError>(())
         })
         .unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(10));
-    let (rank, message) = failed_rank(err);
+    failed_rank(err)
+}
+
+#[test]
+fn a_stalled_rank_is_named_when_the_timeout_expires() {
+    let mut fabric = fabric(2, Duration::from_millis(400));
+    let (rank, message) = stall_rank_0(&mut fabric, Duration::from_secs(3));
     assert_eq!(rank, 0, "{message}");
     assert!(
         message.contains("all_reduce") && message.contains("400ms"),
@@ -125,19 +131,7 @@ fn the_environment_sets_the_collective_timeout() {
     use burn_fabric::EnvVars;
     let env = EnvVars::from_pairs([("LT_COLLECTIVE_TIMEOUT", "300ms")]);
     let mut fabric = Fabric::<B>::builder().devices(2).env(env).build().unwrap();
-    let start = Instant::now();
-    let err = fabric
-        .launch(|fabric| {
-            let device = *fabric.device();
-            if fabric.global_rank() == 0 {
-                std::thread::sleep(Duration::from_secs(5));
-            }
-            fabric.all_reduce(Tensor::<Flex, 1>::ones([4], &device), ReduceOp::Sum)?;
-            Ok::<_, FabricError>(())
-        })
-        .unwrap_err();
-    assert!(start.elapsed() < Duration::from_secs(10));
-    let (_, message) = failed_rank(err);
+    let (_, message) = stall_rank_0(&mut fabric, Duration::from_secs(5));
     assert!(
         message.contains("all_reduce") && message.contains("300ms"),
         "{message}"
