@@ -36,6 +36,8 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     /// of one process, the fused kernel when they share one CubeCL device), or `None` for the
     /// host collective.
     pub engine: Option<DeviceEngine<B::InnerBackend>>,
+    /// How many times the launcher restarted the job before this attempt.
+    pub restart_count: usize,
 }
 
 /// Makes a fresh set of callbacks for one rank.
@@ -100,6 +102,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             log_calls: AtomicU64::new(0),
             callbacks,
             engine,
+            restart_count: env.restart_count,
         })
     }
 

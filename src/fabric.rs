@@ -325,6 +325,14 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         self.connector.world_size()
     }
 
+    /// How many times the launcher has restarted this job before this attempt: 0 on the first
+    /// run, then 1, 2, ... under `fabric run --max-restarts N` (`LT_RESTART_COUNT`) or torchrun
+    /// (`TORCHELASTIC_RESTART_COUNT`). A program resumes from its newest complete checkpoint
+    /// when it is above 0 (see `fabric_core::checkpoint::newest`).
+    pub fn restart_count(&self) -> usize {
+        self.connector.restart_count
+    }
+
     /// Whether this is global rank 0.
     pub fn is_global_zero(&self) -> bool {
         self.global_rank() == 0

@@ -36,7 +36,7 @@ pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use default_backend::*;
 pub use export::export_safetensors;
 pub use fabric::{Fabric, FabricBuilder};
-pub use fabric_core::checkpoint::consolidate;
+pub use fabric_core::checkpoint::{Newest, consolidate, newest_checkpoint, step_checkpoint};
 pub use fabric_optim::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
 

@@ -8,8 +8,11 @@
 //!   dtypes, shapes): a mismatch becomes an error on every process instead of a hang or silent
 //!   corruption.
 //! * The watchdog turns an operation that outlives the collective timeout into `MPI_Abort`,
-//!   after printing which rank waited in which operation; `mpirun` then ends every process
-//!   with a non-zero exit.
+//!   after printing which rank waited in which operation and which process is to blame: it
+//!   calls the roll on a communicator of its own, where every process's watchdog answers
+//!   whether it waits in a collective or is outside them all (stuck in the program's code), and
+//!   a process that does not answer is stopped, hung or cut off. `mpirun` then ends every
+//!   process with a non-zero exit.
 //! * Reduction buffers are recycled, so a steady training loop allocates nothing here.
 //!
 //! MPI can be initialised only once per process, so the world lives until the process exits
@@ -23,6 +26,7 @@ use fabric_core::FabricError;
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::environment::{Threading, Universe};
+use mpi::point_to_point::{Destination, Source};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,6 +56,10 @@ static WORLD: Mutex<Option<Arc<MpiProcesses>>> = Mutex::new(None);
 /// Launches in progress in this process, and the process's MPI rank.
 static TRAINING: AtomicUsize = AtomicUsize::new(0);
 static PROCESS_RANK: AtomicUsize = AtomicUsize::new(0);
+/// Ranks (threads) each process runs, to name a process's ranks in messages.
+static RANKS_PER_PROCESS: AtomicUsize = AtomicUsize::new(1);
+/// Held while the watchdog calls MPI; `true` once MPI is finalised (the watchdog then stops).
+static MPI_GATE: Mutex<bool> = Mutex::new(false);
 
 /// At exit: a process leaving in the middle of a launch would leave the others waiting, so it
 /// aborts the job; otherwise MPI is finalised (every process of the job must).
@@ -68,12 +76,15 @@ extern "C" fn finalize_at_exit() {
         }
         return;
     }
+    let mut finalized = MPI_GATE.lock().unwrap_or_else(PoisonError::into_inner);
     if mpi::environment::is_initialized() && !mpi::environment::is_finalized() {
-        // SAFETY: called once, at exit, after every MPI operation of this process.
+        // SAFETY: called once, at exit, after every MPI operation of this process (the
+        // watchdog's are shut out by the gate held here).
         unsafe {
             mpi::ffi::MPI_Finalize();
         }
     }
+    *finalized = true;
 }
 
 impl MpiProcesses {
@@ -103,13 +114,15 @@ impl MpiProcesses {
         let rank = usize::try_from(communicator.rank()).unwrap_or(0);
         let size = usize::try_from(communicator.size()).unwrap_or(1);
         PROCESS_RANK.store(rank, Ordering::SeqCst);
+        // The watchdog's own communicator: its roll call never mixes with the ranks' messages.
+        let roll = communicator.duplicate();
         let processes = Arc::new(Self {
             world: communicator,
             rank,
             size,
             // A little later than the in-process timeout, so that when the late rank is a thread
             // of some process, that process names it before the watchdog fires.
-            watchdog: Watchdog::start(timeout + (timeout / 10).max(Duration::from_secs(1))),
+            watchdog: Watchdog::start(timeout + (timeout / 10).max(Duration::from_secs(1)), roll),
             recycled: Mutex::new(Vec::new()),
             universe: std::mem::ManuallyDrop::new(universe),
         });
@@ -132,6 +145,39 @@ impl MpiProcesses {
     /// Number of processes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Records how many ranks each process runs (for naming a process's ranks).
+    pub fn set_ranks_per_process(&self, ranks: usize) {
+        RANKS_PER_PROCESS.store(ranks.max(1), Ordering::SeqCst);
+    }
+
+    /// Checks that every process was started with the same `settings` (one line, e.g.
+    /// `devices=2 strategy=ddp ...`): otherwise every process returns the same error, naming
+    /// the first process that differs from process 0 and both lines, instead of a hang later.
+    pub fn agree_on_settings(&self, settings: &str) -> Result<(), FabricError> {
+        const WIDTH: usize = 512;
+        let mut mine = [0u8; WIDTH];
+        let bytes = &settings.as_bytes()[..settings.len().min(WIDTH)];
+        mine[..bytes.len()].copy_from_slice(bytes);
+        let mut all = vec![0u8; WIDTH * self.size];
+        self.world.all_gather_into(&mine[..], &mut all[..]);
+        let line = |p: usize| {
+            let raw = &all[p * WIDTH..(p + 1) * WIDTH];
+            let end = raw.iter().position(|b| *b == 0).unwrap_or(WIDTH);
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        };
+        match (1..self.size).find(|p| line(*p) != line(0)) {
+            None => Ok(()),
+            Some(p) => Err(FabricError::InvalidSetting {
+                setting: "settings of the job's processes",
+                value: format!("process {p} has `{}`", line(p)),
+                valid: format!(
+                    "the same settings in every process; process 0 has `{}` (start every process with the same `fabric run` flags and LT_* variables)",
+                    line(0)
+                ),
+            }),
+        }
     }
 
     /// Prints `message` and ends the whole job with a non-zero exit.
@@ -394,7 +440,8 @@ fn fingerprint(op: u64, data: &[TensorData]) -> u64 {
 }
 
 /// Aborts the job when an MPI operation outlives the timeout. MPI collectives cannot time out
-/// by themselves; this is what keeps a dead or stuck peer from hanging everyone forever.
+/// by themselves; this is what keeps a dead or stuck peer from hanging everyone forever. Its
+/// thread also answers the other processes' roll calls (see the module docs).
 struct Watchdog {
     shared: Arc<(Mutex<Watch>, Condvar)>,
     thread: Option<JoinHandle<()>>,
@@ -402,7 +449,10 @@ struct Watchdog {
 
 #[derive(Default)]
 struct Watch {
+    /// The operation in progress: rank, name, since when.
     active: Option<(usize, &'static str, Instant)>,
+    /// When the last operation ended.
+    last_done: Option<Instant>,
     stop: bool,
 }
 
@@ -412,17 +462,20 @@ struct Watching<'a>(&'a Watchdog);
 impl Drop for Watching<'_> {
     fn drop(&mut self) {
         let (lock, _) = &*self.0.shared;
-        lock.lock().unwrap_or_else(PoisonError::into_inner).active = None;
+        let mut watch = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        watch.active = None;
+        watch.last_done = Some(Instant::now());
     }
 }
 
 impl Watchdog {
-    fn start(timeout: Duration) -> Self {
+    fn start(timeout: Duration, roll: SimpleCommunicator) -> Self {
         let shared = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
         let watched = Arc::clone(&shared);
+        let roll = RollCall(std::mem::ManuallyDrop::new(roll));
         let thread = std::thread::Builder::new()
             .name("fabric-mpi-watchdog".into())
-            .spawn(move || watch(&watched, timeout))
+            .spawn(move || watch(&watched, timeout, &roll))
             .ok();
         Self { shared, thread }
     }
@@ -435,30 +488,163 @@ impl Watchdog {
     }
 }
 
-fn watch(shared: &(Mutex<Watch>, Condvar), timeout: Duration) {
+fn watch(shared: &(Mutex<Watch>, Condvar), timeout: Duration, roll: &RollCall) {
     let (lock, wake) = shared;
     let mut state = lock.lock().unwrap_or_else(PoisonError::into_inner);
     loop {
         if state.stop {
             return;
         }
-        if let Some((rank, operation, since)) = state.active
-            && since.elapsed() > timeout
+        let answer = Answer::of(&state);
+        let expired = state
+            .active
+            .filter(|(_, _, since)| since.elapsed() > timeout);
+        drop(state);
         {
-            eprintln!(
-                "burn-fabric: rank {rank} waited {timeout:?} in MPI `{operation}` for a process that never joined it; aborting the job"
-            );
-            // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; MPI_Abort may be called from
-            // any thread and does not return on success.
-            unsafe {
-                mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 4);
+            let finalized = MPI_GATE.lock().unwrap_or_else(PoisonError::into_inner);
+            if *finalized {
+                return;
             }
-            std::process::exit(4);
+            roll.answer_queries(answer);
+            if let Some((rank, operation, _)) = expired {
+                let blame = roll.call(answer);
+                eprintln!(
+                    "burn-fabric: rank {rank} waited {timeout:?} in MPI `{operation}`; {blame}; aborting the job"
+                );
+                // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; MPI_Abort may be called
+                // from any thread and does not return on success.
+                unsafe {
+                    mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 4);
+                }
+                std::process::exit(4);
+            }
         }
+        state = lock.lock().unwrap_or_else(PoisonError::into_inner);
         state = wake
             .wait_timeout(state, Duration::from_millis(100))
             .unwrap_or_else(PoisonError::into_inner)
             .0;
+    }
+}
+
+/// What a process's watchdog answers a roll call: whether it waits in a collective, and for how
+/// long it has waited or been outside every collective (milliseconds).
+#[derive(Clone, Copy)]
+struct Answer {
+    in_collective: bool,
+    millis: u64,
+}
+
+impl Answer {
+    fn of(watch: &Watch) -> Self {
+        let millis =
+            |since: Instant| u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match (watch.active, watch.last_done) {
+            (Some((_, _, since)), _) => Self {
+                in_collective: true,
+                millis: millis(since),
+            },
+            (None, Some(done)) => Self {
+                in_collective: false,
+                millis: millis(done),
+            },
+            (None, None) => Self {
+                in_collective: false,
+                millis: u64::MAX,
+            },
+        }
+    }
+
+    fn words(self) -> [u64; 2] {
+        [u64::from(self.in_collective), self.millis]
+    }
+}
+
+/// The watchdogs' communicator (a duplicate of the world's). Never freed: the watchdog stops
+/// when MPI is finalised, after which freeing it would be an error.
+struct RollCall(std::mem::ManuallyDrop<SimpleCommunicator>);
+
+// SAFETY: MPI runs with MPI_THREAD_MULTIPLE, and only the watchdog thread uses this
+// communicator once it is moved there.
+unsafe impl Send for RollCall {}
+
+const QUERY: i32 = 1;
+const REPLY: i32 = 2;
+/// How long a roll call waits for answers.
+const ROLL_CALL_WAIT: Duration = Duration::from_secs(2);
+
+impl RollCall {
+    /// Answers every roll call other processes have sent.
+    fn answer_queries(&self, mine: Answer) {
+        while let Some(status) = self.0.any_process().immediate_probe_with_tag(QUERY) {
+            let from = self.0.process_at_rank(status.source_rank());
+            let (_query, _) = from.receive_vec_with_tag::<u64>(QUERY);
+            from.send_with_tag(&mine.words()[..], REPLY);
+        }
+    }
+
+    /// Asks every other process where it is and says who is to blame for the wait.
+    fn call(&self, mine: Answer) -> String {
+        let me = self.0.rank();
+        let size = self.0.size();
+        for process in (0..size).filter(|p| *p != me) {
+            self.0
+                .process_at_rank(process)
+                .send_with_tag(&[0u64][..], QUERY);
+        }
+        let mut answers: Vec<Option<[u64; 2]>> = vec![None; usize::try_from(size).unwrap_or(0)];
+        let started = Instant::now();
+        while started.elapsed() < ROLL_CALL_WAIT
+            && answers
+                .iter()
+                .enumerate()
+                .any(|(p, a)| a.is_none() && p != me as usize)
+        {
+            self.answer_queries(mine);
+            while let Some(status) = self.0.any_process().immediate_probe_with_tag(REPLY) {
+                let from = status.source_rank();
+                let (words, _) = self
+                    .0
+                    .process_at_rank(from)
+                    .receive_vec_with_tag::<u64>(REPLY);
+                if let (Some(slot), &[in_collective, millis]) =
+                    (answers.get_mut(from as usize), &words[..])
+                {
+                    *slot = Some([in_collective, millis]);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ranks = RANKS_PER_PROCESS.load(Ordering::SeqCst);
+        let name = |p: usize| match ranks {
+            1 => format!("process {p} (rank {p})"),
+            n => format!("process {p} (ranks {}-{})", p * n, p * n + n - 1),
+        };
+        let mut blame = Vec::new();
+        for (process, answer) in answers.iter().enumerate() {
+            match answer {
+                _ if process == me as usize => {}
+                None => blame.push(format!(
+                    "{} did not answer within {ROLL_CALL_WAIT:?}: it is stopped, hung in the system, or cut off from this process",
+                    name(process)
+                )),
+                Some([0, millis]) if *millis == u64::MAX => blame.push(format!(
+                    "{} has not reached any collective yet: it is stuck in the program's own code",
+                    name(process)
+                )),
+                Some([0, millis]) => blame.push(format!(
+                    "{} is outside every collective (its last one ended {:.1?} ago): it is stuck in the program's own code",
+                    name(process),
+                    Duration::from_millis(*millis)
+                )),
+                Some(_) => {}
+            }
+        }
+        if blame.is_empty() {
+            "every process answered from inside a collective (they disagree on which one)".into()
+        } else {
+            blame.join("; ")
+        }
     }
 }
 

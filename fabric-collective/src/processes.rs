@@ -22,8 +22,12 @@ impl Processes {
         config: &FabricConfig,
         devices: usize,
     ) -> Result<Self, FabricError> {
-        env.validate(config.num_nodes, devices)?;
         let mpi = MpiProcesses::get(config.collective_timeout)?;
+        // First agree on the settings, before any check that could fail in some processes
+        // only: a process that fails alone leaves the others waiting in their first collective.
+        mpi.agree_on_settings(&settings(config, devices))?;
+        mpi.set_ranks_per_process(devices);
+        env.validate(config.num_nodes, devices)?;
         if mpi.size() != config.num_nodes {
             return Err(FabricError::InvalidSetting {
                 setting: "num_nodes",
@@ -62,4 +66,17 @@ impl Processes {
     pub fn abort(&self, message: &str) -> ! {
         self.mpi.abort(message)
     }
+}
+
+/// The settings every process of a job must share, as one line.
+fn settings(config: &FabricConfig, devices: usize) -> String {
+    format!(
+        "num_nodes={} devices={devices} accelerator={} strategy={} precision={} collective_timeout={:?} bucket_bytes={}",
+        config.num_nodes,
+        config.accelerator,
+        config.strategy,
+        config.precision,
+        config.collective_timeout,
+        config.bucket_bytes
+    )
 }

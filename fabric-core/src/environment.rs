@@ -7,7 +7,7 @@
 //! count processes, and `num_nodes` must equal the number of processes.
 
 use crate::FabricError;
-use crate::config::EnvVars;
+use crate::config::{EnvVars, LT_RESTART_COUNT};
 use std::fmt;
 
 /// Which launcher started this process.
@@ -51,6 +51,10 @@ pub struct ClusterEnvironment {
     pub main_address: String,
     /// Port on the main process.
     pub main_port: u16,
+    /// How many times the launcher has restarted the job before this attempt (0 on the first):
+    /// `LT_RESTART_COUNT`, set by `fabric run --max-restarts`, or torchrun's
+    /// `TORCHELASTIC_RESTART_COUNT`.
+    pub restart_count: usize,
 }
 
 const DEFAULT_ADDRESS: &str = "127.0.0.1";
@@ -60,6 +64,16 @@ const DEFAULT_PORT: u16 = 12910;
 impl ClusterEnvironment {
     /// Detects the environment from `env` in Lightning's order.
     pub fn detect(env: &EnvVars) -> Result<Self, FabricError> {
+        let mut detected = Self::detect_launcher(env)?;
+        detected.restart_count = match detected.kind {
+            EnvironmentKind::TorchElastic => number(env, "TORCHELASTIC_RESTART_COUNT")?,
+            _ => number(env, LT_RESTART_COUNT)?,
+        }
+        .unwrap_or(0);
+        Ok(detected)
+    }
+
+    fn detect_launcher(env: &EnvVars) -> Result<Self, FabricError> {
         if env.get("TORCHELASTIC_RUN_ID").is_some() {
             return torch_elastic(env);
         }
@@ -94,6 +108,7 @@ impl ClusterEnvironment {
                 .unwrap_or(DEFAULT_ADDRESS)
                 .to_string(),
             main_port: port(env, "MASTER_PORT")?.unwrap_or(DEFAULT_PORT),
+            restart_count: 0,
         })
     }
 
@@ -183,6 +198,7 @@ fn torch_elastic(env: &EnvVars) -> Result<ClusterEnvironment, FabricError> {
             .unwrap_or(DEFAULT_ADDRESS)
             .to_string(),
         main_port: port(env, "MASTER_PORT")?.unwrap_or(DEFAULT_PORT),
+        restart_count: 0,
     })
 }
 
@@ -208,6 +224,7 @@ fn slurm(env: &EnvVars) -> Result<ClusterEnvironment, FabricError> {
         node_rank: number(env, "SLURM_NODEID")?.unwrap_or(0),
         main_address,
         main_port,
+        restart_count: 0,
     })
 }
 
@@ -295,6 +312,7 @@ fn mpi(env: &EnvVars) -> Result<ClusterEnvironment, FabricError> {
             .unwrap_or(DEFAULT_ADDRESS)
             .to_string(),
         main_port: port(env, "MASTER_PORT")?.unwrap_or(DEFAULT_PORT),
+        restart_count: 0,
     })
 }
 
@@ -304,6 +322,40 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> EnvVars {
         EnvVars::from_pairs(pairs.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    #[test]
+    fn the_restart_count_comes_from_the_launcher_that_restarted_the_job() {
+        assert_eq!(
+            ClusterEnvironment::detect(&env(&[])).unwrap().restart_count,
+            0
+        );
+        let restarted = env(&[("LT_RESTART_COUNT", "2")]);
+        assert_eq!(
+            ClusterEnvironment::detect(&restarted)
+                .unwrap()
+                .restart_count,
+            2
+        );
+        let elastic = env(&[
+            ("TORCHELASTIC_RUN_ID", "x"),
+            ("TORCHELASTIC_RESTART_COUNT", "3"),
+            ("LT_RESTART_COUNT", "1"),
+            ("WORLD_SIZE", "1"),
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+        ]);
+        assert_eq!(
+            ClusterEnvironment::detect(&elastic).unwrap().restart_count,
+            3
+        );
+        let err = ClusterEnvironment::detect(&env(&[("LT_RESTART_COUNT", "first")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("LT_RESTART_COUNT") && err.contains("first"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -339,6 +391,7 @@ mod tests {
                 node_rank: 1,
                 main_address: "10.1.2.3".into(),
                 main_port: 29500,
+                restart_count: 0,
             }
         );
         let err =

@@ -17,13 +17,14 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use burn_fabric::prelude::*;
 use burn_fabric::{
-    BackendDevices, Checkpoint, FusedAdamConfig, Restore, Throughput, export_safetensors,
+    BackendDevices, Checkpoint, FusedAdamConfig, Newest, Restore, Throughput, export_safetensors,
+    newest_checkpoint, step_checkpoint,
 };
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
 use fabric_examples::digits::{self, Digit, DigitBatcher};
 use fabric_examples::mlp::{self, Mlp};
-use fabric_examples::{checkpoints, progress};
+use fabric_examples::progress;
 use std::error::Error;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -101,17 +102,18 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     )?;
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
 
-    // Where to start: fresh, or the newest checkpoint with --resume.
+    // Where to start: fresh, or the newest complete checkpoint with --resume or on a restart.
     let (mut epoch, mut batch_in_epoch, mut global_step) = (0u64, 0usize, 0u64);
     let dir = args.fabric.checkpoint_dir.clone();
-    let (newest, skipped) = match dir.as_deref().filter(|_| args.fabric.resume) {
-        Some(dir) => checkpoints::newest(dir),
-        None => (None, Vec::new()),
+    let resume = args.fabric.resume || fabric.restart_count() > 0;
+    let newest = match dir.as_deref().filter(|_| resume) {
+        Some(dir) => newest_checkpoint(dir),
+        None => Newest::default(),
     };
-    for line in skipped {
+    for line in newest.skipped {
         fabric.print(line);
     }
-    if let Some(path) = newest {
+    if let Some(path) = newest.path {
         fabric.load(
             &path,
             Restore::new()
@@ -209,7 +211,7 @@ fn save<B: AutodiffBackend + BackendDevices, O: Optimizer<Mlp<B>, B>>(
     global_step: u64,
 ) -> Result<(), FabricError> {
     fabric.save(
-        checkpoints::path(dir, global_step),
+        step_checkpoint(dir, global_step),
         Checkpoint::new()
             .module("model", model)
             .optimizer("optimizer", optimizer)

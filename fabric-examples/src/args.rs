@@ -62,7 +62,8 @@ pub struct FabricArgs {
     /// Also save every N optimizer steps
     #[arg(long, requires = "checkpoint_dir")]
     pub checkpoint_every: Option<u64>,
-    /// Continue from the newest checkpoint in --checkpoint-dir
+    /// Continue from the newest complete checkpoint in --checkpoint-dir (implied when `fabric
+    /// run --max-restarts` restarts the job)
     #[arg(long, requires = "checkpoint_dir")]
     pub resume: bool,
     /// Log metrics as csv or tensorboard

@@ -4,7 +4,6 @@
 
 pub mod args;
 pub mod backend;
-pub mod checkpoints;
 pub mod digits;
 pub mod mlp;
 pub mod noise;

@@ -70,8 +70,8 @@ pub fn load_whole<B: AutodiffBackend>(
 }
 
 /// Reads the entries with `read`, restores the precision's state from them, hands the rest to
-/// `apply`, and agrees on the outcome. Rank 0 first removes stale temporaries of an earlier
-/// killed save.
+/// `apply`, and agrees on the outcome. Rank 0 first removes the stale temporaries of earlier
+/// killed saves beside it.
 pub fn load_entries<B: AutodiffBackend>(
     state: &RankState<B>,
     path: &Path,
@@ -80,7 +80,7 @@ pub fn load_entries<B: AutodiffBackend>(
 ) -> Result<(), FabricError> {
     let collective = state.collective();
     if collective.rank() == 0 {
-        remove_stale_temporaries(path);
+        remove_stale_temporaries(path.parent().unwrap_or(Path::new(".")));
     }
     let loaded = read().and_then(|mut entries| {
         state.precision().load_state(path, &mut entries)?;

@@ -156,6 +156,8 @@ fn prepare_shard_dir(dir: &Path, rank: usize, world: usize) -> Result<PathBuf, F
     std::fs::create_dir_all(dir)
         .map_err(|e| error(dir, None, format!("cannot create the directory: {e}")))?;
     if rank == 0 {
+        // Killed saves' temporaries here and in the other checkpoints' shard directories.
+        remove_stale_temporaries(dir.parent().unwrap_or(Path::new(".")));
         let stale = std::fs::read_dir(dir).into_iter().flatten().flatten();
         for entry in stale {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -165,7 +167,5 @@ fn prepare_shard_dir(dir: &Path, rank: usize, world: usize) -> Result<PathBuf, F
             }
         }
     }
-    let file = dir.join(shard_file_name(rank, world));
-    remove_stale_temporaries(&file);
-    Ok(file)
+    Ok(dir.join(shard_file_name(rank, world)))
 }

@@ -1,8 +1,9 @@
 //! `fabric run [--accelerator] [--strategy] [--devices] [--num-nodes] [--node-rank]
-//! [--main-address] [--main-port] [--precision] [--hosts h1,h2] -- PROGRAM ARGS...`
+//! [--main-address] [--main-port] [--precision] [--collective-timeout] [--max-restarts N]
+//! [--hosts h1,h2] -- PROGRAM ARGS...`
 //! `fabric consolidate CHECKPOINT_FOLDER [--output-file FILE]`
 
-use burn_fabric::cli::{Cli, Command};
+use burn_fabric::cli::{Cli, Command, supervise};
 use clap::Parser;
 use std::os::unix::fs::MetadataExt;
 use std::process::ExitCode;
@@ -35,24 +36,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let status = std::process::Command::new(&plan.program)
-        .args(&plan.args)
-        .envs(plan.env.iter().map(|(k, v)| (k, v)))
-        .status();
-    match status {
-        Ok(status) => match status.code() {
-            Some(0) => ExitCode::SUCCESS,
-            Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            None => {
-                eprintln!(
-                    "fabric run: `{}` was killed by a signal ({status})",
-                    plan.program
-                );
-                ExitCode::FAILURE
-            }
+    match supervise(&plan, run.max_restarts) {
+        Ok(attempts) => match attempts.last() {
+            Some(last) => ExitCode::from(last.exit_code()),
+            None => ExitCode::FAILURE,
         },
         Err(err) => {
-            eprintln!("fabric run: could not start `{}`: {err}", plan.program);
+            eprintln!("fabric run: {err}");
             ExitCode::from(127)
         }
     }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The prefix of temporary files for `path` (hidden, in the same directory).
+/// The directory of `path` and the prefix of its temporary files (hidden, in that directory).
 fn temporary_prefix(path: &Path) -> Option<(PathBuf, String)> {
     let name = path.file_name()?.to_string_lossy().into_owned();
     let dir = match path.parent() {
@@ -19,32 +19,84 @@ fn temporary_prefix(path: &Path) -> Option<(PathBuf, String)> {
     Some((dir, format!(".{name}.tmp-")))
 }
 
-/// Removes temporary files that a killed save of `path` left behind. Returns how many.
-pub fn remove_stale_temporaries(path: &Path) -> usize {
-    let Some((dir, prefix)) = temporary_prefix(path) else {
-        return 0;
+/// This machine's name, as temporary files record it.
+fn host() -> String {
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or
+    // truncates, and the name is read only up to the first NUL.
+    let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    match ok {
+        true => String::from_utf8_lossy(&name[..end]).replace(['-', '/'], "_"),
+        false => "unknown".into(),
+    }
+}
+
+/// Whether process `pid` of this machine is alive.
+fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether the file `name` is a temporary that a process of this machine left behind when it
+/// was killed mid-save: `.NAME.tmp-HOST-PID-N` with this host's name and a PID that is gone.
+/// Temporaries of live processes (a save in progress) and of other machines are never stale.
+fn stale(name: &str, this_host: &str) -> bool {
+    let Some((_, owner)) = name.split_once(".tmp-") else {
+        return false;
     };
-    let Ok(listing) = fs::read_dir(&dir) else {
-        return 0;
+    if !name.starts_with('.') {
+        return false;
+    }
+    let mut fields = owner.rsplitn(3, '-');
+    let (Some(_counter), Some(pid), Some(host)) = (fields.next(), fields.next(), fields.next())
+    else {
+        return false;
     };
-    listing
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .filter(|e| fs::remove_file(e.path()).is_ok())
-        .count()
+    host == this_host && pid.parse::<libc::pid_t>().is_ok_and(|pid| !alive(pid))
+}
+
+/// Removes the temporary files that saves killed mid-write left in `dir` and in its immediate
+/// subdirectories (the shard directories of sharded checkpoints). Safe while other processes
+/// save there: only files of processes that no longer exist on this machine are removed.
+/// Returns how many.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let this_host = host();
+    let sweep = |dir: &Path| -> (usize, Vec<PathBuf>) {
+        let Ok(listing) = fs::read_dir(dir) else {
+            return (0, Vec::new());
+        };
+        let (mut removed, mut subdirs) = (0, Vec::new());
+        for entry in listing.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                subdirs.push(entry.path());
+            } else if stale(&name, &this_host) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        (removed, subdirs)
+    };
+    let (mut removed, subdirs) = sweep(dir);
+    for subdir in subdirs {
+        removed += sweep(&subdir).0;
+    }
+    removed
 }
 
 /// Writes `bytes` to `path` atomically (see the module docs), creating parent directories and
-/// removing stale temporaries of earlier killed saves first.
+/// removing the stale temporaries of earlier killed saves in that directory first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FabricError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let fail = |what: &str, e: std::io::Error| error(path, None, format!("{what}: {e}"));
     let (dir, prefix) =
         temporary_prefix(path).ok_or_else(|| error(path, None, "the path names no file"))?;
     fs::create_dir_all(&dir).map_err(|e| fail("cannot create its directory", e))?;
-    remove_stale_temporaries(path);
+    remove_stale_temporaries(&dir);
     let temporary = dir.join(format!(
-        "{prefix}{}-{}",
+        "{prefix}{}-{}-{}",
+        host(),
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
@@ -81,15 +133,47 @@ mod tests {
         let path = dir.join("sub").join("model.ckpt");
         write_atomic(&path, b"first").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"first");
-        // a killed save leaves a temporary behind
-        fs::write(dir.join("sub").join(".model.ckpt.tmp-1-1"), b"partial").unwrap();
+        // Killed saves leave temporaries behind, here and in a shard directory beside; a live
+        // process's save in progress, another machine's, and other files are left alone.
+        let host = host();
+        let dead = dead_pid();
+        let mine = std::process::id();
+        let shards = dir.join("sub").join("step-2.ckpt");
+        fs::create_dir_all(&shards).unwrap();
+        let stale = [
+            dir.join("sub")
+                .join(format!(".model.ckpt.tmp-{host}-{dead}-1")),
+            dir.join("sub")
+                .join(format!(".other.ckpt.tmp-{host}-{dead}-7")),
+            shards.join(format!(".shard-00001-of-00002.fabric.tmp-{host}-{dead}-0")),
+        ];
+        let kept = [
+            dir.join("sub")
+                .join(format!(".model.ckpt.tmp-{host}-{mine}-9")),
+            dir.join("sub")
+                .join(format!(".model.ckpt.tmp-elsewhere-{dead}-1")),
+            dir.join("sub").join("notes.tmp-1-1"),
+            shards.join("shard-00000-of-00002.fabric"),
+        ];
+        for file in stale.iter().chain(&kept) {
+            fs::write(file, b"partial").unwrap();
+        }
         write_atomic(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
-        let leftovers: Vec<_> = fs::read_dir(dir.join("sub"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .collect();
-        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        for file in &stale {
+            assert!(!file.exists(), "{} was left behind", file.display());
+        }
+        for file in &kept {
+            assert!(file.exists(), "{} was removed", file.display());
+        }
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The PID of a process that has exited.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
     }
 }

@@ -6,6 +6,7 @@ mod atomic;
 mod container;
 mod record;
 mod shards;
+mod steps;
 
 pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
@@ -13,6 +14,7 @@ pub use record::{decode_record, encode_record};
 pub use shards::{
     consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,
 };
+pub use steps::{Newest, newest_checkpoint, step_checkpoint};
 
 use crate::FabricError;
 use std::path::Path;

@@ -17,9 +17,12 @@ pub const LT_PRECISION: &str = "LT_PRECISION";
 /// Collective timeout (`90`, `90s`, `1.5m`, `2h`, `500ms`), set by `fabric run
 /// --collective-timeout` or by hand; read by every `Fabric` builder.
 pub const LT_COLLECTIVE_TIMEOUT: &str = "LT_COLLECTIVE_TIMEOUT";
+/// How many times `fabric run --max-restarts` has restarted the job before this attempt (0, 1,
+/// ...); burn-fabric's own (Lightning has no restarts). Read as `Fabric::restart_count`.
+pub const LT_RESTART_COUNT: &str = "LT_RESTART_COUNT";
 
 /// Variables read by name: torchrun's (and Lightning's) launch variables.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 10] = [
     "RANK",
     "WORLD_SIZE",
     "LOCAL_RANK",
@@ -29,6 +32,7 @@ const NAMES: [&str; 9] = [
     "MASTER_ADDR",
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
 ];
 
 /// Variables read by prefix: ours (`LT_`), SLURM's, Open MPI's and the PMI launchers'.

@@ -13,7 +13,7 @@ pub use accelerator::Accelerator;
 pub use devices::Devices;
 pub use env::{
     EnvVars, LT_ACCELERATOR, LT_CLI_USED, LT_COLLECTIVE_TIMEOUT, LT_DEVICES, LT_NUM_NODES,
-    LT_PRECISION, LT_STRATEGY,
+    LT_PRECISION, LT_RESTART_COUNT, LT_STRATEGY,
 };
 pub use precision::Precision;
 pub use setting::Setting;

@@ -1,12 +1,16 @@
 //! The `fabric` command line: `fabric run` starts a training program with the Fabric settings in
 //! its environment (Lightning's `LT_*` variables), directly for one process or through `mpirun`
-//! for several.
+//! for several; with `--max-restarts` it restarts the whole job when a process fails
+//! ([`supervise`]).
+
+mod supervisor;
+pub use supervisor::{Attempt, supervise};
 
 use crate::{Accelerator, Devices, FabricError, Precision, StrategyChoice};
 use clap::{Args, Parser, Subcommand};
 use fabric_core::config::{
     CollectiveTimeout, LT_ACCELERATOR, LT_CLI_USED, LT_COLLECTIVE_TIMEOUT, LT_DEVICES,
-    LT_NUM_NODES, LT_PRECISION, LT_STRATEGY,
+    LT_NUM_NODES, LT_PRECISION, LT_RESTART_COUNT, LT_STRATEGY,
 };
 
 /// burn-fabric's launcher.
@@ -74,6 +78,10 @@ pub struct RunArgs {
     /// (seconds), `90s`, `1.5m`, `2h` [default: 30 minutes, as PyTorch]
     #[arg(long)]
     pub collective_timeout: Option<String>,
+    /// When a process fails, end the others and start the whole job again, up to N times (the
+    /// program reads the attempt from `LT_RESTART_COUNT`: 0, then 1, ...)
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: usize,
     /// Comma-separated machines, one process each (default: all processes on this machine)
     #[arg(long, value_delimiter = ',')]
     pub hosts: Vec<String>,
@@ -94,6 +102,9 @@ pub struct LaunchPlan {
     pub program: String,
     /// Its arguments.
     pub args: Vec<String>,
+    /// Whether the executable is `mpirun`, whose output the launcher watches (an aborted job
+    /// whose mpirun cannot reach a host is ended after a grace period).
+    pub through_mpirun: bool,
 }
 
 impl RunArgs {
@@ -150,6 +161,8 @@ impl RunArgs {
         env.push(("MASTER_ADDR".into(), self.main_address.clone()));
         env.push(("MASTER_PORT".into(), self.main_port.to_string()));
         env.push(("NODE_RANK".into(), self.node_rank.to_string()));
+        // The first attempt's; `supervise` sets each restart's.
+        env.push((LT_RESTART_COUNT.into(), "0".into()));
 
         let (program, rest) =
             self.program
@@ -164,6 +177,7 @@ impl RunArgs {
                 env,
                 program: program.clone(),
                 args: rest.to_vec(),
+                through_mpirun: false,
             });
         }
         let mut args = vec!["-np".to_string(), self.num_nodes.to_string()];
@@ -194,6 +208,7 @@ impl RunArgs {
             env,
             program: self.mpirun.clone(),
             args,
+            through_mpirun: true,
         })
     }
 }
