@@ -259,8 +259,13 @@ fn a_rank_stuck_before_a_collective_is_reported_and_the_job_aborted() {
             assert!(took < Duration::from_secs(40), "took {took:?}: {out}");
             assert!(out.contains("all_reduce"), "{out}");
             if devices == 1 {
-                // MPI cannot say who is missing: the watchdog names the rank that waited
+                // The watchdog names the rank that waited, and its roll call the process
+                // that never came: alive, but outside every collective.
                 assert!(out.contains("rank 0 waited"), "{out}");
+                assert!(
+                    out.contains("process 1 (rank 1) has not reached any collective yet"),
+                    "{out}"
+                );
             } else {
                 // the late rank's own process names it
                 assert!(
