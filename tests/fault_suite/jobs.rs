@@ -22,7 +22,8 @@ fn fabric() -> &'static str {
     env!("CARGO_BIN_EXE_fabric")
 }
 
-/// The example, built with the `mpi` feature next to this test binary.
+/// The example, built with the `mpi` feature next to this test binary (run with `--backend
+/// flex`, which every build has, whatever other backends it was built with).
 fn example() -> PathBuf {
     let path = std::env::var_os("FABRIC_FAULT_EXAMPLE")
         .map(PathBuf::from)
@@ -166,7 +167,12 @@ fn start(place: Place, flags: &[&str], dir: &Path, args: &[&str]) -> Job {
         .args(flags)
         .arg("--")
         .arg(example())
-        .args(["--checkpoint-dir", &dir.display().to_string()])
+        .args([
+            "--backend",
+            "flex",
+            "--checkpoint-dir",
+            &dir.display().to_string(),
+        ])
         .args(args)
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file));
@@ -243,7 +249,8 @@ fn reference() -> &'static [u8] {
         let dir = temp_dir("reference");
         let export = dir.join("model.safetensors");
         let out = Command::new(example())
-            .args(["--devices", "2", "--epochs", EPOCHS, "--export-safetensors"])
+            .args(["--backend", "flex", "--devices", "2", "--epochs", EPOCHS])
+            .arg("--export-safetensors")
             .arg(&export)
             .output()
             .unwrap();
@@ -413,9 +420,18 @@ fn case_5_processes_with_different_settings_fail_at_start() {
         if root {
             args.push("--allow-run-as-root");
         }
-        args.extend(["-np", "1", &example, "--epochs", "1"]);
+        args.extend(["-np", "1", &example, "--backend", "flex", "--epochs", "1"]);
         args.extend(first);
-        args.extend([":", "-np", "1", &example, "--epochs", "1"]);
+        args.extend([
+            ":",
+            "-np",
+            "1",
+            &example,
+            "--backend",
+            "flex",
+            "--epochs",
+            "1",
+        ]);
         args.extend(second);
         let (first, second) = (first.join(" "), second.join(" "));
         let started = Instant::now();
