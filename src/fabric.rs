@@ -56,10 +56,10 @@ pub struct Fabric<B: AutodiffBackend + BackendDevices> {
 
 /// What one running rank holds: its place in the job and its strategy, which owns everything
 /// else (collective, precision, gradients).
-struct Rank<B: AutodiffBackend> {
+pub(crate) struct Rank<B: AutodiffBackend> {
     info: RankInfo,
-    strategy: Arc<dyn Strategy<B>>,
-    backward_sync: bool,
+    pub(crate) strategy: Arc<dyn Strategy<B>>,
+    pub(crate) backward_sync: bool,
 }
 
 /// Builds a [`Fabric`] from typed values or Lightning's strings.
@@ -198,7 +198,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         })
     }
 
-    fn rank(&self, operation: &'static str) -> Result<&Rank<B>, FabricError> {
+    pub(crate) fn rank(&self, operation: &'static str) -> Result<&Rank<B>, FabricError> {
         self.rank.as_ref().ok_or(FabricError::NotLaunched {
             operation,
             world_size: self.connector.world_size(),
@@ -360,6 +360,13 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// The precision.
     pub fn precision(&self) -> Precision {
         self.connector.config.precision
+    }
+
+    /// The dtype forward and backward passes run in under the precision (f32 for `32-true` and
+    /// for the master weights of `*-mixed`; bf16 for `bf16-mixed` and `bf16-true`, ...): what a
+    /// model that runs its own forward pass (a burn-train `TrainStep`) needs its inputs in.
+    pub fn compute_dtype(&self) -> burn::tensor::FloatDType {
+        self.precision_plugin().compute_dtype()
     }
 
     /// Prints `message` on global rank 0 only (Lightning prints once per node; once per job is

@@ -31,6 +31,8 @@ mod export;
 mod fabric;
 mod logging;
 mod optimizer;
+#[cfg(feature = "train")]
+mod train;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use default_backend::*;

@@ -17,6 +17,7 @@ pub struct DataLoader<BT: Backend, I, O> {
     shuffle: bool,
     drop_last: bool,
     distributed: bool,
+    even_batches: bool,
 }
 
 impl<BT: Backend, I, O> Clone for DataLoader<BT, I, O> {
@@ -28,6 +29,7 @@ impl<BT: Backend, I, O> Clone for DataLoader<BT, I, O> {
             shuffle: self.shuffle,
             drop_last: self.drop_last,
             distributed: self.distributed,
+            even_batches: self.even_batches,
         }
     }
 }
@@ -45,6 +47,7 @@ impl<BT: Backend, I: Send + Sync + 'static, O> DataLoader<BT, I, O> {
             shuffle: false,
             drop_last: false,
             distributed: true,
+            even_batches: true,
         }
     }
 
@@ -70,6 +73,17 @@ impl<BT: Backend, I: Send + Sync + 'static, O> DataLoader<BT, I, O> {
     /// `use_distributed_sampler=False`: every rank iterates the whole dataset.
     pub fn distributed(mut self, distributed: bool) -> Self {
         self.distributed = distributed;
+        self
+    }
+
+    /// Whether every rank gets the same number of batches (default), padding the ranks' shares
+    /// by repeating samples from the start as PyTorch's `DistributedSampler` does. `false`, for
+    /// evaluation, visits each sample exactly once over all ranks, so metrics synchronised with
+    /// `Fabric::sync_metric` count each sample once even when the dataset does not divide by
+    /// the world size; ranks may then run different numbers of batches, so run no collective
+    /// per batch (synchronise after the loop).
+    pub fn even_batches(mut self, even_batches: bool) -> Self {
+        self.even_batches = even_batches;
         self
     }
 
@@ -99,7 +113,8 @@ impl<BT: Backend, I: Send + Sync + 'static, O> DataLoader<BT, I, O> {
         };
         let sampler = DistributedSampler::new(self.dataset.len(), replicas, rank)
             .with_shuffle(self.shuffle)
-            .with_seed(seed);
+            .with_seed(seed)
+            .with_padding(self.even_batches);
         Ok(RankDataLoader {
             loader: self,
             sampler,
@@ -111,7 +126,8 @@ impl<BT: Backend, I: Send + Sync + 'static, O> DataLoader<BT, I, O> {
 
 /// A loader bound to one rank (what `Fabric::setup_dataloader` returns): each call of
 /// [`iter`](Self::iter) starts a new epoch, reshuffles, and yields this rank's batches on its
-/// device. Every rank yields the same number of batches.
+/// device. Every rank yields the same number of batches (unless
+/// [`even_batches(false)`](DataLoader::even_batches)).
 pub struct RankDataLoader<BT: Backend, I, O> {
     loader: DataLoader<BT, I, O>,
     sampler: DistributedSampler,

@@ -13,6 +13,9 @@ use rand::seq::SliceRandom;
 /// * Without `drop_last` the list is padded by wrapping around to its start, so every rank has
 ///   the same number of indices (and therefore the same number of batches: no rank waits forever
 ///   in a collective for a peer that ran out of data).
+/// * Without padding ([`with_padding(false)`](Self::with_padding), for evaluation) every index
+///   is visited exactly once over all ranks, and the first `len % replicas` ranks get one more
+///   index than the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistributedSampler {
     len: usize,
@@ -21,6 +24,7 @@ pub struct DistributedSampler {
     shuffle: bool,
     seed: u64,
     drop_last: bool,
+    pad: bool,
     epoch: u64,
 }
 
@@ -37,6 +41,7 @@ impl DistributedSampler {
             shuffle: true,
             seed: 0,
             drop_last: false,
+            pad: true,
             epoch: 0,
         }
     }
@@ -59,6 +64,15 @@ impl DistributedSampler {
         self
     }
 
+    /// Whether to pad the ranks' shares to equal length by wrapping around (default `true`).
+    /// `false` visits every index exactly once, so metrics over an evaluation set that does
+    /// not divide by the number of ranks count each sample once; ranks may then get different
+    /// numbers of batches, so no collective may run per batch.
+    pub fn with_padding(mut self, pad: bool) -> Self {
+        self.pad = pad;
+        self
+    }
+
     /// Sets the epoch, which changes the shuffle.
     pub fn set_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
@@ -69,8 +83,11 @@ impl DistributedSampler {
         self.epoch
     }
 
-    /// Number of indices each rank visits per epoch.
+    /// Number of indices this rank visits per epoch.
     pub fn num_samples(&self) -> usize {
+        if !self.pad && !self.drop_last {
+            return self.len.saturating_sub(self.rank).div_ceil(self.replicas);
+        }
         if self.drop_last && !self.len.is_multiple_of(self.replicas) {
             // torch: ceil((len - replicas) / replicas), i.e. floor(len / replicas).
             self.len / self.replicas
@@ -79,9 +96,18 @@ impl DistributedSampler {
         }
     }
 
-    /// Total indices over all ranks (`num_samples * replicas`).
+    /// Total indices over all ranks (`num_samples * replicas` when padded or dropped; the
+    /// dataset's length without padding).
     pub fn total_size(&self) -> usize {
-        self.num_samples() * self.replicas
+        if !self.pad && !self.drop_last {
+            return self.len;
+        }
+        let per_rank = if self.drop_last && !self.len.is_multiple_of(self.replicas) {
+            self.len / self.replicas
+        } else {
+            self.len.div_ceil(self.replicas)
+        };
+        per_rank * self.replicas
     }
 
     /// This rank's indices for the current epoch.
@@ -146,6 +172,25 @@ mod tests {
     fn pads_by_repeating_when_shorter_than_replicas() {
         let parts = shares(2, 5, |s| s.with_shuffle(false));
         assert_eq!(parts, vec![vec![0], vec![1], vec![0], vec![1], vec![0]]);
+    }
+
+    #[test]
+    fn without_padding_every_index_is_visited_once() {
+        let parts = shares(10, 4, |s| s.with_shuffle(false).with_padding(false));
+        assert_eq!(
+            parts,
+            vec![vec![0, 4, 8], vec![1, 5, 9], vec![2, 6], vec![3, 7]]
+        );
+        let parts = shares(10, 4, |s| s.with_seed(5).with_padding(false));
+        let mut all = parts.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        for (rank, part) in parts.iter().enumerate() {
+            let sampler = DistributedSampler::new(10, 4, rank).with_padding(false);
+            assert_eq!(sampler.num_samples(), part.len());
+            assert_eq!(sampler.total_size(), 10);
+        }
+        assert_eq!(shares(2, 3, |s| s.with_padding(false)).concat().len(), 2);
     }
 
     #[test]

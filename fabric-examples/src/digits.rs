@@ -3,7 +3,7 @@
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use flate2::read::GzDecoder;
 use std::io::Read;
 
@@ -113,6 +113,22 @@ impl<B: Backend> Batcher<B, Digit, DigitBatch<B>> for DigitBatcher {
         DigitBatch {
             images: Tensor::from_data(TensorData::new(pixels, [n, PIXELS]), device),
             labels: Tensor::from_data(TensorData::new(labels, [n]), device),
+        }
+    }
+}
+
+/// [`DigitBatcher`] with the images cast to a dtype: a model that runs its own forward pass (a
+/// burn-train `TrainStep`) needs its inputs in the precision's compute dtype
+/// (`Fabric::compute_dtype`), since Burn does not promote dtypes.
+#[derive(Debug, Clone, Copy)]
+pub struct CastDigitBatcher(pub FloatDType);
+
+impl<B: Backend> Batcher<B, Digit, DigitBatch<B>> for CastDigitBatcher {
+    fn batch(&self, items: Vec<Digit>, device: &B::Device) -> DigitBatch<B> {
+        let batch: DigitBatch<B> = DigitBatcher.batch(items, device);
+        DigitBatch {
+            images: batch.images.cast(self.0),
+            labels: batch.labels,
         }
     }
 }

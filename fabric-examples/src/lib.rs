@@ -8,6 +8,7 @@ pub mod digits;
 pub mod mlp;
 pub mod noise;
 pub mod progress;
+pub mod trainer;
 
 // What `example_main!` expands to refers to these.
 #[doc(hidden)]

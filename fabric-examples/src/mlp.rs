@@ -1,13 +1,14 @@
 //! The digits classifier the examples share: 64 → hidden → hidden → 10 with ReLU between, and
 //! its accuracy over a test set split across the ranks.
 
-use crate::digits::{CLASSES, Digit, DigitBatcher, PIXELS};
+use crate::digits::{CLASSES, Digit, DigitBatch, DigitBatcher, PIXELS};
 use burn::data::dataset::InMemDataset;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::activation::relu;
+use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor};
+use burn::train::{ClassificationOutput, InferenceStep, TrainOutput, TrainStep};
 use burn_fabric::BackendDevices;
 use burn_fabric::prelude::*;
 
@@ -86,4 +87,38 @@ pub fn count_correct<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>
         .sum()
         .into_scalar()
         .elem::<f64>()
+}
+
+/// The classifier as a burn-train model, written as any Burn user writes it (what the `trainer`
+/// example runs through `Fabric::train_step`): cross-entropy, `backward`, `TrainOutput`.
+impl<B: AutodiffBackend> TrainStep for Mlp<B> {
+    type Input = DigitBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: DigitBatch<B>) -> TrainOutput<ClassificationOutput<B>> {
+        let item = self.classify(batch);
+        TrainOutput::new(self, item.loss.clone().mean().backward(), item)
+    }
+}
+
+/// Validation as burn-train runs it: the same forward and loss, no gradients.
+impl<B: Backend> InferenceStep for Mlp<B> {
+    type Input = DigitBatch<B>;
+    type Output = ClassificationOutput<B>;
+
+    fn step(&self, batch: DigitBatch<B>) -> ClassificationOutput<B> {
+        self.classify(batch)
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Logits, each sample's cross-entropy (so that a loss metric counts samples, not
+    /// batches) and targets of a batch.
+    fn classify(&self, batch: DigitBatch<B>) -> ClassificationOutput<B> {
+        let logits = self.forward(batch.images);
+        let [n, _] = logits.dims();
+        let picked = log_softmax(logits.clone(), 1).gather(1, batch.labels.clone().reshape([n, 1]));
+        let losses = picked.reshape([n]).neg();
+        ClassificationOutput::new(losses, logits, batch.labels)
+    }
 }

@@ -159,6 +159,20 @@ impl PrecisionPlugin {
         })
     }
 
+    /// For `*-mixed`, a half-precision copy of `model` whose trainable parameters are leaves of
+    /// their own, with the same ids: a step that runs its own backward pass on it (a burn-train
+    /// `TrainStep`) gets gradients for them, which cast to f32 are the master weights'
+    /// gradients (what the differentiable cast of [`forward_module`](Self::forward_module)
+    /// would give). `None` when the model is used as it is.
+    pub fn leaf_view<BK: Backend, M: Module<BK>>(&self, model: &M) -> Option<M> {
+        (self.mode == PrecisionMode::Mixed).then(|| {
+            model.clone().map(&mut CastParams {
+                dtype: self.dtype,
+                detach: true,
+            })
+        })
+    }
+
     /// Casts a float input to the compute dtype.
     pub fn convert_input<BK: Backend, const D: usize>(
         &self,

@@ -20,7 +20,7 @@ pub use ddp::Ddp;
 pub use grads::{GradStore, clip_norm, clip_value};
 pub use module::{
     AssignParams, CollectParams, FlatGrad, ModuleParams, OptimizerStep, ParamSlot, Params,
-    StepTarget, layout,
+    StepTarget, flatten_gradients, layout,
 };
 pub use rank_state::RankState;
 pub use sharded::Sharded;

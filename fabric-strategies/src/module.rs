@@ -217,6 +217,43 @@ pub fn layout<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> Vec<ParamS
     layout.0
 }
 
+/// Takes `model`'s trainable parameters' gradients out of `grads` (burn-optim's
+/// `GradientsParams`, keyed by parameter id, as a burn-train `TrainStep` returns them),
+/// flattened, in [`layout`] order and in each parameter's dtype (a gradient of a half-precision
+/// view of f32 parameters is cast to f32).
+pub fn flatten_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    grads: &mut GradientsParams,
+) -> Vec<Option<Tensor<Inner<B>, 1>>> {
+    struct Take<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        out: Vec<Option<Tensor<Inner<B>, 1>>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !trainable(param) {
+                return;
+            }
+            let numel = param.lazy_shape().num_elements();
+            let dtype = param.val().dtype();
+            let grad = self.grads.remove::<Inner<B>, D>(param.id).map(|g| {
+                let g = g.reshape([numel]);
+                match g.dtype() == dtype {
+                    true => g,
+                    false => g.cast(burn::tensor::FloatDType::from(dtype)),
+                }
+            });
+            self.out.push(grad);
+        }
+    }
+    let mut take = Take::<B> {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut take);
+    take.out
+}
+
 /// Puts flattened gradients into a `GradientsParams`, in the same visit order as [`layout`].
 struct Unflatten<'a, B: AutodiffBackend> {
     store: &'a mut GradientsParams,

@@ -71,11 +71,26 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         module: &dyn ModuleParams<B>,
         sync: bool,
     ) -> Result<(), FabricError> {
+        let mut grads = self.precision().scale_loss(loss)?.backward();
+        let new = module.gradients(&mut grads);
+        self.accumulate_gradients(module, new, sync)
+    }
+
+    /// Stores `grads` (flattened, in `module`'s layout order; scaled by the loss scale when
+    /// there is one), adding to any not yet consumed by a step, and outside `no_backward_sync`
+    /// averages the stored gradients across ranks. The second half of
+    /// [`backward`](Self::backward), for gradients a backward pass outside Fabric computed
+    /// (a burn-train `TrainStep`).
+    fn accumulate_gradients(
+        &self,
+        module: &dyn ModuleParams<B>,
+        grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
         let state = self.rank_state();
         let precision = state.precision();
-        let mut grads = precision.scale_loss(loss)?.backward();
         let layout = module.layout();
-        let new = precision.unscale_gradients(module.gradients(&mut grads));
+        let new = precision.unscale_gradients(grads);
         state.grads().accumulate(&layout, new);
         if !sync || self.collective().world_size() == 1 {
             return Ok(());

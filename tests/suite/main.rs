@@ -16,4 +16,5 @@ mod faults;
 mod fused_adam;
 mod logging;
 mod precision;
+mod train_step;
 mod zero;

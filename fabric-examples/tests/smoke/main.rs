@@ -6,3 +6,4 @@ mod image_classifier;
 mod kfold_cv;
 mod meta_learning;
 mod reinforcement_learning;
+mod trainer;
