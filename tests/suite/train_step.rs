@@ -308,3 +308,51 @@ fn synced_metrics_count_each_validation_sample_once() {
         assert_eq!(parts(&padded).1, 37_usize.div_ceil(devices) * devices);
     }
 }
+
+/// Trains with 2 micro-batches per step (the first under `no_backward_sync`) and global-norm
+/// clipping, through `train_step` or through `backward` with the same (undivided) losses.
+fn accumulate_and_clip(strategy: &str, through_steps: bool, max_norm: f64) -> Vec<Vec<f32>> {
+    let mut fabric = fabric(2, strategy, "32-true");
+    fabric
+        .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
+            let device = *fabric.device();
+            let (mut model, mut optimizer) =
+                fabric.setup(Mlp::<B>::deterministic(&device), adam())?;
+            for step in 0..STEPS {
+                for micro in 0..2 {
+                    let start = (step * 2 + micro) * ROWS + fabric.global_rank() * 4;
+                    let (x, y) = batch::<B>(start, 4, &device);
+                    fabric.no_backward_sync(micro == 0, |f| {
+                        if through_steps {
+                            f.train_step(&model, (x, y)).map(|_| ())
+                        } else {
+                            let loss = (model.forward(x) - y).powi_scalar(2).mean();
+                            f.backward(loss, &model)
+                        }
+                    })?;
+                }
+                fabric.clip_gradients_norm(&model, max_norm, 2.0)?;
+                model = optimizer.step(0.01, model)?;
+            }
+            Ok(params(&model))
+        })
+        .unwrap()
+}
+
+#[test]
+fn train_step_honours_no_backward_sync_and_clipping() {
+    for strategy in ["ddp", "zero2"] {
+        let steps = accumulate_and_clip(strategy, true, 0.05);
+        assert_eq!(
+            steps,
+            accumulate_and_clip(strategy, false, 0.05),
+            "{strategy}"
+        );
+        // The clip bites: with a norm bound nothing reaches, the weights differ.
+        assert_ne!(
+            steps,
+            accumulate_and_clip(strategy, true, 1e9),
+            "{strategy}"
+        );
+    }
+}
