@@ -26,7 +26,8 @@ use fabric_core::FabricError;
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::environment::{Threading, Universe};
-use mpi::point_to_point::{Destination, Source};
+use mpi::point_to_point::Source;
+use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -161,6 +162,8 @@ impl MpiProcesses {
         let bytes = &settings.as_bytes()[..settings.len().min(WIDTH)];
         mine[..bytes.len()].copy_from_slice(bytes);
         let mut all = vec![0u8; WIDTH * self.size];
+        // Watched like any collective: a process that never arrives ends the job, not hangs it.
+        let _watch = self.watchdog.enter(self.rank, "settings agreement");
         self.world.all_gather_into(&mine[..], &mut all[..]);
         let line = |p: usize| {
             let raw = &all[p * WIDTH..(p + 1) * WIDTH];
@@ -512,11 +515,12 @@ fn watch(shared: &(Mutex<Watch>, Condvar), timeout: Duration, roll: &RollCall) {
                     "burn-fabric: rank {rank} waited {timeout:?} in MPI `{operation}`; {blame}; aborting the job"
                 );
                 // SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE; MPI_Abort may be called
-                // from any thread and does not return on success.
+                // from any thread and does not return on success. Should it return, `_exit`
+                // ends the process without the atexit handler (which takes the gate held here).
                 unsafe {
                     mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 4);
+                    libc::_exit(4);
                 }
-                std::process::exit(4);
             }
         }
         state = lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -577,9 +581,40 @@ impl RollCall {
     /// Answers every roll call other processes have sent.
     fn answer_queries(&self, mine: Answer) {
         while let Some(status) = self.0.any_process().immediate_probe_with_tag(QUERY) {
-            let from = self.0.process_at_rank(status.source_rank());
-            let (_query, _) = from.receive_vec_with_tag::<u64>(QUERY);
-            from.send_with_tag(&mine.words()[..], REPLY);
+            let from = status.source_rank();
+            // Already arrived (probed): receiving it does not wait.
+            let (_query, _) = self
+                .0
+                .process_at_rank(from)
+                .receive_vec_with_tag::<u64>(QUERY);
+            self.post(from, REPLY, &mine.words());
+        }
+    }
+
+    /// Sends `words` to `process` without waiting for it to be delivered (a stopped or cut-off
+    /// peer must not block the watchdog on its way to `MPI_Abort`). The send completes in the
+    /// background from a leaked buffer: a few bytes per roll call, which happens once per
+    /// failed job.
+    fn post(&self, process: i32, tag: i32, words: &[u64]) {
+        let buffer: &'static [u64] = Box::leak(words.to_vec().into_boxed_slice());
+        let count = std::os::raw::c_int::try_from(buffer.len()).unwrap_or(0);
+        let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
+        // SAFETY: MPI runs with MPI_THREAD_MULTIPLE; the buffer lives for the rest of the
+        // process; a request is freed only when MPI_Isend created it (freeing an active send
+        // request lets it complete on its own).
+        unsafe {
+            let started = mpi::ffi::MPI_Isend(
+                buffer.as_ptr().cast(),
+                count,
+                u64::equivalent_datatype().as_raw(),
+                process,
+                tag,
+                self.0.as_raw(),
+                request.as_mut_ptr(),
+            );
+            if started == 0 {
+                mpi::ffi::MPI_Request_free(request.as_mut_ptr());
+            }
         }
     }
 
@@ -588,9 +623,7 @@ impl RollCall {
         let me = self.0.rank();
         let size = self.0.size();
         for process in (0..size).filter(|p| *p != me) {
-            self.0
-                .process_at_rank(process)
-                .send_with_tag(&[0u64][..], QUERY);
+            self.post(process, QUERY, &[0]);
         }
         let mut answers: Vec<Option<[u64; 2]>> = vec![None; usize::try_from(size).unwrap_or(0)];
         let started = Instant::now();

@@ -112,7 +112,8 @@ pub fn run_on<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<Report
                 .batch_size(256)
                 .even_batches(false),
         )?;
-        let steps = (train_loader.len() * args.fabric.epochs).div_ceil(args.accumulate.max(1));
+        // Accumulation windows restart every epoch.
+        let steps = train_loader.len().div_ceil(args.accumulate.max(1)) * args.fabric.epochs;
         let mut scheduler = CosineAnnealingLrSchedulerConfig::new(args.lr, steps.max(1))
             .init()
             .map_err(|reason| FabricError::InvalidArgument {

@@ -53,15 +53,30 @@ impl EarlyStopping {
         }
     }
 
-    /// Records an epoch's value; returns whether training should stop now.
+    /// Whether the last update said to stop.
+    pub fn stopped(&self) -> bool {
+        self.bad_epochs > 0 && self.bad_epochs >= self.patience
+    }
+
+    /// Takes the best value and the epochs without improvement from a checkpoint's state,
+    /// keeping this one's patience and minimum delta (the run's flags win).
+    pub fn restore(&mut self, saved: &EarlyStopping) {
+        self.best = saved.best;
+        self.bad_epochs = saved.bad_epochs;
+    }
+
+    /// Records an epoch's value; returns whether training should stop now: after `patience`
+    /// epochs in a row without improvement (at the first one with a patience of 0). A value
+    /// that is not finite never improves.
     pub fn update(&mut self, value: f64) -> bool {
-        match self.best {
-            Some(best) if !(value < best - self.min_delta) => self.bad_epochs += 1,
-            _ => {
-                self.best = Some(value);
-                self.bad_epochs = 0;
-            }
+        let improved =
+            value.is_finite() && self.best.is_none_or(|best| value < best - self.min_delta);
+        if improved {
+            self.best = Some(value);
+            self.bad_epochs = 0;
+            return false;
         }
+        self.bad_epochs += 1;
         self.bad_epochs >= self.patience
     }
 }
@@ -184,7 +199,7 @@ impl Trainer {
                 fabric.print(line);
             }
             if let Some(path) = newest.path {
-                let mut early = at.early_stopping.clone();
+                let mut early: Option<EarlyStopping> = None;
                 fabric.load(
                     &path,
                     Restore::new()
@@ -196,7 +211,9 @@ impl Trainer {
                         .value("global_step", &mut at.global_step)
                         .value("early_stopping", &mut early),
                 )?;
-                at.early_stopping = early;
+                if let (Some(mine), Some(saved)) = (at.early_stopping.as_mut(), early.as_ref()) {
+                    mine.restore(saved);
+                }
                 fabric.print(format!(
                     "resumed from epoch {} step {}",
                     at.epoch, at.global_step
@@ -204,12 +221,26 @@ impl Trainer {
             }
         }
 
+        if let Some(dir) = self.checkpoint_dir.as_deref().filter(|_| !self.resume)
+            && fabric.restart_count() == 0
+            && newest_checkpoint(dir).path.is_some()
+        {
+            // Lightning warns likewise: a restart of this run could resume from the old ones.
+            fabric.print(format!(
+                "warning: {} already holds checkpoints; this fresh run will write among them (use --resume to continue, or another directory)",
+                dir.display()
+            ));
+        }
         let per_epoch = train.len();
         let total = self.epochs * per_epoch as u64;
         let done = at.epoch * per_epoch as u64 + at.batch as u64;
         let bar = progress::bar(fabric, total.saturating_sub(done), "batches");
         let mut history = Vec::new();
-        let mut stopped_early = false;
+        // A run that stopped early stays stopped when resumed.
+        let mut stopped_early = at
+            .early_stopping
+            .as_ref()
+            .is_some_and(EarlyStopping::stopped);
         while at.epoch < self.epochs && !stopped_early {
             let epoch = at.epoch;
             fabric.call(|c| c.on_train_epoch_start(epoch));
@@ -357,9 +388,16 @@ mod tests {
         let scripted = [1.0, 0.5, 0.495, 0.6, 0.1];
         let stops: Vec<bool> = scripted.iter().map(|v| early.update(*v)).collect();
         assert_eq!(stops, [false, false, false, true, false]);
-        // a NaN never counts as an improvement
+        // a NaN never counts as an improvement, not even first
+        let mut early = EarlyStopping::new(1, 0.0);
+        assert!(early.update(f64::NAN));
         let mut early = EarlyStopping::new(1, 0.0);
         assert!(!early.update(1.0));
         assert!(early.update(f64::NAN));
+        // patience 0: stop at the first epoch that does not improve, not before
+        let mut early = EarlyStopping::new(0, 0.0);
+        assert!(!early.update(1.0));
+        assert!(!early.update(0.5));
+        assert!(early.update(0.7));
     }
 }

@@ -2,7 +2,9 @@
 //! the whole job, through mpirun or the rank threads' error) starts it again, whole and at the
 //! same world size, up to N times. Each attempt finds its number in `LT_RESTART_COUNT`, so the
 //! program can resume from its newest complete checkpoint. A job stopped by the user (SIGINT,
-//! SIGTERM to the launcher) is not restarted: the signal is passed on and the launcher exits.
+//! SIGTERM or SIGHUP to the launcher) is not restarted: the signal is passed on to the job (in a
+//! process group of its own, so it arrives once), and a second signal, or a job still running
+//! [`USER_GRACE`] later, ends it with SIGKILL. If the launcher itself dies, the job gets SIGTERM.
 //!
 //! Through mpirun, the launcher also watches the job's error output: once a process reports
 //! that it is aborting the job (or mpirun that a process failed), mpirun has [`ABORT_GRACE`] to
@@ -16,12 +18,16 @@ use std::fmt;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long mpirun may take to end the job after a process aborted it.
 pub const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the job may take to stop after the user's signal was passed on.
+pub const USER_GRACE: Duration = Duration::from_secs(30);
 
 /// Lines on the job's error output that mean the job is ending: burn-fabric's own and mpirun's.
 const ABORT_MARKS: [&str; 4] = [
@@ -73,39 +79,72 @@ impl fmt::Display for Attempt {
     }
 }
 
-/// The signal the launcher received (0: none).
+/// The first signal the launcher received (0: none), and how many it received.
 static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    INTERRUPTED.store(signal, Ordering::SeqCst);
+    // Atomics are async-signal-safe.
+    let _ = INTERRUPTED.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Catches SIGINT, SIGTERM and SIGHUP, except those the launcher was started to ignore
+/// (`nohup`), which the job then ignores too.
+fn catch_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only touches atomics; restoring SIG_IGN is plain `signal`.
+        unsafe {
+            let previous = libc::signal(
+                signal,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+            if previous == libc::SIG_IGN {
+                libc::signal(signal, libc::SIG_IGN);
+            }
+        }
+    }
+}
+
+/// Makes the job's top process receive SIGTERM when the launcher dies (Linux), so that a killed
+/// launcher does not leave the job running unseen in its own process group.
+fn end_with_the_launcher(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Runs `plan` until an attempt succeeds, the user stops it, or `max_restarts` restarts are
 /// spent, printing on stderr why each failed attempt ended. Returns every attempt's ending, in
 /// order; an error if the program cannot be started at all.
 pub fn supervise(plan: &LaunchPlan, max_restarts: usize) -> Result<Vec<Attempt>, FabricError> {
-    // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-    }
+    catch_signals();
     let attempts_allowed = max_restarts + 1;
     let mut attempts = Vec::new();
     for restart in 0..attempts_allowed {
+        if let signal @ 1.. = INTERRUPTED.load(Ordering::SeqCst) {
+            // Stopped between two attempts: start no other.
+            attempts.push(Attempt::Interrupted(signal));
+            break;
+        }
         let mut command = Command::new(&plan.program);
         command
             .args(&plan.args)
             .envs(plan.env.iter().map(|(k, v)| (k, v)))
             .env(LT_RESTART_COUNT, restart.to_string());
+        // A process group of its own: the user's signal arrives once (passed on), and a hung
+        // job can be ended with everything it started on this machine.
+        command.process_group(0);
+        end_with_the_launcher(&mut command);
         if plan.through_mpirun {
-            // Its own process group, to end mpirun with what it started here if it hangs.
-            command.stderr(Stdio::piped()).process_group(0);
+            command.stderr(Stdio::piped());
         }
         let mut child = command.spawn().map_err(|e| FabricError::InvalidArgument {
             name: "program",
@@ -143,39 +182,40 @@ fn watch_for_abort(child: &mut Child) -> Aborted {
     if let Some(stderr) = child.stderr.take() {
         let seen = Arc::clone(&aborted);
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut out = std::io::stderr().lock();
-                let _ = writeln!(out, "{line}");
-                if ABORT_MARKS.iter().any(|mark| line.contains(mark)) {
+            // Bytes, not text: a line that is not UTF-8 must neither stop the copying (mpirun
+            // would then die writing to a closed pipe) nor be lost.
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let _ = std::io::stderr().lock().write_all(&line);
+                let text = String::from_utf8_lossy(&line);
+                if ABORT_MARKS.iter().any(|mark| text.contains(mark)) {
                     let mut when = seen.lock().unwrap_or_else(PoisonError::into_inner);
                     when.get_or_insert_with(Instant::now);
                 }
+                line.clear();
             }
         });
     }
     aborted
 }
 
-/// Waits for the job, passing on a signal the launcher receives meanwhile, and ending an
-/// aborted job whose mpirun outlives [`ABORT_GRACE`].
+/// Waits for the job, passing on a signal the launcher receives meanwhile, and ending with
+/// SIGKILL (its whole process group) a job that outlives its grace: [`ABORT_GRACE`] after it
+/// aborted, [`USER_GRACE`] after the user's signal, or at once on a second signal.
 fn wait(mut child: Child, aborted: &Aborted) -> Result<Attempt, FabricError> {
-    let mut passed_on = false;
-    let mut killed = false;
-    loop {
-        let since = *aborted.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(since) = since.filter(|s| !killed && s.elapsed() > ABORT_GRACE) {
-            killed = true;
-            eprintln!(
-                "fabric run: the job aborted {:.1?} ago but mpirun has not ended it (a host it cannot reach?); killing mpirun and what it started on this machine",
-                since.elapsed()
-            );
-            if let Ok(group) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: signalling the process group our child leads.
-                unsafe {
-                    libc::kill(-group, libc::SIGKILL);
-                }
+    let group = libc::pid_t::try_from(child.id()).ok();
+    let signal_group = |signal: libc::c_int| {
+        if let Some(group) = group {
+            // SAFETY: signalling the process group our child leads.
+            unsafe {
+                libc::kill(-group, signal);
             }
         }
+    };
+    let mut passed_on: Option<Instant> = None;
+    let mut killed = false;
+    loop {
         let status = child.try_wait().map_err(|e| FabricError::InvalidArgument {
             name: "program",
             value: format!("process {}", child.id()),
@@ -191,14 +231,32 @@ fn wait(mut child: Child, aborted: &Aborted) -> Result<Attempt, FabricError> {
                 (signal, ..) => Attempt::Interrupted(signal),
             });
         }
-        if signal != 0 && !passed_on {
-            passed_on = true;
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        if signal != 0 && passed_on.is_none() {
+            passed_on = Some(Instant::now());
+            if let Some(pid) = group {
                 // SAFETY: signalling our own child, which has not been reaped yet.
                 unsafe {
                     libc::kill(pid, signal);
                 }
             }
+        }
+        let aborted_at = *aborted.lock().unwrap_or_else(PoisonError::into_inner);
+        let reason = match (aborted_at, passed_on) {
+            _ if killed => None,
+            (_, Some(_)) if SIGNALS.load(Ordering::SeqCst) > 1 => Some("a second signal".into()),
+            (_, Some(at)) if at.elapsed() > USER_GRACE => {
+                Some(format!("still running {USER_GRACE:?} after the signal"))
+            }
+            (Some(at), _) if at.elapsed() > ABORT_GRACE => Some(format!(
+                "the job aborted {:.1?} ago but mpirun has not ended it (a host it cannot reach?)",
+                at.elapsed()
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            killed = true;
+            eprintln!("fabric run: {reason}; killing the job and what it started on this machine");
+            signal_group(libc::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(20));
     }

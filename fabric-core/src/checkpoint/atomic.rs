@@ -1,11 +1,14 @@
 //! Writing a file so that a crash (even SIGKILL) at any moment leaves either the old file or
 //! the new one under the final name, never a partial one: write a temporary file in the same
-//! directory, fsync it, rename it over the final name, fsync the directory.
+//! directory, fsync it, rename it over the final name, fsync the directory. The writer holds an
+//! exclusive `flock` on its temporary until it is renamed, so a later save can tell a killed
+//! save's leftover (no lock: the kernel dropped it with the process) from one in progress.
 
 use super::error;
 use crate::FabricError;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,7 +30,7 @@ fn host() -> String {
     let ok = unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0;
     let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
     match ok {
-        true => String::from_utf8_lossy(&name[..end]).replace(['-', '/'], "_"),
+        true => String::from_utf8_lossy(&name[..end]).replace('/', "_"),
         false => "unknown".into(),
     }
 }
@@ -39,10 +42,20 @@ fn alive(pid: libc::pid_t) -> bool {
     exists || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Whether the file `name` is a temporary that a process of this machine left behind when it
-/// was killed mid-save: `.NAME.tmp-HOST-PID-N` with this host's name and a PID that is gone.
-/// Temporaries of live processes (a save in progress) and of other machines are never stale.
-fn stale(name: &str, this_host: &str) -> bool {
+/// Whether `file` is locked by a writer (a save in progress, on any host or container that
+/// shares the file system's locks).
+fn locked(file: &Path) -> bool {
+    let Ok(open) = File::open(file) else {
+        return true;
+    };
+    // SAFETY: a valid descriptor; a lock taken here is released when `open` is closed.
+    unsafe { libc::flock(open.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+/// Whether the file `name` in `dir` is a temporary a killed save left behind:
+/// `.NAME.tmp-HOST-PID-N` that no writer holds locked, and not of a live process of this host
+/// (which may not have taken its lock yet).
+fn stale(dir: &Path, name: &str, this_host: &str) -> bool {
     let Some((_, owner)) = name.split_once(".tmp-") else {
         return false;
     };
@@ -54,14 +67,21 @@ fn stale(name: &str, this_host: &str) -> bool {
     else {
         return false;
     };
-    host == this_host && pid.parse::<libc::pid_t>().is_ok_and(|pid| !alive(pid))
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    !(host == this_host && alive(pid)) && !locked(&dir.join(name))
 }
 
 /// Removes the temporary files that saves killed mid-write left in `dir` and in its immediate
 /// subdirectories (the shard directories of sharded checkpoints). Safe while other processes
-/// save there: only files of processes that no longer exist on this machine are removed.
-/// Returns how many.
+/// save there: a temporary still locked by its writer, or of a live process of this host, is
+/// never removed. An empty `dir` is the current directory. Returns how many.
 pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let dir = match dir.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => dir,
+    };
     let this_host = host();
     let sweep = |dir: &Path| -> (usize, Vec<PathBuf>) {
         let Ok(listing) = fs::read_dir(dir) else {
@@ -72,7 +92,7 @@ pub fn remove_stale_temporaries(dir: &Path) -> usize {
             let name = entry.file_name().to_string_lossy().into_owned();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 subdirs.push(entry.path());
-            } else if stale(&name, &this_host) && fs::remove_file(entry.path()).is_ok() {
+            } else if stale(dir, &name, &this_host) && fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }
@@ -105,17 +125,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FabricError> {
             .write(true)
             .create_new(true)
             .open(&temporary)?;
+        // SAFETY: a valid descriptor; the lock lasts until `file` is closed, after the rename.
+        unsafe {
+            libc::flock(file.as_raw_fd(), libc::LOCK_EX);
+        }
         file.write_all(bytes)?;
-        file.sync_all()
+        file.sync_all()?;
+        Ok(file)
     })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&temporary);
-        return Err(fail("cannot write the temporary file", e));
-    }
+    let file = match written {
+        Ok(file) => file,
+        Err(e) => {
+            let _ = fs::remove_file(&temporary);
+            return Err(fail("cannot write the temporary file", e));
+        }
+    };
     if let Err(e) = fs::rename(&temporary, path) {
         let _ = fs::remove_file(&temporary);
         return Err(fail("cannot move the temporary file into place", e));
     }
+    drop(file);
     // Make the rename itself durable.
     if let Ok(directory) = File::open(&dir) {
         let _ = directory.sync_all();
@@ -133,8 +162,9 @@ mod tests {
         let path = dir.join("sub").join("model.ckpt");
         write_atomic(&path, b"first").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"first");
-        // Killed saves leave temporaries behind, here and in a shard directory beside; a live
-        // process's save in progress, another machine's, and other files are left alone.
+        // Killed saves leave temporaries behind, here and in a shard directory beside (on this
+        // host and on another whose name has dashes); a live process's save in progress, a save
+        // in progress on another machine (it holds its lock), and other files are left alone.
         let host = host();
         let dead = dead_pid();
         let mine = std::process::id();
@@ -146,18 +176,27 @@ mod tests {
             dir.join("sub")
                 .join(format!(".other.ckpt.tmp-{host}-{dead}-7")),
             shards.join(format!(".shard-00001-of-00002.fabric.tmp-{host}-{dead}-0")),
+            dir.join("sub")
+                .join(format!(".model.ckpt.tmp-node-7-{mine}-2")),
         ];
         let kept = [
             dir.join("sub")
                 .join(format!(".model.ckpt.tmp-{host}-{mine}-9")),
             dir.join("sub")
-                .join(format!(".model.ckpt.tmp-elsewhere-{dead}-1")),
+                .join(format!(".model.ckpt.tmp-node-8-{dead}-1")),
             dir.join("sub").join("notes.tmp-1-1"),
             shards.join("shard-00000-of-00002.fabric"),
         ];
         for file in stale.iter().chain(&kept) {
             fs::write(file, b"partial").unwrap();
         }
+        // node-8's writer is at work: it holds its temporary locked.
+        let writing = File::open(&kept[1]).unwrap();
+        // SAFETY: a valid descriptor, unlocked when `writing` is closed.
+        assert_eq!(
+            unsafe { libc::flock(writing.as_raw_fd(), libc::LOCK_EX) },
+            0
+        );
         write_atomic(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
         for file in &stale {
@@ -166,6 +205,7 @@ mod tests {
         for file in &kept {
             assert!(file.exists(), "{} was removed", file.display());
         }
+        drop(writing);
         let _ = fs::remove_dir_all(&dir);
     }
 
