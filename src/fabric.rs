@@ -328,9 +328,28 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// How many times the launcher has restarted this job before this attempt: 0 on the first
     /// run, then 1, 2, ... under `fabric run --max-restarts N` (`LT_RESTART_COUNT`) or torchrun
     /// (`TORCHELASTIC_RESTART_COUNT`). A program resumes from its newest complete checkpoint
-    /// when it is above 0 (see `fabric_core::checkpoint::newest`).
+    /// when it is above 0 (see [`checkpoint_to_resume`](Self::checkpoint_to_resume)).
     pub fn restart_count(&self) -> usize {
         self.connector.restart_count
+    }
+
+    /// The checkpoint a program should continue from: when `resume` is asked for or the
+    /// launcher restarted the job ([`restart_count`](Self::restart_count) above 0), the newest
+    /// complete one among `dir`'s step checkpoints (`burn_fabric::newest_checkpoint`), printing
+    /// on rank 0 each newer, incomplete one it passes over; `None` for a fresh start.
+    pub fn checkpoint_to_resume(
+        &self,
+        dir: &std::path::Path,
+        resume: bool,
+    ) -> Option<std::path::PathBuf> {
+        if !resume && self.restart_count() == 0 {
+            return None;
+        }
+        let newest = fabric_core::checkpoint::newest_checkpoint(dir);
+        for line in &newest.skipped {
+            self.print(line);
+        }
+        newest.path
     }
 
     /// Whether this is global rank 0.

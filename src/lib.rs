@@ -41,6 +41,8 @@ pub use fabric::{Fabric, FabricBuilder};
 pub use fabric_core::checkpoint::{Newest, consolidate, newest_checkpoint, step_checkpoint};
 pub use fabric_optim::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
+#[cfg(feature = "train")]
+pub use train::metric_metadata;
 
 pub use fabric_collective::{Collective, ReduceOp};
 pub use fabric_core::backend::{BackendDevices, DevicePool};

@@ -12,13 +12,29 @@
 //! (cast them in the batcher with [`Fabric::cast_input`]).
 
 use crate::{Fabric, FabricError, ReduceOp};
+use burn::data::dataloader::Progress;
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::train::metric::{Numeric, NumericEntry};
+use burn::train::metric::{MetricMetadata, Numeric, NumericEntry};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use fabric_core::backend::BackendDevices;
 use fabric_precision::PrecisionMode;
 use fabric_strategies::{Params, flatten_gradients};
+
+/// The metadata a burn-train metric's `update` takes, for a loop of your own rather than
+/// burn-train's learner (the numeric metrics ignore it: no progress, iteration or learning rate).
+pub fn metric_metadata() -> MetricMetadata {
+    let progress = Progress {
+        items_processed: 0,
+        items_total: 0,
+    };
+    MetricMetadata {
+        progress: progress.clone(),
+        global_progress: progress,
+        iteration: None,
+        lr: None,
+    }
+}
 
 impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// Runs `model`'s burn-train [`TrainStep::step`] on `input` and takes the gradients it

@@ -17,8 +17,8 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
 use burn_fabric::prelude::*;
 use burn_fabric::{
-    BackendDevices, Checkpoint, FusedAdamConfig, Newest, Restore, Throughput, export_safetensors,
-    newest_checkpoint, step_checkpoint,
+    BackendDevices, Checkpoint, FusedAdamConfig, Restore, Throughput, export_safetensors,
+    step_checkpoint,
 };
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
@@ -105,15 +105,10 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     // Where to start: fresh, or the newest complete checkpoint with --resume or on a restart.
     let (mut epoch, mut batch_in_epoch, mut global_step) = (0u64, 0usize, 0u64);
     let dir = args.fabric.checkpoint_dir.clone();
-    let resume = args.fabric.resume || fabric.restart_count() > 0;
-    let newest = match dir.as_deref().filter(|_| resume) {
-        Some(dir) => newest_checkpoint(dir),
-        None => Newest::default(),
-    };
-    for line in newest.skipped {
-        fabric.print(line);
-    }
-    if let Some(path) = newest.path {
+    let resume_from = dir
+        .as_deref()
+        .and_then(|dir| fabric.checkpoint_to_resume(dir, args.fabric.resume));
+    if let Some(path) = resume_from {
         fabric.load(
             &path,
             Restore::new()

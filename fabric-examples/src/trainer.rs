@@ -11,20 +11,18 @@
 //! want the mean over the window.
 
 use crate::progress;
-use burn::data::dataloader::Progress;
 use burn::lr_scheduler::LrScheduler;
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{
-    AccuracyInput, AccuracyMetric, Adaptor, LossInput, LossMetric, Metric, MetricMetadata, Numeric,
-    NumericEntry,
+    AccuracyInput, AccuracyMetric, Adaptor, LossInput, LossMetric, Metric, Numeric, NumericEntry,
 };
 use burn::train::{InferenceStep, TrainStep};
 use burn_fabric::fabric_core::callback::{TrainBatchEnd, ValidationEnd};
 use burn_fabric::{
     BackendDevices, Checkpoint, Fabric, FabricError, FabricOptimizer, RankDataLoader, Restore,
-    newest_checkpoint, step_checkpoint,
+    metric_metadata, newest_checkpoint, step_checkpoint,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -136,19 +134,6 @@ struct Position {
     early_stopping: Option<EarlyStopping>,
 }
 
-fn metadata() -> MetricMetadata {
-    let progress = Progress {
-        items_processed: 0,
-        items_total: 0,
-    };
-    MetricMetadata {
-        progress: progress.clone(),
-        global_progress: progress,
-        iteration: None,
-        lr: None,
-    }
-}
-
 fn value(entry: NumericEntry) -> (f64, usize) {
     match entry {
         NumericEntry::Aggregated {
@@ -189,36 +174,30 @@ impl Trainer {
             global_step: 0,
             early_stopping: self.early_stopping.clone(),
         };
-        if let Some(dir) = self
+        let resume_from = self
             .checkpoint_dir
             .as_deref()
-            .filter(|_| self.resume || fabric.restart_count() > 0)
-        {
-            let newest = newest_checkpoint(dir);
-            for line in &newest.skipped {
-                fabric.print(line);
+            .and_then(|dir| fabric.checkpoint_to_resume(dir, self.resume));
+        if let Some(path) = resume_from {
+            let mut early: Option<EarlyStopping> = None;
+            fabric.load(
+                &path,
+                Restore::new()
+                    .module("model", &mut model)
+                    .optimizer("optimizer", optimizer)
+                    .scheduler("scheduler", scheduler)
+                    .value("epoch", &mut at.epoch)
+                    .value("batch", &mut at.batch)
+                    .value("global_step", &mut at.global_step)
+                    .value("early_stopping", &mut early),
+            )?;
+            if let (Some(mine), Some(saved)) = (at.early_stopping.as_mut(), early.as_ref()) {
+                mine.restore(saved);
             }
-            if let Some(path) = newest.path {
-                let mut early: Option<EarlyStopping> = None;
-                fabric.load(
-                    &path,
-                    Restore::new()
-                        .module("model", &mut model)
-                        .optimizer("optimizer", optimizer)
-                        .scheduler("scheduler", scheduler)
-                        .value("epoch", &mut at.epoch)
-                        .value("batch", &mut at.batch)
-                        .value("global_step", &mut at.global_step)
-                        .value("early_stopping", &mut early),
-                )?;
-                if let (Some(mine), Some(saved)) = (at.early_stopping.as_mut(), early.as_ref()) {
-                    mine.restore(saved);
-                }
-                fabric.print(format!(
-                    "resumed from epoch {} step {}",
-                    at.epoch, at.global_step
-                ));
-            }
+            fabric.print(format!(
+                "resumed from epoch {} step {}",
+                at.epoch, at.global_step
+            ));
         }
 
         if let Some(dir) = self.checkpoint_dir.as_deref().filter(|_| !self.resume)
@@ -252,7 +231,7 @@ impl Trainer {
                 let item =
                     fabric.no_backward_sync(!last_of_window, |f| f.train_step(&model, batch))?;
                 let loss: LossInput<B> = item.adapt();
-                train_loss.update(&loss, &metadata());
+                train_loss.update(&loss, &metric_metadata());
                 let loss = train_loss.value().current();
                 if last_of_window {
                     let step = at.global_step;
@@ -289,8 +268,8 @@ impl Trainer {
             let mut val_accuracy = AccuracyMetric::<B::InnerBackend>::new();
             for batch in valid.iter() {
                 let out = fabric.inference_step(&inner, batch);
-                val_loss.update(&out.adapt(), &metadata());
-                val_accuracy.update(&out.adapt(), &metadata());
+                val_loss.update(&out.adapt(), &metric_metadata());
+                val_accuracy.update(&out.adapt(), &metric_metadata());
             }
             let (val_loss, _) = value(fabric.sync_metric(&val_loss)?);
             let (val_accuracy, val_samples) = value(fabric.sync_metric(&val_accuracy)?);

@@ -447,25 +447,17 @@ fn case_5_processes_with_different_settings_fail_at_start() {
         let output =
             std::env::temp_dir().join(format!("fabric-fault-settings-{}.out", std::process::id()));
         let file = File::create(&output).unwrap();
-        let mut child = Command::new("mpirun")
-            .args(&args)
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .unwrap();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > Duration::from_secs(60) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{first} vs {second}: the job hung");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let job = Job {
+            child: Command::new("mpirun")
+                .args(&args)
+                .stdout(Stdio::from(file.try_clone().unwrap()))
+                .stderr(Stdio::from(file))
+                .spawn()
+                .unwrap(),
+            output,
+            marker: String::new(),
         };
-        let took = started.elapsed();
-        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        let (status, took, text) = job.finish(started, Duration::from_secs(60));
         assert!(!status.success(), "{first} vs {second}: {text}");
         assert!(
             took < Duration::from_secs(30),

@@ -4,7 +4,6 @@
 //! set when the set does not divide by the world size.
 
 use crate::common::{self, B, D_IN, D_OUT, Mlp, batch, params, worst_ratio};
-use burn::data::dataloader::Progress;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
 use burn::module::AutodiffModule;
@@ -13,10 +12,10 @@ use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::metric::{
-    AccuracyInput, AccuracyMetric, LossInput, LossMetric, Metric, MetricMetadata, NumericEntry,
+    AccuracyInput, AccuracyMetric, LossInput, LossMetric, Metric, NumericEntry,
 };
 use burn::train::{InferenceStep, RegressionOutput, TrainOutput, TrainStep};
-use burn_fabric::{DataLoader, EnvVars, Fabric, FabricError};
+use burn_fabric::{DataLoader, EnvVars, Fabric, FabricError, metric_metadata};
 
 type Inner = <B as AutodiffBackend>::InnerBackend;
 
@@ -123,44 +122,37 @@ fn adam() -> impl Optimizer<Mlp<B>, B> {
     AdamConfig::new().init()
 }
 
+/// Trains with `make_optimizer` through `train_step` and through `backward` on `devices` ranks,
+/// and on 1 rank on the full batch: the first two must agree bit for bit, and with the third
+/// within the DDP tests' tolerance.
+fn compare<O, F>(strategy: &str, devices: usize, name: &str, lr: f64, make_optimizer: F)
+where
+    O: Optimizer<Mlp<B>, B>,
+    F: Fn() -> O + Sync,
+{
+    let case = format!("{strategy} x {devices}, {name}");
+    let steps = train_through_steps(fabric(devices, strategy, "32-true"), lr, &make_optimizer);
+    let backward = common::train_on(
+        fabric(devices, strategy, "32-true"),
+        1,
+        STEPS,
+        ROWS,
+        lr,
+        &make_optimizer,
+    )
+    .unwrap();
+    assert_eq!(steps, backward, "{case}: train_step != backward");
+    let single = common::train(1, 1, STEPS, ROWS, lr, &make_optimizer).unwrap();
+    let ratio = worst_ratio(&steps, &single, 1e-5, 1e-6);
+    assert!(ratio <= 1.0, "{case}: {ratio} x tolerance against 1 rank");
+}
+
 #[test]
 fn a_train_step_model_trains_as_backward_does_and_as_one_rank_on_the_full_batch() {
     for strategy in ["ddp", "zero2"] {
         for devices in [2, 4] {
-            for (name, lr) in [("sgd", 0.1), ("adam", 0.01)] {
-                let (steps, backward, single) = match name {
-                    "sgd" => (
-                        train_through_steps(fabric(devices, strategy, "32-true"), lr, sgd),
-                        common::train_on(
-                            fabric(devices, strategy, "32-true"),
-                            1,
-                            STEPS,
-                            ROWS,
-                            lr,
-                            sgd,
-                        ),
-                        common::train(1, 1, STEPS, ROWS, lr, sgd),
-                    ),
-                    _ => (
-                        train_through_steps(fabric(devices, strategy, "32-true"), lr, adam),
-                        common::train_on(
-                            fabric(devices, strategy, "32-true"),
-                            1,
-                            STEPS,
-                            ROWS,
-                            lr,
-                            adam,
-                        ),
-                        common::train(1, 1, STEPS, ROWS, lr, adam),
-                    ),
-                };
-                let case = format!("{strategy} x {devices}, {name}");
-                // The same computation as `backward`: bit for bit.
-                assert_eq!(steps, backward.unwrap(), "{case}: train_step != backward");
-                // The DDP tests' tolerance against one rank on the full batch.
-                let ratio = worst_ratio(&steps, &single.unwrap(), 1e-5, 1e-6);
-                assert!(ratio <= 1.0, "{case}: {ratio} x tolerance against 1 rank");
-            }
+            compare(strategy, devices, "sgd", 0.1, sgd);
+            compare(strategy, devices, "adam", 0.01, adam);
         }
     }
 }
@@ -231,19 +223,6 @@ impl<BK: Backend> Batcher<BK, usize, (Tensor<BK, 2>, Tensor<BK, 1, Int>)> for Ro
     }
 }
 
-fn metadata() -> MetricMetadata {
-    let progress = Progress {
-        items_processed: 0,
-        items_total: 0,
-    };
-    MetricMetadata {
-        progress: progress.clone(),
-        global_progress: progress,
-        iteration: None,
-        lr: None,
-    }
-}
-
 /// Validates on `LEN` rows over `devices` ranks; returns the synchronised (loss, accuracy).
 fn validate(devices: usize, even_batches: bool) -> (NumericEntry, NumericEntry) {
     const LEN: usize = 37;
@@ -263,8 +242,11 @@ fn validate(devices: usize, even_batches: bool) -> (NumericEntry, NumericEntry) 
                 (LossMetric::<Inner>::new(), AccuracyMetric::<Inner>::new());
             for batch in loader.iter() {
                 let out = fabric.inference_step(&model, batch);
-                loss.update(&LossInput::new(out.losses), &metadata());
-                accuracy.update(&AccuracyInput::new(out.scores, out.classes), &metadata());
+                loss.update(&LossInput::new(out.losses), &metric_metadata());
+                accuracy.update(
+                    &AccuracyInput::new(out.scores, out.classes),
+                    &metric_metadata(),
+                );
             }
             Ok::<_, FabricError>((fabric.sync_metric(&loss)?, fabric.sync_metric(&accuracy)?))
         })

@@ -73,47 +73,54 @@ fn stale(dir: &Path, name: &str, this_host: &str) -> bool {
     !(host == this_host && alive(pid)) && !locked(&dir.join(name))
 }
 
-/// Removes the temporary files that saves killed mid-write left in `dir` and in its immediate
-/// subdirectories (the shard directories of sharded checkpoints). Safe while other processes
-/// save there: a temporary still locked by its writer, or of a live process of this host, is
-/// never removed. An empty `dir` is the current directory. Returns how many.
+/// Removes the stale temporaries (see [`stale`]) in `dir` itself; returns how many, and the
+/// subdirectories of `dir`.
+fn sweep(dir: &Path, this_host: &str) -> (usize, Vec<PathBuf>) {
+    let Ok(listing) = fs::read_dir(dir) else {
+        return (0, Vec::new());
+    };
+    let (mut removed, mut subdirs) = (0, Vec::new());
+    for entry in listing.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            subdirs.push(entry.path());
+        } else if stale(dir, &name, this_host) && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    (removed, subdirs)
+}
+
+/// Removes the temporary files that saves killed mid-write left in the checkpoint directory
+/// `dir` and in its immediate subdirectories (the shard directories of sharded checkpoints).
+/// Safe while other processes save there: a temporary still locked by its writer, or of a live
+/// process of this host, is never removed. An empty `dir` is the current directory. Returns how
+/// many.
 pub fn remove_stale_temporaries(dir: &Path) -> usize {
     let dir = match dir.as_os_str().is_empty() {
         true => Path::new("."),
         false => dir,
     };
     let this_host = host();
-    let sweep = |dir: &Path| -> (usize, Vec<PathBuf>) {
-        let Ok(listing) = fs::read_dir(dir) else {
-            return (0, Vec::new());
-        };
-        let (mut removed, mut subdirs) = (0, Vec::new());
-        for entry in listing.filter_map(Result::ok) {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                subdirs.push(entry.path());
-            } else if stale(dir, &name, &this_host) && fs::remove_file(entry.path()).is_ok() {
-                removed += 1;
-            }
-        }
-        (removed, subdirs)
-    };
-    let (mut removed, subdirs) = sweep(dir);
-    for subdir in subdirs {
-        removed += sweep(&subdir).0;
-    }
+    let (removed, subdirs) = sweep(dir, &this_host);
     removed
+        + subdirs
+            .iter()
+            .map(|subdir| sweep(subdir, &this_host).0)
+            .sum::<usize>()
 }
 
 /// Writes `bytes` to `path` atomically (see the module docs), creating parent directories and
-/// removing the stale temporaries of earlier killed saves in that directory first.
+/// removing the stale temporaries of earlier killed saves in that directory (not below it: a
+/// write may go anywhere, and only checkpoint directories have shard directories to sweep)
+/// first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FabricError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let fail = |what: &str, e: std::io::Error| error(path, None, format!("{what}: {e}"));
     let (dir, prefix) =
         temporary_prefix(path).ok_or_else(|| error(path, None, "the path names no file"))?;
     fs::create_dir_all(&dir).map_err(|e| fail("cannot create its directory", e))?;
-    remove_stale_temporaries(&dir);
+    sweep(&dir, &host());
     let temporary = dir.join(format!(
         "{prefix}{}-{}-{}",
         host(),
@@ -162,7 +169,7 @@ mod tests {
         let path = dir.join("sub").join("model.ckpt");
         write_atomic(&path, b"first").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"first");
-        // Killed saves leave temporaries behind, here and in a shard directory beside (on this
+        // Killed saves leave temporaries behind, here and in a shard directory below (on this
         // host and on another whose name has dashes); a live process's save in progress, a save
         // in progress on another machine (it holds its lock), and other files are left alone.
         let host = host();
@@ -199,6 +206,9 @@ mod tests {
         );
         write_atomic(&path, b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
+        // The write swept its own directory; the checkpoint sweep also the shard directories.
+        assert!(stale[2].exists(), "a write sweeps only its own directory");
+        remove_stale_temporaries(&dir.join("sub"));
         for file in &stale {
             assert!(!file.exists(), "{} was left behind", file.display());
         }
