@@ -5,10 +5,11 @@ use burn::tensor::backend::AutodiffBackend;
 use fabric_collective::{Collective, DeviceEngine, Processes, device_engine};
 use fabric_core::FabricError;
 use fabric_core::backend::{BackendDevices, Placement, resolve_placement};
+use fabric_core::config::ShardingStrategy;
 use fabric_core::config::{Accelerator, FabricConfig, StrategyChoice};
 use fabric_core::environment::{ClusterEnvironment, EnvironmentKind};
 use fabric_precision::PrecisionPlugin;
-use fabric_strategies::{Ddp, RankState, SingleDevice, Strategy, Zero, ZeroStage};
+use fabric_strategies::{Ddp, Fsdp, RankState, SingleDevice, Strategy, Zero, ZeroStage};
 
 use fabric_core::callback::Callback;
 use fabric_core::logger::Logger;
@@ -135,7 +136,9 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         );
         Ok(match self.strategy {
             StrategyChoice::SingleDevice => Arc::new(SingleDevice::new(state)),
-            StrategyChoice::Auto | StrategyChoice::Ddp => {
+            StrategyChoice::Auto
+            | StrategyChoice::Ddp
+            | StrategyChoice::Fsdp(ShardingStrategy::NoShard) => {
                 let ddp = Ddp::new(state);
                 match &self.engine {
                     Some(engine) => Arc::new(ddp.with_engine(engine.for_rank(local_rank))),
@@ -144,6 +147,7 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             }
             StrategyChoice::Zero1 => Arc::new(Zero::new(state, ZeroStage::One)),
             StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
+            StrategyChoice::Fsdp(sharding) => Arc::new(Fsdp::new(state, sharding)),
         })
     }
 

@@ -19,7 +19,9 @@ use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
 use fabric_precision::{GradScalerState, PrecisionPlugin};
-use fabric_strategies::{AssignParams, CollectParams, Params, Strategy};
+use fabric_strategies::{
+    AssignParams, CollectParams, GatherParams, ParamGather, Params, SetupParam, Strategy,
+};
 use std::error::Error;
 use std::fmt::Display;
 use std::marker::PhantomData;
@@ -428,14 +430,39 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
             .convert_module(model.fork(strategy.device()));
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
-        let ids = (0..collect.ids.len() as u64)
+        let ids: Vec<ParamId> = (0..collect.ids.len() as u64)
             .map(|position| ParamId::from((index << 32) | position))
             .collect();
         let values = match rank.info.world_size {
             1 => collect.values,
             _ => strategy.broadcast_parameters(collect.values)?,
         };
-        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
+        let params = ids
+            .into_iter()
+            .zip(collect.shapes)
+            .zip(collect.trainable)
+            .zip(values)
+            .map(|(((id, shape), trainable), value)| SetupParam {
+                id,
+                shape,
+                trainable,
+                value,
+            })
+            .collect();
+        let placed = strategy.shard_parameters(params)?;
+        let mut ids = Vec::with_capacity(placed.len());
+        let mut shapes = Vec::with_capacity(placed.len());
+        let mut values = Vec::with_capacity(placed.len());
+        for param in placed {
+            ids.push(param.id);
+            shapes.push(param.shape);
+            values.push(param.value);
+        }
+        let model = model.map(
+            &mut AssignParams::<B, _>::new(values.into_iter())
+                .with_ids(ids)
+                .with_shapes(shapes),
+        );
         self.setups += 1;
         self.call(|callback| callback.on_after_setup());
         Ok(model)
@@ -567,7 +594,13 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         BT: Backend,
         M: Module<BT>,
     {
-        self.precision_plugin().forward(model, input, forward)
+        let plugin = self.precision_plugin();
+        match self.param_gather() {
+            None => plugin.forward(model, input, forward),
+            Some(gather) => plugin.forward(model, input, |m, x| {
+                forward(&m.clone().map(&mut GatherParams::<B>::new(&gather)), x)
+            }),
+        }
     }
 
     /// Runs `body` with the module a forward pass should use: the half-precision view of the
@@ -579,7 +612,31 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         model: &M,
         body: impl FnOnce(&M) -> R,
     ) -> R {
-        self.precision_plugin().autocast(model, body)
+        let plugin = self.precision_plugin();
+        match self.param_gather() {
+            None => plugin.autocast(model, body),
+            Some(gather) => plugin.autocast(model, |m| {
+                body(&m.clone().map(&mut GatherParams::<B>::new(&gather)))
+            }),
+        }
+    }
+
+    /// `model` with whole parameters, gathered from every rank's shards under FSDP (every rank
+    /// must call it); `model` itself under strategies whose ranks hold whole parameters. For
+    /// inspecting or exporting a sharded model; forward passes through
+    /// [`forward`](Self::forward) gather by themselves.
+    pub fn gathered<BT: Backend, M: Module<BT>>(&self, model: &M) -> Result<M, FabricError> {
+        let Some(gather) = self.param_gather() else {
+            return Ok(model.clone());
+        };
+        let whole = model.clone().map(&mut GatherParams::<B>::new(&gather));
+        self.rank_strategy("gathered")?.forward_result()?;
+        Ok(whole)
+    }
+
+    /// How forward passes gather whole parameters (FSDP), or `None`.
+    fn param_gather(&self) -> Option<ParamGather> {
+        self.rank.as_ref()?.strategy.gather()
     }
 
     /// Casts a float input to the precision's compute dtype.

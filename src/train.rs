@@ -14,7 +14,7 @@
 use crate::{Fabric, FabricError, ReduceOp};
 use burn::data::dataloader::Progress;
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{MetricMetadata, Numeric, NumericEntry};
 use burn::train::{InferenceStep, TrainOutput, TrainStep};
 use fabric_core::backend::BackendDevices;
@@ -53,6 +53,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let rank = self.rank("train_step")?;
         let strategy = rank.strategy.as_ref();
         let precision = strategy.precision();
+        if strategy.gather().is_some() {
+            return Err(FabricError::Unsupported {
+                what: format!("train_step under strategy `{}`", strategy.name()),
+                reason: "a burn-train TrainStep runs its own forward and reads the gradients of whole parameters, while FSDP ranks hold shards; compute the loss through fabric.forward and call fabric.backward".into(),
+            });
+        }
         if precision.mode() == PrecisionMode::Mixed && precision.scaler_state().is_some() {
             return Err(FabricError::Unsupported {
                 what: format!("train_step under precision `{}`", precision.precision()),
@@ -76,7 +82,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// then combine metrics with [`sync_metric`](Self::sync_metric).
     pub fn inference_step<BT, M>(&self, model: &M, input: M::Input) -> M::Output
     where
-        BT: Backend,
+        BT: burn::tensor::backend::Backend,
         M: Module<BT> + InferenceStep,
     {
         self.autocast(model, |m| m.step(input))

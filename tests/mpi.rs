@@ -131,6 +131,28 @@ fn zero_equivalence_across_processes() {
 }
 
 #[test]
+fn fsdp_equivalence_across_processes() {
+    if !child() {
+        succeeds("fsdp_equivalence_across_processes", 2, 1);
+        succeeds("fsdp_equivalence_across_processes", 2, 2);
+        return;
+    }
+    // Shards gathered and gradients reduce-scattered across processes (and across the threads
+    // of each): the same tolerance as DDP, for each sharding choice, with accumulation.
+    let single = train(1, 1, STEPS, BATCH, 0.01, adam).unwrap();
+    for strategy in ["fsdp", "fsdp_shard_grad_op"] {
+        let fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
+        let world = fabric.world_size();
+        let fsdp = train_on(fabric, 2, STEPS, BATCH, 0.01, adam).unwrap();
+        let ratio = worst_ratio(&fsdp, &single, 1e-5, 1e-6);
+        assert!(
+            ratio <= 1.0,
+            "{strategy} across {world} ranks: {ratio} x tolerance"
+        );
+    }
+}
+
+#[test]
 fn every_collective_across_processes() {
     if !child() {
         succeeds("every_collective_across_processes", 2, 1);
@@ -291,4 +313,100 @@ fn a_rank_stuck_before_a_collective_is_reported_and_the_job_aborted() {
             Ok::<_, FabricError>(())
         })
         .unwrap();
+}
+
+#[test]
+fn reduce_scatter_and_all_gather_flat_across_processes() {
+    if !child() {
+        succeeds("reduce_scatter_and_all_gather_flat_across_processes", 2, 1);
+        succeeds("reduce_scatter_and_all_gather_flat_across_processes", 2, 2);
+        return;
+    }
+    use burn_fabric::CollectiveError;
+    use burn_fabric::fabric_collective::launcher::{ThreadLaunch, launch_threads_with};
+    use burn_fabric::fabric_collective::mpi::MpiProcesses;
+    use burn_fabric::fabric_collective::{Collective, HierarchicalCollective};
+    use std::sync::Arc;
+
+    // Building the Fabric joins the job's MPI world; the engine below shares it, so the
+    // operations run through the hierarchical engine itself (threads x MPI processes).
+    let fabric = Fabric::<B>::builder().build().unwrap();
+    let world = fabric.world_size();
+    assert!(world >= 2, "expected a multi-process job, got {world}");
+    let timeout = Duration::from_secs(30);
+    let processes = MpiProcesses::get(timeout).unwrap();
+    let launch = ThreadLaunch {
+        world_size: world / processes.size(),
+        first_rank: fabric.global_rank(),
+        timeout,
+        threads_per_rank: Some(1),
+    };
+    // A failed rank ends the job at once rather than leaving the other process waiting.
+    let abort = |rank: usize, message: &str| {
+        processes.abort(&format!("rank {rank}: {message}"));
+    };
+    // Integers and halves: every sum is exact in f32.
+    let value = |r: usize, i: usize| ((r + 1) * (i % 100)) as f32 * 0.5 - r as f32;
+    launch_threads_with(
+        &launch,
+        |_, member| {
+            let c = HierarchicalCollective::new(member, Arc::clone(&processes));
+            let rank = c.rank();
+            assert_eq!(c.world_size(), world);
+            for per_rank in [3, 1000] {
+                let n = per_rank * world;
+                for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max] {
+                    let data: Vec<f32> = (0..n).map(|i| value(rank, i)).collect();
+                    let got = c
+                        .reduce_scatter(TensorData::new(data, [n]), op)
+                        .map_err(|e| e.to_string())?;
+                    let want: Vec<f32> = (rank * per_rank..(rank + 1) * per_rank)
+                        .map(|i| {
+                            let col = (0..world).map(|r| value(r, i));
+                            match op {
+                                ReduceOp::Sum => col.sum(),
+                                ReduceOp::Mean => col.sum::<f32>() / world as f32,
+                                _ => col.fold(f32::NEG_INFINITY, f32::max),
+                            }
+                        })
+                        .collect();
+                    assert_eq!(got.shape.to_vec(), vec![per_rank]);
+                    assert_eq!(got.to_vec::<f32>().unwrap(), want, "{op} rank {rank} n {n}");
+                }
+            }
+            // integers: the mean rounds to nearest
+            let ints: Vec<i64> = (0..world as i64).map(|k| rank as i64 * 3 + k).collect();
+            let got = c
+                .reduce_scatter(TensorData::new(ints, [world]), ReduceOp::Mean)
+                .map_err(|e| e.to_string())?;
+            let sum: i64 = (0..world as i64).map(|r| r * 3 + rank as i64).sum();
+            let mean = (sum as f64 / world as f64).round() as i64;
+            assert_eq!(got.to_vec::<i64>().unwrap(), vec![mean], "i64 mean");
+            // all_gather_flat: every rank's buffer in global rank order
+            let mine: Vec<f32> = (0..3).map(|k| (rank * 10 + k) as f32).collect();
+            let got = c
+                .all_gather_flat(TensorData::new(mine, [3]))
+                .map_err(|e| e.to_string())?;
+            let want: Vec<f32> = (0..world)
+                .flat_map(|r| (0..3).map(move |k| (r * 10 + k) as f32))
+                .collect();
+            assert_eq!(got.shape.to_vec(), vec![3 * world]);
+            assert_eq!(got.to_vec::<f32>().unwrap(), want, "all_gather_flat");
+            let got = c
+                .all_gather_flat(TensorData::new(vec![rank as i32, -1], [2]))
+                .map_err(|e| e.to_string())?;
+            let want: Vec<i32> = (0..world as i32).flat_map(|r| [r, -1]).collect();
+            assert_eq!(got.to_vec::<i32>().unwrap(), want, "all_gather_flat i32");
+            // a length the world size does not divide: a typed error on every rank, no hang
+            let n = 3 * world + 1;
+            match c.reduce_scatter(TensorData::new(vec![1.0f32; n], [n]), ReduceOp::Sum) {
+                Err(CollectiveError::InvalidShape { shape, .. }) => assert_eq!(shape, vec![n]),
+                other => panic!("expected InvalidShape, got {other:?}"),
+            }
+            c.barrier().map_err(|e| e.to_string())?;
+            Ok(())
+        },
+        &abort,
+    )
+    .unwrap();
 }

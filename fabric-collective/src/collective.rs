@@ -135,8 +135,67 @@ pub trait Collective: Send + Sync {
     /// Every rank's `data`, indexed by rank. Dtype and shape must match across ranks.
     fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError>;
 
+    /// Reduces `data` (one dimension, its length a multiple of the world size, the same on every
+    /// rank) across the ranks with `op` and returns this rank's part of the result: elements
+    /// `[rank * n / world, (rank + 1) * n / world)` (PyTorch's `reduce_scatter_tensor`).
+    ///
+    /// Every engine does it natively: no rank computes the parts of the others. A buffer of
+    /// another shape is [`CollectiveError::InvalidShape`]; dtypes or lengths that differ across
+    /// ranks are [`CollectiveError::Mismatch`]; dtypes and ops are those of
+    /// [`all_reduce`](Self::all_reduce).
+    fn reduce_scatter(&self, data: TensorData, op: ReduceOp)
+    -> Result<TensorData, CollectiveError>;
+
+    /// Concatenates every rank's `data` (one dimension, the same length and dtype on every rank)
+    /// in rank order into one flat buffer (PyTorch's `all_gather_into_tensor`).
+    ///
+    /// A buffer of more (or fewer) dimensions is [`CollectiveError::InvalidShape`]; dtypes or
+    /// lengths that differ across ranks are [`CollectiveError::Mismatch`].
+    fn all_gather_flat(&self, data: TensorData) -> Result<TensorData, CollectiveError>;
+
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
+}
+
+/// The length of `data` if `operation` can take it as a flat buffer: one dimension, a dtype that
+/// is not quantized, and with `multiple_of` (the world size) a length that is a multiple of it.
+/// `rank` (global) names the caller in the error.
+pub(crate) fn flat_len(
+    data: &TensorData,
+    operation: &'static str,
+    rank: usize,
+    multiple_of: Option<usize>,
+) -> Result<usize, CollectiveError> {
+    if let DType::QFloat(_) = data.dtype {
+        return Err(CollectiveError::UnsupportedDtype {
+            operation,
+            dtype: format!("{:?}", data.dtype),
+        });
+    }
+    let shape = data.shape.to_vec();
+    let world = multiple_of.unwrap_or(1).max(1);
+    match shape.as_slice() {
+        [n] if n.is_multiple_of(world) => Ok(*n),
+        _ => {
+            let valid = match multiple_of {
+                Some(_) => {
+                    let n: usize = shape.iter().product();
+                    let below = n / world * world;
+                    format!(
+                        "it takes one dimension whose length is a multiple of the world size {world}, e.g. {below} or {} (pad the buffer, or flatten it first)",
+                        below + world
+                    )
+                }
+                None => "it takes one dimension (flatten the tensor first)".into(),
+            };
+            Err(CollectiveError::InvalidShape {
+                rank,
+                operation,
+                shape,
+                valid,
+            })
+        }
+    }
 }
 
 /// [`Collective::all_reduce`] of one number: every rank gets the combined value.
@@ -196,6 +255,16 @@ mod tests {
         }
         fn all_gather(&self, data: TensorData) -> Result<Vec<TensorData>, CollectiveError> {
             self.0.all_gather(data)
+        }
+        fn reduce_scatter(
+            &self,
+            data: TensorData,
+            op: ReduceOp,
+        ) -> Result<TensorData, CollectiveError> {
+            self.0.reduce_scatter(data, op)
+        }
+        fn all_gather_flat(&self, data: TensorData) -> Result<TensorData, CollectiveError> {
+            self.0.all_gather_flat(data)
         }
         fn barrier(&self) -> Result<(), CollectiveError> {
             self.0.barrier()

@@ -3,9 +3,16 @@
 //! process's local rank 0, share the result with the threads — so each process sends one
 //! buffer per operation whatever its number of ranks. Ranks are numbered node-major:
 //! `global = process * ranks_per_process + local`.
+//!
+//! So the ranks of one process hold one contiguous block of a `reduce_scatter`'s result: the
+//! process's threads reduce onto local rank 0, which takes part in `MPI_Reduce_scatter_block`
+//! for the process's block and hands each thread its part. `all_gather_flat` gathers the
+//! threads' buffers on local rank 0, which `MPI_Allgather`s them with the other processes.
 
+use crate::collective::flat_len;
+use crate::host::slice_flat;
 use crate::mpi::MpiProcesses;
-use crate::reduce::divide;
+use crate::reduce::{check_supported_in, divide};
 use crate::{Collective, ReduceOp, ThreadCollective, check_rank, pack, split};
 use burn::tensor::TensorData;
 use fabric_core::CollectiveError;
@@ -47,8 +54,13 @@ impl HierarchicalCollective {
         if self.local_size() == 1 {
             return Ok(data);
         }
-        let patience = self.local.timeout() * 2 + std::time::Duration::from_secs(2);
-        self.local.broadcast_many_within(data, 0, patience)
+        self.local.broadcast_many_within(data, 0, self.patience())
+    }
+
+    /// How long the other local ranks wait for local rank 0 while it is in MPI: past the MPI
+    /// watchdog's deadline.
+    fn patience(&self) -> std::time::Duration {
+        self.local.timeout() * 2 + std::time::Duration::from_secs(2)
     }
 }
 
@@ -137,6 +149,75 @@ impl Collective for HierarchicalCollective {
                 .iter()
                 .flat_map(|packed| split(packed, &shapes))
                 .collect())
+        })
+    }
+
+    fn reduce_scatter(
+        &self,
+        data: TensorData,
+        op: ReduceOp,
+    ) -> Result<TensorData, CollectiveError> {
+        let (rank, world, local) = (self.rank(), self.world_size(), self.local_size());
+        let numel = flat_len(&data, "reduce_scatter", rank, Some(world))?;
+        check_supported_in(&data, op, "reduce_scatter")?;
+        let partial = if op == ReduceOp::Mean {
+            ReduceOp::Sum
+        } else {
+            op
+        };
+        // The process's threads combine onto local rank 0 (the others' buffers are freed).
+        let combined = if local > 1 {
+            self.local
+                .reduce_many(vec![data], partial, 0)?
+                .and_then(|mut reduced| reduced.pop())
+        } else {
+            Some(data)
+        };
+        let missing = |what: &str| CollectiveError::Mismatch {
+            rank,
+            detail: format!("`reduce_scatter` lost {what}"),
+        };
+        // Local rank 0: this process's block of `numel / processes` elements, cut into one part
+        // of `numel / world` per local rank.
+        let parts = if self.leads() {
+            let combined = combined.ok_or_else(|| missing("the process's combined buffer"))?;
+            let mut block = self.processes.reduce_scatter(rank, combined, partial)?;
+            if op == ReduceOp::Mean {
+                divide(&mut block, world);
+            }
+            if local == 1 {
+                return Ok(block);
+            }
+            let part = numel / world;
+            (0..local)
+                .map(|l| slice_flat(&block, l * part..(l + 1) * part))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| missing("part of the process's block"))?
+        } else {
+            Vec::new()
+        };
+        self.local.scatter_within(parts, 0, self.patience())
+    }
+
+    fn all_gather_flat(&self, data: TensorData) -> Result<TensorData, CollectiveError> {
+        let rank = self.rank();
+        flat_len(&data, "all_gather_flat", rank, None)?;
+        // The process's threads' buffers, back to back on local rank 0.
+        let mine = if self.local_size() > 1 {
+            self.local.gather_flat(data, Some(0))?
+        } else {
+            Some(data)
+        };
+        let mut out = self.lead_and_share(mine.into_iter().collect(), |mut mine| {
+            let packed = mine.pop().ok_or_else(|| CollectiveError::Mismatch {
+                rank,
+                detail: "`all_gather_flat` lost the process's gathered buffer".into(),
+            })?;
+            Ok(vec![self.processes.all_gather_flat(rank, packed)?])
+        })?;
+        out.pop().ok_or_else(|| CollectiveError::Mismatch {
+            rank,
+            detail: "all_gather_flat returned no buffer".into(),
         })
     }
 

@@ -21,6 +21,25 @@ pub fn pack(parts: Vec<TensorData>, dtype: DType) -> TensorData {
     TensorData::from_bytes(bytes, [numel], dtype)
 }
 
+/// One flat buffer of `numel` elements of `dtype` holding `parts` back to back: one copy of each
+/// part, into memory aligned for every dtype.
+pub(crate) fn concat(parts: &[&[u8]], numel: usize, dtype: DType) -> TensorData {
+    let size: usize = parts.iter().map(|p| p.len()).sum();
+    let mut bytes = Bytes::from_elems(Vec::<u128>::with_capacity(size.div_ceil(16)));
+    for part in parts {
+        bytes.extend_from_byte_slice(part);
+    }
+    TensorData::from_bytes(bytes, [numel], dtype)
+}
+
+/// Elements `range` of a one-dimensional buffer, copied into a buffer of their own; `None` when
+/// the buffer is shorter.
+pub(crate) fn slice_flat(data: &TensorData, range: std::ops::Range<usize>) -> Option<TensorData> {
+    let size = data.dtype.size();
+    let part = data.as_bytes().get(range.start * size..range.end * size)?;
+    Some(concat(&[part], range.len(), data.dtype))
+}
+
 /// Cuts a packed one-dimensional buffer into parts of the given shapes (copies).
 pub fn split(packed: &TensorData, shapes: &[Vec<usize>]) -> Vec<TensorData> {
     let size = packed.dtype.size();

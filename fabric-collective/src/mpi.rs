@@ -18,7 +18,8 @@
 //! MPI can be initialised only once per process, so the world lives until the process exits
 //! (finalised by an `atexit` handler): several Fabrics in one process share it.
 
-use crate::reduce::aligned;
+use crate::collective::flat_len;
+use crate::reduce::{aligned, check_supported_in};
 use crate::{ReduceOp, check_rank};
 use burn::tensor::{BoolStore, DType, TensorData};
 use fabric_core::CollectiveError;
@@ -219,47 +220,115 @@ impl MpiProcesses {
     ) -> Result<Vec<TensorData>, CollectiveError> {
         let _watch = self.watchdog.enter(rank, "all_reduce");
         self.agree(rank, "all_reduce", fingerprint(1 + op as u64, &data))?;
-        data.into_iter().map(|d| self.reduce(d, op)).collect()
+        data.into_iter()
+            .map(|d| self.reduce(d, op, false))
+            .collect()
     }
 
-    fn reduce(&self, data: TensorData, op: ReduceOp) -> Result<TensorData, CollectiveError> {
+    /// This process's block of the combination of every process's `data` (one dimension, its
+    /// length `n` a multiple of the number of processes, the same on every process): elements
+    /// `[process * n / size, (process + 1) * n / size)`, through `MPI_Reduce_scatter_block`
+    /// (`Mean` sums; the caller divides). Half types are combined in f32.
+    pub fn reduce_scatter(
+        &self,
+        rank: usize,
+        data: TensorData,
+        op: ReduceOp,
+    ) -> Result<TensorData, CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "reduce_scatter");
+        let numel = flat_len(&data, "reduce_scatter", rank, Some(self.size))?;
+        check_supported_in(&data, op, "reduce_scatter")?;
+        fits_count(numel, rank, "reduce_scatter")?;
+        self.agree(
+            rank,
+            "reduce_scatter",
+            fingerprint(0x5C0 + op as u64, std::slice::from_ref(&data)),
+        )?;
+        self.reduce(data, op, true)
+    }
+
+    /// Every process's `data` (one dimension, the same length and dtype on every process) back
+    /// to back in process order, through `MPI_Allgather`.
+    pub fn all_gather_flat(
+        &self,
+        rank: usize,
+        data: TensorData,
+    ) -> Result<TensorData, CollectiveError> {
+        let _watch = self.watchdog.enter(rank, "all_gather_flat");
+        let numel = flat_len(&data, "all_gather_flat", rank, None)?;
+        fits_count(data.bytes.len() * self.size, rank, "all_gather_flat")?;
+        self.agree(
+            rank,
+            "all_gather_flat",
+            fingerprint(0xA7F, std::slice::from_ref(&data)),
+        )?;
+        let data = aligned(data);
+        let mut all = self.scratch_of(data.dtype, numel * self.size);
+        {
+            let send: &[u8] = &data.bytes;
+            let recv: &mut [u8] = &mut all.bytes;
+            self.world.all_gather_into(send, recv);
+        }
+        Ok(all)
+    }
+
+    /// `all_reduce` of `data`, or with `scatter` its `reduce_scatter` (the length is checked to
+    /// divide among the processes).
+    fn reduce(
+        &self,
+        data: TensorData,
+        op: ReduceOp,
+        scatter: bool,
+    ) -> Result<TensorData, CollectiveError> {
+        let operation = if scatter {
+            "reduce_scatter"
+        } else {
+            "all_reduce"
+        };
         let op = match op {
             ReduceOp::Sum | ReduceOp::Mean => SystemOperation::sum(),
             ReduceOp::Min => SystemOperation::min(),
             ReduceOp::Max => SystemOperation::max(),
         };
         match data.dtype {
-            DType::F32 | DType::Flex32 => self.reduce_as::<f32>(data, op),
-            DType::F64 => self.reduce_as::<f64>(data, op),
-            DType::I64 => self.reduce_as::<i64>(data, op),
-            DType::I32 => self.reduce_as::<i32>(data, op),
-            DType::I16 => self.reduce_as::<i16>(data, op),
-            DType::I8 => self.reduce_as::<i8>(data, op),
-            DType::U64 => self.reduce_as::<u64>(data, op),
-            DType::U32 | DType::Bool(BoolStore::U32) => self.reduce_as::<u32>(data, op),
-            DType::U16 => self.reduce_as::<u16>(data, op),
-            DType::U8 | DType::Bool(_) => self.reduce_as::<u8>(data, op),
+            DType::F32 | DType::Flex32 => self.reduce_as::<f32>(data, op, scatter),
+            DType::F64 => self.reduce_as::<f64>(data, op, scatter),
+            DType::I64 => self.reduce_as::<i64>(data, op, scatter),
+            DType::I32 => self.reduce_as::<i32>(data, op, scatter),
+            DType::I16 => self.reduce_as::<i16>(data, op, scatter),
+            DType::I8 => self.reduce_as::<i8>(data, op, scatter),
+            DType::U64 => self.reduce_as::<u64>(data, op, scatter),
+            DType::U32 | DType::Bool(BoolStore::U32) => self.reduce_as::<u32>(data, op, scatter),
+            DType::U16 => self.reduce_as::<u16>(data, op, scatter),
+            DType::U8 | DType::Bool(_) => self.reduce_as::<u8>(data, op, scatter),
             // MPI has no half types: reduce in f32 (as the in-process engine accumulates).
             DType::F16 | DType::BF16 => {
                 let dtype = data.dtype;
                 Ok(self
-                    .reduce_as::<f32>(data.convert_dtype(DType::F32), op)?
+                    .reduce_as::<f32>(data.convert_dtype(DType::F32), op, scatter)?
                     .convert_dtype(dtype))
             }
             DType::QFloat(_) => Err(CollectiveError::UnsupportedDtype {
-                operation: "all_reduce",
+                operation,
                 dtype: format!("{:?}", data.dtype),
             }),
         }
     }
 
+    /// With `scatter` (`MPI_Reduce_scatter_block`) this process receives its block of
+    /// `numel / size` elements; the caller has checked that they divide.
     fn reduce_as<T: Equivalence + bytemuck::Pod>(
         &self,
         send: TensorData,
         op: SystemOperation,
+        scatter: bool,
     ) -> Result<TensorData, CollectiveError> {
         let send = aligned(send);
-        let mut recv = self.scratch(&send);
+        let mut recv = if scatter {
+            self.scratch_of(send.dtype, send.num_elements() / self.size.max(1))
+        } else {
+            self.scratch(&send)
+        };
         let bad = |e: bytemuck::PodCastError| CollectiveError::Mismatch {
             rank: self.rank,
             detail: format!(
@@ -270,23 +339,39 @@ impl MpiProcesses {
         {
             let input: &[T] = bytemuck::try_cast_slice(&send.bytes).map_err(bad)?;
             let output: &mut [T] = bytemuck::try_cast_slice_mut(&mut recv.bytes).map_err(bad)?;
-            self.world.all_reduce_into(input, output, op);
+            if scatter {
+                self.world.reduce_scatter_block_into(input, output, op);
+            } else {
+                self.world.all_reduce_into(input, output, op);
+            }
         }
-        self.recycle(send);
+        // A scattered send is `size` times its result: keeping it would hold memory that no
+        // later result of the same size reuses.
+        if !scatter {
+            self.recycle(send);
+        }
         Ok(recv)
     }
 
     /// A buffer shaped like `like`, from the recycled ones when one has the same size.
     fn scratch(&self, like: &TensorData) -> TensorData {
+        let mut buffer = self.scratch_of(like.dtype, like.num_elements());
+        buffer.shape = like.shape.clone();
+        buffer
+    }
+
+    /// A one-dimensional buffer of `numel` elements of `dtype`, from the recycled ones when one
+    /// has the same size.
+    fn scratch_of(&self, dtype: DType, numel: usize) -> TensorData {
         let mut recycled = self.recycled.lock().unwrap_or_else(PoisonError::into_inner);
         let found = recycled
             .iter()
-            .position(|d| d.dtype == like.dtype && d.bytes.len() == like.bytes.len());
+            .position(|d| d.dtype == dtype && d.bytes.len() == numel * dtype.size());
         let mut buffer = match found {
             Some(i) => recycled.swap_remove(i),
-            None => aligned(TensorData::full_dtype([like.num_elements()], 0, like.dtype)),
+            None => aligned(TensorData::full_dtype([numel], 0, dtype)),
         };
-        buffer.shape = like.shape.clone();
+        buffer.shape = [numel].into();
         buffer
     }
 
@@ -428,6 +513,22 @@ fn allocate(header: &[u64]) -> Result<Vec<TensorData>, String> {
             Ok(aligned(TensorData::full_dtype(dims, 0, dtype)))
         })
         .collect()
+}
+
+/// MPI counts elements in a C `int`: a buffer longer than that is refused rather than truncated.
+fn fits_count(count: usize, rank: usize, operation: &'static str) -> Result<(), CollectiveError> {
+    if i32::try_from(count).is_ok() {
+        return Ok(());
+    }
+    Err(CollectiveError::Engine {
+        rank,
+        engine: "mpi",
+        operation,
+        message: format!(
+            "{count} elements do not fit an MPI count (at most {}); split the buffer",
+            i32::MAX
+        ),
+    })
 }
 
 /// FNV-1a over the operation and each buffer's dtype and shape.

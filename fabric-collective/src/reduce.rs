@@ -15,6 +15,15 @@ const TILE: usize = 4096;
 
 /// Rejects combinations that have no meaning (a sum of booleans) or no kernel (quantized data).
 pub(crate) fn check_supported(data: &TensorData, op: ReduceOp) -> Result<(), CollectiveError> {
+    check_supported_in(data, op, "all_reduce")
+}
+
+/// [`check_supported`] for `operation` (the name its error gives).
+pub(crate) fn check_supported_in(
+    data: &TensorData,
+    op: ReduceOp,
+    operation: &'static str,
+) -> Result<(), CollectiveError> {
     let unsupported = match data.dtype {
         DType::Bool(_) => matches!(op, ReduceOp::Sum | ReduceOp::Mean),
         DType::QFloat(_) => true,
@@ -22,7 +31,7 @@ pub(crate) fn check_supported(data: &TensorData, op: ReduceOp) -> Result<(), Col
     };
     if unsupported {
         return Err(CollectiveError::UnsupportedDtype {
-            operation: "all_reduce",
+            operation,
             dtype: format!("{:?} with op {op}", data.dtype),
         });
     }

@@ -1,5 +1,6 @@
 //! The collective of a job with one rank: every operation is the identity.
 
+use crate::collective::flat_len;
 use crate::{Collective, ReduceOp};
 use burn::tensor::TensorData;
 use fabric_core::CollectiveError;
@@ -44,7 +45,45 @@ impl Collective for SingleProcess {
         Ok(vec![data])
     }
 
+    fn reduce_scatter(
+        &self,
+        data: TensorData,
+        op: ReduceOp,
+    ) -> Result<TensorData, CollectiveError> {
+        flat_len(&data, "reduce_scatter", 0, Some(1))?;
+        super::reduce::check_supported_in(&data, op, "reduce_scatter")?;
+        Ok(data)
+    }
+
+    fn all_gather_flat(&self, data: TensorData) -> Result<TensorData, CollectiveError> {
+        flat_len(&data, "all_gather_flat", 0, None)?;
+        Ok(data)
+    }
+
     fn barrier(&self) -> Result<(), CollectiveError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reduce_scatter_and_all_gather_flat_of_one_rank_are_the_identity() {
+        let data = || TensorData::new(vec![1.0f32, -2.0, 3.5], [3]);
+        for op in [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Min, ReduceOp::Max] {
+            let got = SingleProcess.reduce_scatter(data(), op).unwrap();
+            assert_eq!(got.to_vec::<f32>().unwrap(), vec![1.0, -2.0, 3.5]);
+        }
+        let got = SingleProcess.all_gather_flat(data()).unwrap();
+        assert_eq!(got.to_vec::<f32>().unwrap(), vec![1.0, -2.0, 3.5]);
+        let err = SingleProcess
+            .all_gather_flat(TensorData::new(vec![1.0f32; 4], [2, 2]))
+            .unwrap_err();
+        assert!(
+            matches!(err, CollectiveError::InvalidShape { ref shape, .. } if *shape == vec![2, 2]),
+            "{err}"
+        );
     }
 }

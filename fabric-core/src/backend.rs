@@ -3,9 +3,9 @@
 
 use crate::FabricError;
 use crate::config::{Accelerator, Devices};
+use crate::gather::GatherParam;
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::tensor::backend::Backend;
 
 /// The devices one accelerator offers.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,7 +18,7 @@ pub enum DevicePool<D> {
 
 /// A backend Fabric can place ranks on. Implemented for each backend behind its Cargo feature,
 /// and for `Autodiff<B>` of each.
-pub trait BackendDevices: Backend {
+pub trait BackendDevices: GatherParam {
     /// Short backend name, as printed in the resolved config (`flex`, `ndarray`, ...).
     fn backend_name() -> &'static str;
 
@@ -44,6 +44,9 @@ impl<B: BackendDevices, C: CheckpointStrategy> BackendDevices for Autodiff<B, C>
 }
 
 #[cfg(feature = "flex")]
+impl GatherParam for burn::backend::Flex {}
+
+#[cfg(feature = "flex")]
 impl BackendDevices for burn::backend::Flex {
     fn backend_name() -> &'static str {
         "flex"
@@ -59,6 +62,9 @@ impl BackendDevices for burn::backend::Flex {
 }
 
 #[cfg(feature = "ndarray")]
+impl GatherParam for burn::backend::NdArray {}
+
+#[cfg(feature = "ndarray")]
 impl BackendDevices for burn::backend::NdArray {
     fn backend_name() -> &'static str {
         "ndarray"
@@ -72,6 +78,9 @@ impl BackendDevices for burn::backend::NdArray {
         cpu_only::<Self>(accelerator)
     }
 }
+
+#[cfg(feature = "tch")]
+impl GatherParam for burn::backend::LibTorch {}
 
 #[cfg(feature = "tch")]
 impl BackendDevices for burn::backend::LibTorch {
@@ -105,6 +114,9 @@ impl BackendDevices for burn::backend::LibTorch {
         }
     }
 }
+
+#[cfg(feature = "wgpu")]
+impl GatherParam for burn::backend::Wgpu {}
 
 #[cfg(feature = "wgpu")]
 impl BackendDevices for burn::backend::Wgpu {
@@ -146,6 +158,9 @@ impl BackendDevices for burn::backend::Wgpu {
         })
     }
 }
+
+#[cfg(feature = "cuda")]
+impl GatherParam for burn::backend::Cuda {}
 
 #[cfg(feature = "cuda")]
 impl BackendDevices for burn::backend::Cuda {

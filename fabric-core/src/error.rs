@@ -275,6 +275,20 @@ pub enum CollectiveError {
         message: String,
     },
 
+    /// A buffer whose shape the operation cannot take: `reduce_scatter` and `all_gather_flat`
+    /// take one dimension, and `reduce_scatter` a length that is a multiple of the world size.
+    #[error("rank {rank}: `{operation}` cannot take a buffer of shape {shape:?}: {valid}")]
+    InvalidShape {
+        /// The rank that passed it.
+        rank: usize,
+        /// The operation.
+        operation: &'static str,
+        /// The shape that was passed.
+        shape: Vec<usize>,
+        /// What the operation accepts.
+        valid: String,
+    },
+
     /// A source rank outside `0..world_size`.
     #[error("source rank {src} is out of range for world size {world_size}")]
     InvalidRank {

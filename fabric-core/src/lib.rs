@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod environment;
 mod error;
+pub mod gather;
 pub mod loader;
 pub mod logger;
 pub mod rank;

@@ -181,8 +181,12 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
 
     let test_accuracy = mlp::accuracy(fabric, &model.valid(), test)?;
     fabric.log("test/accuracy", test_accuracy, global_step)?;
-    if let (Some(path), true) = (&args.export_safetensors, fabric.is_global_zero()) {
-        export_safetensors(&model, path)?;
+    if let Some(path) = &args.export_safetensors {
+        // Whole parameters (gathered from every rank's shards under FSDP); rank 0 writes them.
+        let whole = fabric.gathered(&model)?;
+        if fabric.is_global_zero() {
+            export_safetensors(&whole, path)?;
+        }
     }
     let mine = (steps as u64 * samples_per_step) as f64 / elapsed.as_secs_f64().max(1e-9);
     Ok(Report {

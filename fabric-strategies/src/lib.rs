@@ -6,6 +6,7 @@
 mod bucket;
 mod checkpoint_io;
 mod ddp;
+mod fsdp;
 mod grads;
 mod module;
 mod rank_state;
@@ -17,10 +18,11 @@ mod zero;
 pub use bucket::{Bucket, broadcast_buckets, plan_buckets, reduce_bucket, reduce_buckets};
 pub use checkpoint_io::{ApplyEntries, EncodeEntries, agree, read, read_file};
 pub use ddp::Ddp;
+pub use fsdp::{Fsdp, ParamGather, shard_of, shard_rows};
 pub use grads::{GradStore, clip_norm, clip_value};
 pub use module::{
-    AssignParams, CollectParams, FlatGrad, ModuleParams, OptimizerStep, ParamSlot, Params,
-    StepTarget, flatten_gradients, layout,
+    AssignParams, CollectParams, FlatGrad, GatherParams, ModuleParams, OptimizerStep, ParamSlot,
+    Params, SetupParam, StepTarget, flatten_gradients, layout,
 };
 pub use rank_state::RankState;
 pub use sharded::Sharded;

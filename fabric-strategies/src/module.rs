@@ -3,11 +3,14 @@
 //! whatever the random `ParamId`s are); [`Params`] and [`OptimizerStep`] adapt any
 //! `AutodiffModule` (and its optimizer) to that view.
 
+use crate::fsdp::ParamGather;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use fabric_core::checkpoint::{Settings, decode_record, encode_record, retain_record};
+use fabric_core::gather::{GatherParam, gather_on};
 use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
@@ -33,6 +36,19 @@ pub struct FlatGrad<B: burn::tensor::backend::Backend> {
     pub dtype: DType,
     /// The gradient, or `None` if this rank's backward did not reach the parameter.
     pub grad: Option<Tensor<B, 1>>,
+}
+
+/// One float parameter at `setup`, flattened, as a strategy places it on its rank.
+#[derive(Debug, Clone)]
+pub struct SetupParam<B: burn::tensor::backend::Backend> {
+    /// Its id.
+    pub id: ParamId,
+    /// The shape it is kept in.
+    pub shape: Vec<usize>,
+    /// Whether it requires grad.
+    pub trainable: bool,
+    /// Its value, flattened.
+    pub value: Tensor<B, 1>,
 }
 
 /// A module's trainable parameters, in visit order.
@@ -278,6 +294,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
 pub struct AssignParams<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> {
     values: I,
     ids: Option<std::vec::IntoIter<ParamId>>,
+    shapes: Option<std::vec::IntoIter<Vec<usize>>>,
     trainable_only: bool,
     _b: PhantomData<B>,
 }
@@ -288,6 +305,7 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> AssignParams<B
         Self {
             values,
             ids: None,
+            shapes: None,
             trainable_only: false,
             _b: PhantomData,
         }
@@ -297,6 +315,12 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> AssignParams<B
     /// and checkpoints alike).
     pub fn with_ids(mut self, ids: Vec<ParamId>) -> Self {
         self.ids = Some(ids.into_iter());
+        self
+    }
+
+    /// Gives the parameters these shapes instead of their own (a sharding strategy's shards).
+    pub fn with_shapes(mut self, shapes: Vec<Vec<usize>>) -> Self {
+        self.shapes = Some(shapes.into_iter());
         self
     }
 
@@ -320,7 +344,11 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> ModuleMapper<B
         let (id, tensor, mapper) = param.consume();
         let id = self.ids.as_mut().and_then(Iterator::next).unwrap_or(id);
         let require_grad = tensor.is_require_grad();
-        let mut tensor = Tensor::<B, D>::from_inner(value.reshape(tensor.shape()));
+        let shape = match self.shapes.as_mut().and_then(Iterator::next) {
+            Some(shape) => burn::tensor::Shape::from(shape),
+            None => tensor.shape(),
+        };
+        let mut tensor = Tensor::<B, D>::from_inner(value.reshape(shape));
         if require_grad {
             tensor = tensor.require_grad();
         }
@@ -334,6 +362,10 @@ pub struct CollectParams<B: AutodiffBackend> {
     pub values: Vec<Tensor<Inner<B>, 1>>,
     /// Their ids.
     pub ids: Vec<ParamId>,
+    /// Their shapes.
+    pub shapes: Vec<Vec<usize>>,
+    /// Whether each requires grad.
+    pub trainable: Vec<bool>,
     trainable_only: bool,
 }
 
@@ -342,6 +374,8 @@ impl<B: AutodiffBackend> Default for CollectParams<B> {
         Self {
             values: Vec::new(),
             ids: Vec::new(),
+            shapes: Vec::new(),
+            trainable: Vec::new(),
             trainable_only: false,
         }
     }
@@ -362,9 +396,50 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
         if self.trainable_only && !trainable(param) {
             return;
         }
-        let value = param.val().inner();
-        let numel = value.shape().num_elements();
+        let value = param.val();
+        self.trainable.push(value.is_require_grad());
+        let value = value.inner();
+        let shape = value.shape();
+        let numel = shape.num_elements();
         self.values.push(value.reshape([numel]));
         self.ids.push(param.id);
+        self.shapes.push(shape.to_vec());
+    }
+}
+
+/// Replaces each sharded parameter (those `gather` lists) by the whole parameter, gathered from
+/// the ranks' shards: the module a forward pass runs under FSDP. On the training backend `B` the
+/// gather is tracked ([`GatherParam::gather_param`]); on any other (the `valid()` module) it is
+/// a plain all-gather.
+pub struct GatherParams<'a, B> {
+    gather: &'a ParamGather,
+    _backend: PhantomData<fn() -> B>,
+}
+
+impl<'a, B: GatherParam> GatherParams<'a, B> {
+    /// Gathers the parameters `gather` lists.
+    pub fn new(gather: &'a ParamGather) -> Self {
+        Self {
+            gather,
+            _backend: PhantomData,
+        }
+    }
+}
+
+impl<B: GatherParam, BT: Backend> ModuleMapper<BT> for GatherParams<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<BT, D>>) -> Param<Tensor<BT, D>> {
+        let Some(shape) = self.gather.shapes.get(&param.id) else {
+            return param;
+        };
+        let numel = shape.iter().product::<usize>();
+        let shape = burn::tensor::Shape::from(shape.clone());
+        let (id, shard, mapper) = param.consume();
+        let len = shard.shape().num_elements();
+        let whole = gather_on::<B, BT>(
+            shard.reshape([len]),
+            &self.gather.exchange,
+            self.gather.release,
+        );
+        Param::from_mapped_value(id, whole.slice([0..numel]).reshape(shape), mapper)
     }
 }

@@ -5,11 +5,11 @@ use crate::grads::GradStore;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_collective::Collective;
 use fabric_precision::PrecisionPlugin;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// One rank's parts, owned by its strategy.
 pub struct RankState<B: AutodiffBackend> {
-    collective: Box<dyn Collective>,
+    collective: Arc<dyn Collective>,
     device: B::Device,
     precision: PrecisionPlugin,
     grads: Mutex<GradStore<B::InnerBackend>>,
@@ -26,7 +26,7 @@ impl<B: AutodiffBackend> RankState<B> {
         bucket_bytes: usize,
     ) -> Self {
         Self {
-            collective,
+            collective: Arc::from(collective),
             device,
             precision,
             grads: Mutex::new(GradStore::default()),
@@ -37,6 +37,11 @@ impl<B: AutodiffBackend> RankState<B> {
     /// The rank's collective.
     pub fn collective(&self) -> &dyn Collective {
         self.collective.as_ref()
+    }
+
+    /// The rank's collective, for work that outlives a borrow (autodiff operations).
+    pub fn shared_collective(&self) -> Arc<dyn Collective> {
+        Arc::clone(&self.collective)
     }
 
     /// The rank's device.

@@ -98,8 +98,9 @@ pub fn combine_norm<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
 }
 
 /// Every rank writes its own file in the directory `path`, `shard-RRRRR-of-NNNNN.fabric`,
-/// holding the whole checkpoint with that rank's part of each optimizer's state.
-pub fn save<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
+/// holding the entries its `encode_entries` makes (under ZeRO the whole checkpoint with that
+/// rank's part of each optimizer's state).
+pub fn save<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
     strategy: &S,
     path: &Path,
     encode_entries: EncodeEntries<'_>,

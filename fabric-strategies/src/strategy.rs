@@ -7,7 +7,8 @@
 //! flattened in module-visit order, the same on every rank.
 
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries};
-use crate::module::{FlatGrad, ModuleParams, StepTarget};
+use crate::fsdp::ParamGather;
+use crate::module::{FlatGrad, ModuleParams, SetupParam, StepTarget};
 use crate::rank_state::RankState;
 use burn::module::ParamId;
 use burn::tensor::Tensor;
@@ -34,6 +35,27 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         &self,
         params: Vec<Tensor<Inner<B>, 1>>,
     ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError>;
+
+    /// The part of each parameter (rank 0's values, after the broadcast) this rank keeps, and
+    /// the shape it keeps it in. Strategies that replicate keep every parameter whole.
+    fn shard_parameters(
+        &self,
+        params: Vec<SetupParam<Inner<B>>>,
+    ) -> Result<Vec<SetupParam<Inner<B>>>, FabricError> {
+        Ok(params)
+    }
+
+    /// How a forward pass sees whole parameters when this rank holds shards of them (FSDP);
+    /// `None` when the module's parameters are whole.
+    fn gather(&self) -> Option<ParamGather> {
+        None
+    }
+
+    /// An error the gathers of the forward passes since the last check met (they run inside
+    /// module mapping and autodiff, where no error can be returned).
+    fn forward_result(&self) -> Result<(), FabricError> {
+        Ok(())
+    }
 
     /// Averages gradients over the ranks, in the given (module-visit) order. A gradient that no
     /// rank has stays `None`; one that only some ranks have counts as zero on the others.

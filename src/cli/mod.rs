@@ -323,7 +323,7 @@ mod tests {
         for (flags, needle) in [
             (vec!["--accelerator", "tpu"], "tpu"),
             (vec!["--devices", "0"], "`0`"),
-            (vec!["--strategy", "fsdp"], "fsdp"),
+            (vec!["--strategy", "deepspeed"], "deepspeed"),
             (vec!["--precision", "8-true"], "8-true"),
             (vec!["--num-nodes", "0"], "num_nodes"),
             (vec!["--num-nodes", "2", "--node-rank", "1"], "node_rank"),

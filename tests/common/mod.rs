@@ -145,16 +145,15 @@ where
             for m in 0..micro {
                 let start = step * batch_rows + fabric.global_rank() * per_rank + m * per_micro;
                 let (x, y) = batch::<B>(start, per_micro, &device);
-                let loss = (model.forward(x) - y)
-                    .powi_scalar(2)
-                    .mean()
-                    .div_scalar(micro as f64);
+                let out = fabric.forward(&model, x, |m, x| m.forward(x));
+                let loss = (out - y).powi_scalar(2).mean().div_scalar(micro as f64);
                 let accumulating = m + 1 < micro;
                 fabric.no_backward_sync(accumulating, |f| f.backward(loss, &model))?;
             }
             model = optimizer.step(lr, model)?;
         }
-        let mine = params(&model);
+        // Whole parameters (gathered from the shards under FSDP).
+        let mine = params(&fabric.gathered(&model)?);
         let flat: Tensor<burn::backend::Flex, 1> = Tensor::from_data(
             TensorData::new(mine.concat(), [mine.concat().len()]),
             &device,

@@ -129,8 +129,8 @@ fn invalid_values_name_the_value_and_the_valid_ones() {
             &["tpu", "cpu", "cuda", "wgpu", "auto"],
         ),
         (
-            err(|b| b.strategy("fsdp")),
-            &["fsdp", "ddp", "single_device"],
+            err(|b| b.strategy("deepspeed")),
+            &["deepspeed", "ddp", "fsdp", "single_device"],
         ),
         (
             err(|b| b.strategy("bogus")),

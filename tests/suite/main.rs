@@ -13,6 +13,7 @@ mod dataloader;
 mod ddp_equivalence;
 mod export;
 mod faults;
+mod fsdp;
 mod fused_adam;
 mod logging;
 mod precision;

@@ -12,7 +12,8 @@ pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
 pub use record::{decode_record, encode_record};
 pub use shards::{
-    consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,
+    FSDP_SHARDS_KEY, consolidate, merge_records, read_consolidated, retain_record, shard_file_name,
+    shard_files,
 };
 pub use steps::{Newest, newest_checkpoint, step_checkpoint};
 

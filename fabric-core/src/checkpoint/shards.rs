@@ -66,6 +66,10 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, FabricError> {
     Ok(found.into_iter().map(|(_, _, path)| path).collect())
 }
 
+/// The key of the entry that marks a shard file of an FSDP checkpoint (whose module records hold
+/// blocks of rows, which cannot be merged like ZeRO's whole parameters).
+pub const FSDP_SHARDS_KEY: &str = "fabric.fsdp_shards";
+
 /// Reads and checks every shard of `dir` and merges them into one list of entries: rank 0's
 /// entries, with each optimizer entry's state taken from all ranks.
 pub fn read_consolidated(dir: &Path) -> Result<Vec<Entry>, FabricError> {
@@ -73,7 +77,17 @@ pub fn read_consolidated(dir: &Path) -> Result<Vec<Entry>, FabricError> {
     for path in shard_files(dir)? {
         let bytes =
             std::fs::read(&path).map_err(|e| error(&path, None, format!("cannot read it: {e}")))?;
-        shards.push((decode(&path, &bytes)?, path));
+        let entries = decode(&path, &bytes)?;
+        if entries.iter().any(|e| e.key == FSDP_SHARDS_KEY) {
+            return Err(error(
+                &path,
+                None,
+                "holds FSDP shards (a block of rows of every parameter); merging them into one \
+                 checkpoint is not implemented yet: load the directory with `fsdp` at the world \
+                 size that saved it",
+            ));
+        }
+        shards.push((entries, path));
     }
     let mut shards = shards.into_iter();
     let Some((mut merged, _)) = shards.next() else {

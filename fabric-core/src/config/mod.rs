@@ -17,7 +17,7 @@ pub use env::{
 };
 pub use precision::Precision;
 pub use setting::Setting;
-pub use strategy::StrategyChoice;
+pub use strategy::{ShardingStrategy, StrategyChoice};
 pub use timeout::{CollectiveTimeout, DEFAULT_COLLECTIVE_TIMEOUT};
 
 use crate::FabricError;

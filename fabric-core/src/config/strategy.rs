@@ -20,6 +20,77 @@ pub enum StrategyChoice {
     Zero1,
     /// ZeRO stage 2 (`zero2`): stage 1, and each gradient is reduced to its owner only.
     Zero2,
+    /// Fully sharded data parallel (`fsdp`, ZeRO stage 3): each rank keeps only its shard of
+    /// every parameter, of its gradient and of its optimizer state; forward passes gather whole
+    /// parameters, backward reduce-scatters their gradients. The sharding choice says how long
+    /// gathered parameters live.
+    Fsdp(ShardingStrategy),
+}
+
+/// PyTorch FSDP's `sharding_strategy`: what a fully sharded job keeps whole, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ShardingStrategy {
+    /// `full_shard` (ZeRO-3): parameters are gathered for the forward pass and released after
+    /// it, then gathered again for backward (the release needs an autodiff backend that
+    /// checkpoints memory-bound operations, `Autodiff<_, BalancedCheckpointing>`; the default
+    /// `Autodiff<_>` keeps them from forward to backward, as `shard_grad_op` does).
+    #[default]
+    FullShard,
+    /// `shard_grad_op` (ZeRO-2 with sharded parameters between steps): parameters gathered for
+    /// the forward pass stay gathered until its backward.
+    ShardGradOp,
+    /// `no_shard`: plain DDP.
+    NoShard,
+}
+
+impl ShardingStrategy {
+    /// The names, as PyTorch spells them in lower case.
+    pub const NAMES: [&'static str; 3] = ["full_shard", "shard_grad_op", "no_shard"];
+
+    /// The name, as PyTorch spells it in lower case.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ShardingStrategy::FullShard => "full_shard",
+            ShardingStrategy::ShardGradOp => "shard_grad_op",
+            ShardingStrategy::NoShard => "no_shard",
+        }
+    }
+}
+
+impl fmt::Display for ShardingStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ShardingStrategy {
+    type Err = FabricError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "full_shard" => Ok(ShardingStrategy::FullShard),
+            "shard_grad_op" => Ok(ShardingStrategy::ShardGradOp),
+            "no_shard" => Ok(ShardingStrategy::NoShard),
+            "hybrid_shard" | "_hybrid_shard_zero2" => Err(FabricError::StrategyNotAvailable {
+                strategy: s.to_string(),
+                reason: format!(
+                    "hybrid sharding is not implemented yet; use one of {}",
+                    list(&Self::NAMES)
+                ),
+            }),
+            _ => Err(FabricError::InvalidSetting {
+                setting: "sharding_strategy",
+                value: s.to_string(),
+                valid: list(&Self::NAMES),
+            }),
+        }
+    }
+}
+
+impl From<ShardingStrategy> for StrategyChoice {
+    fn from(sharding: ShardingStrategy) -> Self {
+        StrategyChoice::Fsdp(sharding)
+    }
 }
 
 /// Lightning names that mean DDP here: our ranks are threads (or MPI processes), so the spawn
@@ -34,8 +105,7 @@ const DDP_ALIASES: [&str; 6] = [
 ];
 
 /// Lightning names that burn-fabric does not implement.
-const NOT_AVAILABLE: [&str; 14] = [
-    "fsdp",
+const NOT_AVAILABLE: [&str; 13] = [
     "fsdp_cpu_offload",
     "deepspeed",
     "deepspeed_stage_1",
@@ -53,7 +123,16 @@ const NOT_AVAILABLE: [&str; 14] = [
 
 impl StrategyChoice {
     /// The canonical names.
-    pub const NAMES: [&'static str; 5] = ["auto", "single_device", "ddp", "zero1", "zero2"];
+    pub const NAMES: [&'static str; 8] = [
+        "auto",
+        "single_device",
+        "ddp",
+        "zero1",
+        "zero2",
+        "fsdp",
+        "fsdp_shard_grad_op",
+        "fsdp_no_shard",
+    ];
 
     /// The canonical name.
     pub fn as_str(&self) -> &'static str {
@@ -63,6 +142,9 @@ impl StrategyChoice {
             StrategyChoice::Ddp => "ddp",
             StrategyChoice::Zero1 => "zero1",
             StrategyChoice::Zero2 => "zero2",
+            StrategyChoice::Fsdp(ShardingStrategy::FullShard) => "fsdp",
+            StrategyChoice::Fsdp(ShardingStrategy::ShardGradOp) => "fsdp_shard_grad_op",
+            StrategyChoice::Fsdp(ShardingStrategy::NoShard) => "fsdp_no_shard",
         }
     }
 }
@@ -84,11 +166,15 @@ impl FromStr for StrategyChoice {
             "ddp" => Ok(StrategyChoice::Ddp),
             "zero1" | "ddp_sharded" => Ok(StrategyChoice::Zero1),
             "zero2" => Ok(StrategyChoice::Zero2),
+            "fsdp" => Ok(StrategyChoice::Fsdp(ShardingStrategy::FullShard)),
+            fsdp if fsdp.starts_with("fsdp_") && !NOT_AVAILABLE.contains(&fsdp) => {
+                Ok(StrategyChoice::Fsdp(fsdp["fsdp_".len()..].parse()?))
+            }
             alias if DDP_ALIASES.contains(&alias) => Ok(StrategyChoice::Ddp),
             other if NOT_AVAILABLE.contains(&other) => Err(FabricError::StrategyNotAvailable {
                 strategy: s.to_string(),
                 reason: format!(
-                    "burn-fabric has no FSDP, DeepSpeed or XLA (sharded optimizer state is `zero1`/`zero2`); use one of {}",
+                    "burn-fabric has no CPU offload, DeepSpeed or XLA (sharding is `zero1`, `zero2` and `fsdp`); use one of {}",
                     list(&Self::NAMES)
                 ),
             }),

@@ -40,6 +40,21 @@ fn mixed_precision_reaches_the_f32_accuracy_within_one_point() {
 }
 
 #[test]
+fn fsdp_reaches_ddps_accuracy() {
+    let ddp = run(&args(&["--devices", "2"])).unwrap().test_accuracy;
+    for strategy in ["fsdp", "fsdp_shard_grad_op"] {
+        let fsdp = run(&args(&["--devices", "2", "--strategy", strategy]))
+            .unwrap()
+            .test_accuracy;
+        // Same data, same averaged gradients: only the summation order differs.
+        assert!(
+            (fsdp - ddp).abs() <= 0.005,
+            "{strategy}: {fsdp} vs ddp {ddp}"
+        );
+    }
+}
+
+#[test]
 fn a_short_run_on_four_ranks_learns() {
     let report = run(&args(&["--devices", "4", "--epochs", "3"])).unwrap();
     // 3 epochs is not enough for 95 %, but far above chance (10 %).
@@ -50,7 +65,7 @@ fn a_short_run_on_four_ranks_learns() {
 fn bad_flags_are_errors() {
     for bad in [
         ["--devices", "0"],
-        ["--strategy", "fsdp"],
+        ["--strategy", "deepspeed"],
         ["--precision", "8-true"],
         ["--accelerator", "tpu"],
         ["--backend", "candle"],

@@ -1,0 +1,355 @@
+//! Fully sharded data parallel (PyTorch's FSDP, DeepSpeed's ZeRO stage 3): every rank keeps only
+//! its shard of each trainable parameter, and so only its shard of each gradient and of the
+//! optimizer state.
+//!
+//! Each parameter is cut along its first dimension into `world` equal row blocks (the last
+//! padded with zeros where the rows do not divide), one per rank, as PyTorch's FSDP2 does: no
+//! flat parameter, no owner imbalance. Between steps the module holds its shards as ordinary
+//! Burn parameters of shape `[rows / world, ...]`, so any Burn optimizer steps them unchanged.
+//! A forward pass through `Fabric::forward` sees whole parameters: each is all-gathered by the
+//! autodiff operation of [`fabric_core::gather`], whose backward reduce-scatters the whole
+//! gradient into the shard's, averaged over the ranks.
+
+use crate::bucket::broadcast_buckets;
+use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
+use crate::module::{FlatGrad, ModuleParams, SetupParam};
+use crate::rank_state::RankState;
+use crate::strategy::Strategy;
+use burn::module::ParamId;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
+use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
+use fabric_core::checkpoint::{
+    Entry, EntryKind, FSDP_SHARDS_KEY, Settings, error, shard_file_name, shard_files,
+};
+use fabric_core::config::ShardingStrategy;
+use fabric_core::gather::ShardExchange;
+use fabric_core::{CollectiveError, FabricError};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+
+/// What a forward pass needs to see whole parameters: their whole shapes by id (parameters not
+/// listed are whole already) and the collectives that gather them.
+#[derive(Clone)]
+pub struct ParamGather {
+    /// Whole shape of each sharded parameter.
+    pub shapes: Arc<HashMap<ParamId, Vec<usize>>>,
+    /// The all-gather forward, reduce-scatter backward.
+    pub exchange: Arc<dyn ShardExchange>,
+    /// Release gathered parameters after forward and gather them again for backward.
+    pub release: bool,
+}
+
+/// Lightning's `FSDPStrategy` with `full_shard` or `shard_grad_op`.
+///
+/// Every rank must run the same forward passes through `Fabric::forward` (the gathers are
+/// collectives), using the same parameters, and call `backward` together.
+pub struct Fsdp<B: AutodiffBackend> {
+    state: RankState<B>,
+    sharding: ShardingStrategy,
+    exchange: Arc<CollectiveExchange>,
+    shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
+}
+
+impl<B: AutodiffBackend> Fsdp<B> {
+    /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) for the rank
+    /// `state` describes.
+    pub fn new(state: RankState<B>, sharding: ShardingStrategy) -> Self {
+        let exchange = Arc::new(CollectiveExchange {
+            collective: state.shared_collective(),
+            error: Mutex::new(None),
+        });
+        Self {
+            state,
+            sharding,
+            exchange,
+            shapes: Mutex::new(Arc::default()),
+        }
+    }
+
+    /// The first error a gather or reduce-scatter met inside a forward or backward pass.
+    fn exchange_result(&self) -> Result<(), FabricError> {
+        match self.exchange.take_error() {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The rows of a parameter with `shape` that each of `world` ranks holds (the first dimension,
+/// rounded up), and the elements per row.
+pub fn shard_rows(shape: &[usize], world: usize) -> (usize, usize) {
+    let rows = shape.first().copied().unwrap_or(1);
+    let per_row = shape.iter().skip(1).product::<usize>();
+    (rows.div_ceil(world.max(1)), per_row)
+}
+
+/// Rank `rank`'s shard of the flat parameter `value` of `shape`: its block of rows, padded with
+/// zeros to [`shard_rows`] rows.
+pub fn shard_of<IB: burn::tensor::backend::Backend>(
+    value: Tensor<IB, 1>,
+    shape: &[usize],
+    rank: usize,
+    world: usize,
+) -> Tensor<IB, 1> {
+    let (rows_each, per_row) = shard_rows(shape, world);
+    let rows = shape.first().copied().unwrap_or(1);
+    let start = (rank * rows_each).min(rows);
+    let end = ((rank + 1) * rows_each).min(rows);
+    let pad = (rows_each - (end - start)) * per_row;
+    let zeros = |len: usize| {
+        Tensor::<IB, 1>::zeros([len], &value.device()).cast(FloatDType::from(value.dtype()))
+    };
+    match (start == end, pad) {
+        (true, _) => zeros(pad),
+        (false, 0) => value.slice([start * per_row..end * per_row]),
+        (false, _) => {
+            let padding = zeros(pad);
+            Tensor::cat(
+                vec![value.slice([start * per_row..end * per_row]), padding],
+                0,
+            )
+        }
+    }
+}
+
+impl<B: AutodiffBackend> Strategy<B> for Fsdp<B> {
+    fn name(&self) -> &'static str {
+        match self.sharding {
+            ShardingStrategy::ShardGradOp => "fsdp_shard_grad_op",
+            _ => "fsdp",
+        }
+    }
+
+    fn rank_state(&self) -> &RankState<B> {
+        &self.state
+    }
+
+    fn broadcast_parameters(
+        &self,
+        params: Vec<Tensor<Inner<B>, 1>>,
+    ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
+        let state = &self.state;
+        broadcast_buckets::<Inner<B>>(
+            state.collective(),
+            state.device(),
+            params,
+            state.bucket_bytes(),
+            0,
+        )
+    }
+
+    /// Keeps this rank's block of rows of each trainable parameter; other parameters (buffers
+    /// such as BatchNorm's statistics) stay whole.
+    fn shard_parameters(
+        &self,
+        params: Vec<SetupParam<Inner<B>>>,
+    ) -> Result<Vec<SetupParam<Inner<B>>>, FabricError> {
+        let collective = self.state.collective();
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut known = HashMap::clone(&shapes);
+        let sharded = params
+            .into_iter()
+            .map(|param| {
+                if !param.trainable {
+                    return param;
+                }
+                let (rows_each, _) = shard_rows(&param.shape, world);
+                let mut shard_shape = param.shape.clone();
+                if let Some(rows) = shard_shape.first_mut() {
+                    *rows = rows_each;
+                }
+                known.insert(param.id, param.shape.clone());
+                SetupParam {
+                    value: shard_of(param.value, &param.shape, rank, world),
+                    shape: shard_shape,
+                    ..param
+                }
+            })
+            .collect();
+        *shapes = Arc::new(known);
+        Ok(sharded)
+    }
+
+    fn gather(&self) -> Option<ParamGather> {
+        let shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(ParamGather {
+            shapes: Arc::clone(&shapes),
+            exchange: self.exchange.clone(),
+            release: self.sharding == ShardingStrategy::FullShard,
+        })
+    }
+
+    fn forward_result(&self) -> Result<(), FabricError> {
+        self.exchange_result()
+    }
+
+    fn backward(
+        &self,
+        loss: Tensor<B, 1>,
+        module: &dyn ModuleParams<B>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
+        // The gathers of the forward pass may have failed already.
+        self.exchange_result()?;
+        let mut grads = self.precision().scale_loss(loss)?.backward();
+        self.exchange_result()?;
+        let new = module.gradients(&mut grads);
+        self.accumulate_gradients(module, new, sync)
+    }
+
+    /// The gradients arrive reduce-scattered and averaged by the backward pass itself.
+    fn reduce_gradients(
+        &self,
+        grads: Vec<FlatGrad<Inner<B>>>,
+    ) -> Result<Vec<FlatGrad<Inner<B>>>, FabricError> {
+        Ok(grads)
+    }
+
+    fn sampler_shard(&self) -> Option<(usize, usize)> {
+        let collective = self.state.collective();
+        Some((collective.world_size(), collective.rank()))
+    }
+
+    /// Each rank holds one shard of every gradient: the partial norms add up (the padding rows'
+    /// gradients are zero).
+    fn clip_gradients_norm(
+        &self,
+        module: &dyn ModuleParams<B>,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64, FabricError> {
+        let op = match norm_type.is_infinite() {
+            true => ReduceOp::Max,
+            false => ReduceOp::Sum,
+        };
+        crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, |partial| {
+            all_reduce_scalar(self.collective(), partial, op)
+        })
+    }
+
+    /// Every rank writes its own shard file (its shards of the parameters and of the optimizer
+    /// state) in the directory `path`.
+    fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {
+        let world = self.collective().world_size();
+        let marked = |file: &Path| {
+            let mut entries = encode(file)?;
+            entries.push(Entry {
+                key: FSDP_SHARDS_KEY.into(),
+                kind: EntryKind::Value,
+                settings: Settings::Full,
+                bytes: format!("{{\"world_size\":{world}}}").into_bytes(),
+            });
+            Ok(entries)
+        };
+        crate::sharded::save(self, path, &marked)
+    }
+
+    /// Each rank reads its own shard file; only a checkpoint saved at this world size loads.
+    fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
+        let collective = self.collective();
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let read = || {
+            let found = match path.is_dir() {
+                true => shard_files(path)?.len(),
+                false => 0,
+            };
+            if found != world {
+                return Err(error(
+                    path,
+                    None,
+                    format!(
+                        "an FSDP checkpoint loads at the world size that saved it: this job has \
+                         {world} ranks, the checkpoint holds {found} shard files (loading at \
+                         another world size is not implemented yet)"
+                    ),
+                ));
+            }
+            let mut entries = read_file(&path.join(shard_file_name(rank, world)))?;
+            entries.retain(|e| e.key != FSDP_SHARDS_KEY);
+            Ok(entries)
+        };
+        checkpoint_io::load_entries(self.rank_state(), path, read, apply)
+    }
+}
+
+/// The rank's collective as a [`ShardExchange`], keeping the first error.
+struct CollectiveExchange {
+    collective: Arc<dyn Collective>,
+    error: Mutex<Option<CollectiveError>>,
+}
+
+impl CollectiveExchange {
+    /// Keeps `error` (unless one is kept already) and returns `len` zeros of `dtype`.
+    fn fail(&self, error: CollectiveError, len: usize, dtype: DType) -> TensorData {
+        let mut kept = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.get_or_insert(error);
+        TensorData::zeros::<f32, _>([len]).convert_dtype(dtype)
+    }
+
+    fn take_error(&self) -> Option<CollectiveError> {
+        self.error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl ShardExchange for CollectiveExchange {
+    fn gather(&self, shard: TensorData) -> TensorData {
+        let (len, dtype) = (shard.num_elements(), shard.dtype);
+        let world = self.collective.world_size();
+        self.collective
+            .all_gather_flat(shard)
+            .unwrap_or_else(|e| self.fail(e, len * world, dtype))
+    }
+
+    /// Reduces in f32 whatever the gradient's dtype (half-precision gradients of `*-mixed`).
+    fn scatter(&self, grad: TensorData) -> TensorData {
+        let (len, dtype) = (grad.num_elements(), grad.dtype);
+        let world = self.collective.world_size().max(1);
+        let grad = match dtype {
+            DType::F32 | DType::F64 => grad,
+            _ => grad.convert::<f32>(),
+        };
+        match self.collective.reduce_scatter(grad, ReduceOp::Mean) {
+            Ok(shard) if shard.dtype == dtype => shard,
+            Ok(shard) => shard.convert_dtype(dtype),
+            Err(e) => self.fail(e, len / world, dtype),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn rows_are_cut_into_equal_padded_blocks() {
+        assert_eq!(shard_rows(&[5, 3], 2), (3, 3));
+        assert_eq!(shard_rows(&[4], 4), (1, 1));
+        assert_eq!(shard_rows(&[2, 2], 4), (1, 2));
+        let device = Default::default();
+        let value =
+            Tensor::<Flex, 1>::from_floats([0., 1., 2., 3., 4., 5., 6., 7., 8., 9.], &device);
+        let shards: Vec<Vec<f32>> = (0..3)
+            .map(|rank| {
+                shard_of(value.clone(), &[5, 2], rank, 3)
+                    .into_data()
+                    .to_vec()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(shards[0], [0., 1., 2., 3.]);
+        assert_eq!(shards[1], [4., 5., 6., 7.]);
+        assert_eq!(shards[2], [8., 9., 0., 0.]);
+        // More ranks than rows: the last ranks hold padding only.
+        let tail = shard_of(value, &[5, 2], 3, 4);
+        assert_eq!(tail.into_data().to_vec::<f32>().unwrap(), [0.; 4]);
+    }
+}
