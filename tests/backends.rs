@@ -29,10 +29,12 @@ const BATCH: usize = 16;
 /// cannot run the backend.
 fn fabric<B: AutodiffBackend + BackendDevices>(
     devices: usize,
+    strategy: &str,
     precision: &str,
 ) -> Result<Option<Fabric<B>>, FabricError> {
     let built = Fabric::<B>::builder()
         .devices(devices)
+        .strategy(strategy)
         .precision(precision)
         .env(burn_fabric::EnvVars::default())
         .build();
@@ -72,12 +74,13 @@ fn train<B: AutodiffBackend + BackendDevices>(
     devices: usize,
     precision: &str,
 ) -> Result<Option<Trained>, FabricError> {
-    train_with::<B, _, _>(devices, precision, || AdamConfig::new().init())
+    train_with::<B, _, _>(devices, "auto", precision, || AdamConfig::new().init())
 }
 
 /// [`train`] with the optimizer `optimizer()` makes on each rank.
 fn train_with<B, O, F>(
     devices: usize,
+    strategy: &str,
     precision: &str,
     optimizer: F,
 ) -> Result<Option<Trained>, FabricError>
@@ -86,7 +89,7 @@ where
     O: Optimizer<Mlp<B>, B>,
     F: Fn() -> O + Sync,
 {
-    let Some(mut fabric) = fabric::<B>(devices, precision)? else {
+    let Some(mut fabric) = fabric::<B>(devices, strategy, precision)? else {
         return Ok(None);
     };
     let out = fabric.launch(|fabric| {
@@ -104,7 +107,7 @@ where
             fabric.backward(loss, &model)?;
             model = optimizer.step(1e-2, model)?;
         }
-        let mine = params::<B, _>(&model);
+        let mine = params::<B, _>(&fabric.gathered(&model)?);
         let flat: Vec<f32> = mine.concat();
         let n = flat.len();
         let local = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(flat, [n]), &device);
@@ -120,6 +123,25 @@ where
         Ok::<_, FabricError>((mine, model.l1.weight.val().dtype(), losses))
     })?;
     Ok(Some(out))
+}
+
+/// FSDP on this backend: shards gathered and gradients reduce-scattered through the host, the
+/// gather's autodiff operation on this backend's tensors; within the DDP tolerance of one rank.
+fn fsdp_equals_one_rank<B: AutodiffBackend + BackendDevices>(atol: f32, rtol: f32) {
+    let adam = || AdamConfig::new().init();
+    let Some((single, _, _)) = train_with::<B, _, _>(1, "auto", "32-true", adam).unwrap() else {
+        return;
+    };
+    let Some((fsdp, _, losses)) = train_with::<B, _, _>(2, "fsdp", "32-true", adam).unwrap() else {
+        return;
+    };
+    let ratio = worst_ratio(&fsdp, &single, rtol, atol);
+    assert!(
+        ratio <= 1.0,
+        "{}: {ratio:.3} x tolerance",
+        B::backend_name()
+    );
+    assert!(losses.last() < losses.first(), "did not learn: {losses:?}");
 }
 
 fn ddp_equals_one_rank<B: AutodiffBackend + BackendDevices>(atol: f32, rtol: f32) {
@@ -147,7 +169,7 @@ fn fused_adam_equals_adam<B: AutodiffBackend + BackendDevices>() {
         let Some((adam, _, _)) = train::<B>(devices, "32-true").unwrap() else {
             return;
         };
-        let fused = train_with::<B, _, _>(devices, "32-true", || {
+        let fused = train_with::<B, _, _>(devices, "auto", "32-true", || {
             FusedAdamConfig::new().init::<B, Mlp<B>>()
         });
         let (fused, _, losses) = fused.unwrap().expect("the backend ran Adam");
@@ -165,7 +187,7 @@ fn fused_adam_equals_adam<B: AutodiffBackend + BackendDevices>() {
 }
 
 fn collectives<B: AutodiffBackend + BackendDevices>() {
-    let Some(mut fabric) = fabric::<B>(2, "32-true").unwrap() else {
+    let Some(mut fabric) = fabric::<B>(2, "auto", "32-true").unwrap() else {
         return;
     };
     fabric
@@ -208,7 +230,7 @@ fn collectives<B: AutodiffBackend + BackendDevices>() {
 
 fn sampler<B: AutodiffBackend + BackendDevices>() {
     use burn::data::dataset::InMemDataset;
-    let Some(mut fabric) = fabric::<B>(2, "32-true").unwrap() else {
+    let Some(mut fabric) = fabric::<B>(2, "auto", "32-true").unwrap() else {
         return;
     };
     let seen = fabric
@@ -269,7 +291,7 @@ fn precisions<B: AutodiffBackend + BackendDevices>() {
 }
 
 fn checkpoint_round_trip<B: AutodiffBackend + BackendDevices>() {
-    let Some(mut fabric) = fabric::<B>(1, "32-true").unwrap() else {
+    let Some(mut fabric) = fabric::<B>(1, "auto", "32-true").unwrap() else {
         return;
     };
     let path = std::env::temp_dir().join(format!(
@@ -319,6 +341,11 @@ macro_rules! suite {
             #[test]
             fn ddp_on_2_ranks_equals_1_rank() {
                 super::ddp_equals_one_rank::<B>($atol, $rtol);
+            }
+
+            #[test]
+            fn fsdp_on_2_ranks_equals_1_rank() {
+                super::fsdp_equals_one_rank::<B>($atol, $rtol);
             }
 
             #[test]
