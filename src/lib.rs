@@ -47,7 +47,9 @@ pub use train::metric_metadata;
 pub use fabric_collective::{Collective, ReduceOp};
 pub use fabric_core::backend::{BackendDevices, DevicePool};
 pub use fabric_core::callback::{Callback, TrainBatchEnd, ValidationEnd};
-pub use fabric_core::config::{Accelerator, Devices, EnvVars, Precision, StrategyChoice};
+pub use fabric_core::config::{
+    Accelerator, Devices, EnvVars, Precision, ShardingStrategy, StrategyChoice,
+};
 pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
 pub use fabric_core::logger::{CsvLogger, Logger, TensorBoardLogger};
 pub use fabric_core::rank::RankInfo;

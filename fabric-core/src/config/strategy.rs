@@ -2,6 +2,7 @@
 
 use super::setting::{list, setting_from};
 use crate::FabricError;
+use crate::config::Setting;
 use std::fmt;
 use std::str::FromStr;
 
@@ -192,3 +193,40 @@ impl FromStr for StrategyChoice {
 }
 
 setting_from!(StrategyChoice);
+
+impl From<ShardingStrategy> for Setting<StrategyChoice> {
+    fn from(sharding: ShardingStrategy) -> Self {
+        Setting::Value(StrategyChoice::Fsdp(sharding))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsdp_names_and_sharding_choices() {
+        let parse = |s: &str| s.parse::<StrategyChoice>();
+        assert_eq!(parse("fsdp").unwrap(), ShardingStrategy::FullShard.into());
+        assert_eq!(
+            parse("FSDP_shard_grad_op").unwrap(),
+            ShardingStrategy::ShardGradOp.into()
+        );
+        assert_eq!(parse("fsdp_full_shard").unwrap().as_str(), "fsdp");
+        assert_eq!(parse("fsdp_no_shard").unwrap().as_str(), "fsdp_no_shard");
+        for name in StrategyChoice::NAMES {
+            assert_eq!(parse(name).unwrap().as_str(), name);
+        }
+        let hybrid = parse("fsdp_hybrid_shard").unwrap_err().to_string();
+        assert!(
+            hybrid.contains("hybrid") && hybrid.contains("full_shard"),
+            "{hybrid}"
+        );
+        let bad = parse("fsdp_everything").unwrap_err().to_string();
+        assert!(
+            bad.contains("everything") && bad.contains("shard_grad_op"),
+            "{bad}"
+        );
+        assert!(parse("fsdp_cpu_offload").is_err());
+    }
+}
