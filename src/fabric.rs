@@ -20,7 +20,7 @@ use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
 use fabric_precision::{GradScalerState, PrecisionPlugin};
 use fabric_strategies::{
-    AssignParams, CollectParams, GatherParams, ParamGather, Params, SetupParam, Strategy,
+    AssignParams, CollectParams, GatherParams, ParamGather, Params, PlaceShards, Strategy,
 };
 use std::error::Error;
 use std::fmt::Display;
@@ -421,48 +421,39 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// and checkpoints are keyed alike everywhere and identical runs write identical
     /// checkpoints. (BatchNorm's running statistics keep Burn's ids: Burn does not let a
     /// mapper change them.)
+    ///
+    /// Under FSDP the parameters are placed one at a time: rank 0 initialises each (Burn's
+    /// lazy parameters are initialised then, in visit order, so the model is the same at every
+    /// world size) and every rank keeps its block of rows; the other ranks never initialise
+    /// the model, and no rank holds more than one whole parameter.
     pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
         let index = self.setups;
         let rank = self.rank("setup_module")?;
         let strategy = rank.strategy.as_ref();
+        let ids = (0..).map(|position| ParamId::from((index << 32) | position));
+        if strategy.gather().is_some() {
+            // Sharded: one parameter at a time, only rank 0 initialising it.
+            let mut place = PlaceShards::new(strategy, ids);
+            let model = model.map(&mut place);
+            if let Some(error) = place.error {
+                return Err(error);
+            }
+            let model = strategy.precision().convert_module(model);
+            self.setups += 1;
+            self.call(|callback| callback.on_after_setup());
+            return Ok(model);
+        }
         let model = strategy
             .precision()
             .convert_module(model.fork(strategy.device()));
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
-        let ids: Vec<ParamId> = (0..collect.ids.len() as u64)
-            .map(|position| ParamId::from((index << 32) | position))
-            .collect();
+        let ids: Vec<ParamId> = ids.take(collect.ids.len()).collect();
         let values = match rank.info.world_size {
             1 => collect.values,
             _ => strategy.broadcast_parameters(collect.values)?,
         };
-        let params = ids
-            .into_iter()
-            .zip(collect.shapes)
-            .zip(collect.trainable)
-            .zip(values)
-            .map(|(((id, shape), trainable), value)| SetupParam {
-                id,
-                shape,
-                trainable,
-                value,
-            })
-            .collect();
-        let placed = strategy.shard_parameters(params)?;
-        let mut ids = Vec::with_capacity(placed.len());
-        let mut shapes = Vec::with_capacity(placed.len());
-        let mut values = Vec::with_capacity(placed.len());
-        for param in placed {
-            ids.push(param.id);
-            shapes.push(param.shape);
-            values.push(param.value);
-        }
-        let model = model.map(
-            &mut AssignParams::<B, _>::new(values.into_iter())
-                .with_ids(ids)
-                .with_shapes(shapes),
-        );
+        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
         self.setups += 1;
         self.call(|callback| callback.on_after_setup());
         Ok(model)
@@ -598,7 +589,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         match self.param_gather() {
             None => plugin.forward(model, input, forward),
             Some(gather) => plugin.forward(model, input, |m, x| {
-                forward(&m.clone().map(&mut GatherParams::<B>::new(&gather)), x)
+                crate::unit::forward_pass(&gather, m, |m| forward(m, x))
             }),
         }
     }
@@ -615,9 +606,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let plugin = self.precision_plugin();
         match self.param_gather() {
             None => plugin.autocast(model, body),
-            Some(gather) => plugin.autocast(model, |m| {
-                body(&m.clone().map(&mut GatherParams::<B>::new(&gather)))
-            }),
+            Some(gather) => plugin.autocast(model, |m| crate::unit::forward_pass(&gather, m, body)),
         }
     }
 
@@ -629,7 +618,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let Some(gather) = self.param_gather() else {
             return Ok(model.clone());
         };
-        let whole = model.clone().map(&mut GatherParams::<B>::new(&gather));
+        let whole = model.clone().map(&mut GatherParams::new(&gather));
         self.rank_strategy("gathered")?.forward_result()?;
         Ok(whole)
     }

@@ -33,6 +33,7 @@ mod logging;
 mod optimizer;
 #[cfg(feature = "train")]
 mod train;
+mod unit;
 
 pub use checkpoint::{Checkpoint, Remainder, Restore};
 pub use default_backend::*;
@@ -43,6 +44,7 @@ pub use fabric_optim::{FusedAdam, FusedAdamConfig};
 pub use optimizer::FabricOptimizer;
 #[cfg(feature = "train")]
 pub use train::metric_metadata;
+pub use unit::unit;
 
 pub use fabric_collective::{Collective, ReduceOp};
 pub use fabric_core::backend::{BackendDevices, DevicePool};

@@ -19,7 +19,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use std::any::Any;
+use std::any::{Any, TypeId};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -41,16 +41,23 @@ pub trait ShardExchange: Send + Sync {
 /// overrides it with the operation of this module.
 pub trait GatherParam: Backend {
     /// `exchange.gather(shard)` as a tensor on `shard`'s device. Under autodiff the result is
-    /// tracked: its gradient reaches `shard` as `exchange.scatter` of the whole gradient. With
-    /// `release`, backward gathers the parameter again instead of keeping the result alive from
-    /// forward to backward (effective when the autodiff backend checkpoints memory-bound
-    /// operations, `Autodiff<_, BalancedCheckpointing>`; the default keeps it).
+    /// tracked: its gradient reaches `shard` as `exchange.scatter` of the whole gradient.
+    ///
+    /// `after`, the input of the unit that uses the parameter, orders the backward pass: the
+    /// reduce-scatter then runs as soon as the unit's backward is done (and the whole gradient
+    /// is freed then), instead of at the end of the backward pass. It receives no gradient
+    /// from this operation.
+    ///
+    /// With `release`, backward gathers the parameter again instead of keeping the result
+    /// alive from forward to backward (effective when the autodiff backend checkpoints
+    /// memory-bound operations, `Autodiff<_, BalancedCheckpointing>`; the default keeps it).
     fn gather_param(
         shard: Tensor<Self, 1>,
+        after: Option<FloatTensor<Self>>,
         exchange: Arc<dyn ShardExchange>,
         release: bool,
     ) -> Tensor<Self, 1> {
-        let _ = release;
+        let _ = (after, release);
         gather_untracked(shard, exchange.as_ref())
     }
 }
@@ -65,27 +72,57 @@ pub fn gather_untracked<B: Backend>(
     Tensor::from_primitive(TensorPrimitive::Float(whole))
 }
 
-/// [`GatherParam::gather_param`] of `B` when `BT` is `B` (the training backend), otherwise
-/// [`gather_untracked`] (a forward pass of the inference module, `model.valid()`).
-pub fn gather_on<B: GatherParam, BT: Backend>(
-    shard: Tensor<BT, 1>,
-    exchange: &Arc<dyn ShardExchange>,
+/// [`GatherParam::gather_param`] of one backend `B` (the training backend), callable from code
+/// generic over any backend: on tensors of `B` it is the tracked gather, on any other backend
+/// (the inference module, `model.valid()`) [`gather_untracked`].
+#[derive(Clone, Copy)]
+pub struct TrackedGather {
+    backend: TypeId,
+    gather: ErasedGather,
+}
+
+type ErasedGather =
+    fn(Box<dyn Any>, Option<Box<dyn Any>>, Arc<dyn ShardExchange>, bool) -> Option<Box<dyn Any>>;
+
+/// `B::gather_param` on boxed `Tensor<B, 1>` and `FloatTensor<B>`.
+fn erased<B: GatherParam>(
+    shard: Box<dyn Any>,
+    after: Option<Box<dyn Any>>,
+    exchange: Arc<dyn ShardExchange>,
     release: bool,
-) -> Tensor<BT, 1> {
-    let shard: Box<dyn Any> = Box::new(shard);
-    match shard.downcast::<Tensor<B, 1>>() {
-        Ok(shard) => {
-            let whole: Box<dyn Any> =
-                Box::new(B::gather_param(*shard, Arc::clone(exchange), release));
-            match whole.downcast::<Tensor<BT, 1>>() {
-                Ok(whole) => *whole,
-                Err(_) => unreachable!("BT is B"),
-            }
+) -> Option<Box<dyn Any>> {
+    let shard = shard.downcast::<Tensor<B, 1>>().ok()?;
+    let after = after.and_then(|t| t.downcast::<FloatTensor<B>>().ok().map(|t| *t));
+    Some(Box::new(B::gather_param(*shard, after, exchange, release)))
+}
+
+impl TrackedGather {
+    /// The tracked gather of `B`.
+    pub fn of<B: GatherParam>() -> Self {
+        Self {
+            backend: TypeId::of::<B>(),
+            gather: erased::<B>,
         }
-        Err(shard) => match shard.downcast::<Tensor<BT, 1>>() {
-            Ok(shard) => gather_untracked(*shard, exchange.as_ref()),
-            Err(_) => unreachable!("boxed as BT"),
-        },
+    }
+
+    /// The gather of `shard` (see [`GatherParam::gather_param`] for `after` and `release`).
+    pub fn gather<BT: Backend>(
+        &self,
+        shard: Tensor<BT, 1>,
+        after: Option<FloatTensor<BT>>,
+        exchange: &Arc<dyn ShardExchange>,
+        release: bool,
+    ) -> Tensor<BT, 1> {
+        if TypeId::of::<BT>() != self.backend {
+            return gather_untracked(shard, exchange.as_ref());
+        }
+        let after = after.map(|t| Box::new(t) as Box<dyn Any>);
+        let whole = (self.gather)(Box::new(shard), after, Arc::clone(exchange), release);
+        match whole.and_then(|w| w.downcast::<Tensor<BT, 1>>().ok()) {
+            Some(whole) => *whole,
+            // `BT` is the backend `gather` was made for, so both casts hold.
+            None => unreachable!("the tracked gather's backend is BT"),
+        }
     }
 }
 
@@ -109,27 +146,52 @@ fn through_host<B: Backend>(
     B::float_from_data(op(data), &device)
 }
 
-/// Backward of the gather: the reduce-scatter of the whole gradient into the shard's.
+/// Backward of the gather: the reduce-scatter of the whole gradient into the shard's. The
+/// second parent, when there is one, only orders the step.
 #[derive(Debug)]
 struct Scatter;
+
+impl Scatter {
+    /// Hands the shard's node the reduce-scatter of `grad`, the whole parameter's gradient
+    /// (the sum over every use of the gathered parameter: all its consumers ran before this).
+    fn run<B: Backend>(
+        grad: FloatTensor<B>,
+        shard: Option<NodeId>,
+        exchange: Exchange,
+        grads: &mut Gradients,
+    ) {
+        if let Some(shard) = shard {
+            grads.register::<B>(shard, through_host::<B>(grad, |g| exchange.0.scatter(g)));
+        }
+    }
+}
 
 impl<B: Backend> Backward<B, 1> for Scatter {
     type State = Exchange;
 
     fn backward(self, ops: Ops<Exchange, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [shard] = ops.parents;
-        // The sum over every use of the gathered parameter: all its consumers ran before this.
         let grad = grads.consume::<B>(&ops.node);
-        if let Some(shard) = shard {
-            let exchange = ops.state.0;
-            grads.register::<B>(shard.id, through_host::<B>(grad, |g| exchange.scatter(g)));
-        }
+        Scatter::run::<B>(grad, shard.map(|s| s.id), ops.state, grads);
+    }
+}
+
+impl<B: Backend> Backward<B, 2> for Scatter {
+    type State = Exchange;
+
+    fn backward(self, ops: Ops<Exchange, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [shard, _after] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        Scatter::run::<B>(grad, shard.map(|s| s.id), ops.state, grads);
     }
 }
 
 /// Gathers the parameter again when backward needs it (the forward's copy was released).
 struct Regather<B> {
     shard: NodeId,
+    /// The ordering parent, when tracked: the checkpointer counted one use of it for this
+    /// recomputation, which must take it once.
+    after: Option<NodeId>,
     exchange: Exchange,
     _backend: PhantomData<fn() -> B>,
 }
@@ -143,6 +205,9 @@ impl<B> fmt::Debug for Regather<B> {
 impl<B: Backend> RetroForward for Regather<B> {
     fn forward(&self, states: &mut BackwardStates, out: NodeId) {
         let shard: FloatTensor<B> = states.get_state(&self.shard);
+        if let Some(after) = &self.after {
+            let _: FloatTensor<B> = states.get_state(after);
+        }
         let exchange = &self.exchange.0;
         states.save(out, through_host::<B>(shard, |s| exchange.gather(s)));
     }
@@ -151,28 +216,166 @@ impl<B: Backend> RetroForward for Regather<B> {
 impl<B: Backend, C: CheckpointStrategy> GatherParam for Autodiff<B, C> {
     fn gather_param(
         shard: Tensor<Self, 1>,
+        after: Option<FloatTensor<Self>>,
         exchange: Arc<dyn ShardExchange>,
         release: bool,
     ) -> Tensor<Self, 1> {
         let shard = shard.into_primitive().tensor();
         let exchange = Exchange(exchange);
         let whole = through_host::<B>(shard.primitive.clone(), |s| exchange.0.gather(s));
-        let prep = Scatter.prepare::<C>([shard.node.clone()]);
-        let prep = match release && shard.is_tracked() {
-            true => prep
-                .memory_bound()
-                .retro_forward(Regather::<B> {
-                    shard: shard.node.id,
-                    exchange: exchange.clone(),
-                    _backend: PhantomData,
-                })
-                .parents([&shard]),
-            false => prep.compute_bound(),
+        let release = release && shard.is_tracked();
+        let regather = |after: Option<NodeId>| Regather::<B> {
+            shard: shard.node.id,
+            after,
+            exchange: exchange.clone(),
+            _backend: PhantomData,
         };
-        let out = match prep.stateful() {
-            OpsKind::Tracked(prep) => prep.finish(exchange, whole),
-            OpsKind::UnTracked(prep) => prep.finish(whole),
+        let out = match after {
+            None => {
+                let prep = Scatter.prepare::<C>([shard.node.clone()]);
+                let prep = match release {
+                    true => prep
+                        .memory_bound()
+                        .retro_forward(regather(None))
+                        .parents([&shard]),
+                    false => prep.compute_bound(),
+                };
+                match prep.stateful() {
+                    OpsKind::Tracked(prep) => prep.finish(exchange, whole),
+                    OpsKind::UnTracked(prep) => prep.finish(whole),
+                }
+            }
+            Some(after) => {
+                let prep = Scatter.prepare::<C>([shard.node.clone(), after.node.clone()]);
+                let prep = match release {
+                    true => {
+                        // Only tracked parents may be listed: an untracked one would make the
+                        // operation compute-bound (its result kept).
+                        let tracked = after.is_tracked();
+                        let parents: Vec<_> = [&shard, &after]
+                            .into_iter()
+                            .filter(|t| t.is_tracked())
+                            .collect();
+                        prep.memory_bound()
+                            .retro_forward(regather(tracked.then_some(after.node.id)))
+                            .parents(parents)
+                    }
+                    false => prep.compute_bound(),
+                };
+                match prep.stateful() {
+                    OpsKind::Tracked(prep) => prep.finish(exchange, whole),
+                    OpsKind::UnTracked(prep) => prep.finish(whole),
+                }
+            }
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use std::sync::Mutex;
+
+    /// One rank: the gather and the scatter are identities that write their name to a log.
+    struct Logged {
+        name: &'static str,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl ShardExchange for Logged {
+        fn gather(&self, shard: TensorData) -> TensorData {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("gather {}", self.name));
+            shard
+        }
+
+        fn scatter(&self, grad: TensorData) -> TensorData {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("scatter {}", self.name));
+            grad
+        }
+    }
+
+    /// Two units `relu(x W1) W2`, each weight gathered by the operation, unit 2's after its
+    /// input (with `ordered`); unit 2's input passes a logging identity so that the log shows
+    /// when unit 2's backward is done. Returns the log and the weights' gradients.
+    fn two_units<B: GatherParam + burn::tensor::backend::AutodiffBackend>(
+        ordered: bool,
+        release: bool,
+    ) -> (Vec<String>, Vec<Vec<f32>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let exchange = |name| -> Arc<dyn ShardExchange> {
+            Arc::new(Logged {
+                name,
+                log: Arc::clone(&log),
+            })
+        };
+        let device = Default::default();
+        let values = |n: usize, salt: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32) * 0.37 + salt).sin()).collect()
+        };
+        let x = Tensor::<B, 2>::from_data(TensorData::new(values(6, 0.1), [2, 3]), &device);
+        let w1 = Tensor::<B, 1>::from_data(TensorData::new(values(12, 0.2), [12]), &device)
+            .require_grad();
+        let w2 =
+            Tensor::<B, 1>::from_data(TensorData::new(values(8, 0.3), [8]), &device).require_grad();
+        let g1 = B::gather_param(w1.clone(), None, exchange("w1"), release);
+        let y1 = burn::tensor::activation::relu(x.matmul(g1.reshape([3, 4])));
+        let hooked = B::gather_param(y1.reshape([8]), None, exchange("unit 2's input"), false)
+            .reshape([2, 4]);
+        let after = ordered.then(|| hooked.clone().into_primitive().tensor());
+        let g2 = B::gather_param(w2.clone(), after, exchange("w2"), release);
+        let loss = hooked.matmul(g2.reshape([4, 2])).sum();
+        let grads = loss.backward();
+        let grad = |w: &Tensor<B, 1>| -> Vec<f32> {
+            w.grad(&grads).unwrap().into_data().to_vec().unwrap()
+        };
+        let grads = vec![grad(&w1), grad(&w2)];
+        let log = log.lock().unwrap().clone();
+        (log, grads)
+    }
+
+    fn scatters(log: &[String]) -> Vec<&str> {
+        log.iter()
+            .filter_map(|e| e.strip_prefix("scatter "))
+            .collect()
+    }
+
+    #[test]
+    fn an_ordered_gather_reduce_scatters_right_after_its_unit() {
+        type B = Autodiff<Flex>;
+        let (log, ordered) = two_units::<B>(true, false);
+        assert_eq!(scatters(&log), ["w2", "unit 2's input", "w1"], "{log:?}");
+        // Unordered, both weights wait for the end of backward.
+        let (log, unordered) = two_units::<B>(false, false);
+        assert_eq!(scatters(&log)[0], "unit 2's input", "{log:?}");
+        assert_eq!(ordered, unordered, "the order changes when, not what");
+    }
+
+    #[test]
+    fn a_released_gather_is_gathered_again_for_backward() {
+        type Balanced = Autodiff<Flex, BalancedCheckpointing>;
+        let count = |log: &[String]| log.iter().filter(|e| *e == "gather w2").count();
+        let (log, released) = two_units::<Balanced>(true, true);
+        // Unit 2 needs its weight for its input's gradient; unit 1's input is data, so its
+        // weight is not needed again.
+        assert_eq!(count(&log), 2, "{log:?}");
+        assert_eq!(
+            log.iter().filter(|e| *e == "gather w1").count(),
+            1,
+            "{log:?}"
+        );
+        let (log, kept) = two_units::<Balanced>(true, false);
+        assert_eq!(count(&log), 1, "{log:?}");
+        assert_eq!(released, kept);
+        let (log, _) = two_units::<Autodiff<Flex>>(true, true);
+        assert_eq!(count(&log), 1, "the default autodiff keeps it: {log:?}");
     }
 }

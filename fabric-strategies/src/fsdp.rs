@@ -15,7 +15,7 @@ use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
 use crate::module::{FlatGrad, ModuleParams, SetupParam};
 use crate::rank_state::RankState;
 use crate::strategy::Strategy;
-use burn::module::ParamId;
+use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
@@ -23,7 +23,7 @@ use fabric_core::checkpoint::{
     Entry, EntryKind, FSDP_SHARDS_KEY, Settings, error, shard_file_name, shard_files,
 };
 use fabric_core::config::ShardingStrategy;
-use fabric_core::gather::ShardExchange;
+use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
 use fabric_core::{CollectiveError, FabricError};
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +39,8 @@ pub struct ParamGather {
     pub shapes: Arc<HashMap<ParamId, Vec<usize>>>,
     /// The all-gather forward, reduce-scatter backward.
     pub exchange: Arc<dyn ShardExchange>,
+    /// The training backend's tracked gather.
+    pub tracked: TrackedGather,
     /// Release gathered parameters after forward and gather them again for backward.
     pub release: bool,
 }
@@ -54,7 +56,7 @@ pub struct Fsdp<B: AutodiffBackend> {
     shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
 }
 
-impl<B: AutodiffBackend> Fsdp<B> {
+impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) for the rank
     /// `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy) -> Self {
@@ -116,7 +118,7 @@ pub fn shard_of<IB: burn::tensor::backend::Backend>(
     }
 }
 
-impl<B: AutodiffBackend> Strategy<B> for Fsdp<B> {
+impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
     fn name(&self) -> &'static str {
         match self.sharding {
             ShardingStrategy::ShardGradOp => "fsdp_shard_grad_op",
@@ -180,6 +182,7 @@ impl<B: AutodiffBackend> Strategy<B> for Fsdp<B> {
         Some(ParamGather {
             shapes: Arc::clone(&shapes),
             exchange: self.exchange.clone(),
+            tracked: TrackedGather::of::<B>(),
             release: self.sharding == ShardingStrategy::FullShard,
         })
     }
@@ -351,5 +354,117 @@ mod tests {
         // More ranks than rows: the last ranks hold padding only.
         let tail = shard_of(value, &[5, 2], 3, 4);
         assert_eq!(tail.into_data().to_vec::<f32>().unwrap(), [0.; 4]);
+    }
+}
+
+/// Places a module's parameters on a sharding strategy's rank one parameter at a time, so that
+/// no rank ever holds the whole model: global rank 0 materialises each parameter (Burn's lazy
+/// initialisation runs then, in visit order, so the model is the same at every world size),
+/// broadcasts it, and every rank keeps its part ([`Strategy::shard_parameters`]); the other
+/// ranks never run the parameters' initialisers. Parameters get the ids `ids` yields.
+///
+/// A collective's error stops the placing (the remaining parameters are left as they are) and
+/// is kept in [`error`](Self::error).
+pub struct PlaceShards<'a, B: AutodiffBackend, I: Iterator<Item = ParamId>> {
+    strategy: &'a dyn Strategy<B>,
+    ids: I,
+    /// The first error met.
+    pub error: Option<FabricError>,
+}
+
+impl<'a, B: AutodiffBackend, I: Iterator<Item = ParamId>> PlaceShards<'a, B, I> {
+    /// Places parameters through `strategy`, naming them with `ids`.
+    pub fn new(strategy: &'a dyn Strategy<B>, ids: I) -> Self {
+        Self {
+            strategy,
+            ids,
+            error: None,
+        }
+    }
+
+    /// Rank 0's value of `param` (flattened) and whether it requires grad, on every rank.
+    fn broadcast<const D: usize>(
+        &self,
+        param: &Param<Tensor<B, D>>,
+    ) -> Result<(Tensor<Inner<B>, 1>, bool), FabricError> {
+        let device = self.strategy.device();
+        let numel = param.lazy_shape().num_elements();
+        let collective = self.strategy.collective();
+        let dtypes = [DType::F32, DType::F64, DType::F16, DType::BF16];
+        let (value, header) = match collective.rank() {
+            0 => {
+                let value = param.val();
+                let code = dtypes.iter().position(|d| *d == value.dtype());
+                let header = [
+                    value.is_require_grad() as u8 as f32,
+                    code.unwrap_or(0) as f32,
+                ];
+                let value = value.inner().reshape([numel]).to_device(device);
+                (Some(value), header)
+            }
+            _ => (None, [0.0; 2]),
+        };
+        let header = collective.broadcast(TensorData::new(header.to_vec(), [2]), 0)?;
+        let header = header.to_vec::<f32>().unwrap_or_default();
+        let trainable = header.first().is_some_and(|&t| t != 0.0);
+        let dtype = dtypes[header
+            .get(1)
+            .map_or(0, |&c| c as usize)
+            .min(dtypes.len() - 1)];
+        let value = value.unwrap_or_else(|| {
+            Tensor::<Inner<B>, 1>::zeros([numel], device).cast(FloatDType::from(dtype))
+        });
+        if collective.world_size() == 1 {
+            return Ok((value, trainable));
+        }
+        let mut values = self.strategy.broadcast_parameters(vec![value])?;
+        let value = values.pop().ok_or_else(|| FabricError::Data {
+            context: "setup",
+            message: "the broadcast returned no parameter".into(),
+        })?;
+        Ok((value, trainable))
+    }
+}
+
+impl<B: AutodiffBackend, I: Iterator<Item = ParamId>> ModuleMapper<B> for PlaceShards<'_, B, I> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let Some(id) = self.ids.next() else {
+            return param;
+        };
+        let shape = param.lazy_shape().to_vec();
+        let placed = self.broadcast(&param).and_then(|(value, trainable)| {
+            let setup = SetupParam {
+                id,
+                shape,
+                trainable,
+                value,
+            };
+            let mut placed = self.strategy.shard_parameters(vec![setup])?;
+            placed.pop().ok_or_else(|| FabricError::Data {
+                context: "setup",
+                message: "the strategy placed no parameter".into(),
+            })
+        });
+        match placed {
+            Ok(placed) => {
+                let tensor = Tensor::<B, D>::from_inner(
+                    placed
+                        .value
+                        .reshape(burn::tensor::Shape::from(placed.shape)),
+                );
+                let tensor = match placed.trainable {
+                    true => tensor.require_grad(),
+                    false => tensor,
+                };
+                Param::initialized(placed.id, tensor)
+            }
+            Err(error) => {
+                self.error = Some(error);
+                param
+            }
+        }
     }
 }

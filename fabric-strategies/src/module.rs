@@ -8,9 +8,9 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 use fabric_core::checkpoint::{Settings, decode_record, encode_record, retain_record};
-use fabric_core::gather::{GatherParam, gather_on};
 use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
@@ -294,7 +294,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
 pub struct AssignParams<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> {
     values: I,
     ids: Option<std::vec::IntoIter<ParamId>>,
-    shapes: Option<std::vec::IntoIter<Vec<usize>>>,
     trainable_only: bool,
     _b: PhantomData<B>,
 }
@@ -305,7 +304,6 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> AssignParams<B
         Self {
             values,
             ids: None,
-            shapes: None,
             trainable_only: false,
             _b: PhantomData,
         }
@@ -315,12 +313,6 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> AssignParams<B
     /// and checkpoints alike).
     pub fn with_ids(mut self, ids: Vec<ParamId>) -> Self {
         self.ids = Some(ids.into_iter());
-        self
-    }
-
-    /// Gives the parameters these shapes instead of their own (a sharding strategy's shards).
-    pub fn with_shapes(mut self, shapes: Vec<Vec<usize>>) -> Self {
-        self.shapes = Some(shapes.into_iter());
         self
     }
 
@@ -344,11 +336,7 @@ impl<B: AutodiffBackend, I: Iterator<Item = Tensor<Inner<B>, 1>>> ModuleMapper<B
         let (id, tensor, mapper) = param.consume();
         let id = self.ids.as_mut().and_then(Iterator::next).unwrap_or(id);
         let require_grad = tensor.is_require_grad();
-        let shape = match self.shapes.as_mut().and_then(Iterator::next) {
-            Some(shape) => burn::tensor::Shape::from(shape),
-            None => tensor.shape(),
-        };
-        let mut tensor = Tensor::<B, D>::from_inner(value.reshape(shape));
+        let mut tensor = Tensor::<B, D>::from_inner(value.reshape(tensor.shape()));
         if require_grad {
             tensor = tensor.require_grad();
         }
@@ -364,8 +352,6 @@ pub struct CollectParams<B: AutodiffBackend> {
     pub ids: Vec<ParamId>,
     /// Their shapes.
     pub shapes: Vec<Vec<usize>>,
-    /// Whether each requires grad.
-    pub trainable: Vec<bool>,
     trainable_only: bool,
 }
 
@@ -375,7 +361,6 @@ impl<B: AutodiffBackend> Default for CollectParams<B> {
             values: Vec::new(),
             ids: Vec::new(),
             shapes: Vec::new(),
-            trainable: Vec::new(),
             trainable_only: false,
         }
     }
@@ -396,9 +381,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
         if self.trainable_only && !trainable(param) {
             return;
         }
-        let value = param.val();
-        self.trainable.push(value.is_require_grad());
-        let value = value.inner();
+        let value = param.val().inner();
         let shape = value.shape();
         let numel = shape.num_elements();
         self.values.push(value.reshape([numel]));
@@ -407,39 +390,45 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
     }
 }
 
-/// Replaces each sharded parameter (those `gather` lists) by the whole parameter, gathered from
-/// the ranks' shards: the module a forward pass runs under FSDP. On the training backend `B` the
-/// gather is tracked ([`GatherParam::gather_param`]); on any other (the `valid()` module) it is
-/// a plain all-gather.
-pub struct GatherParams<'a, B> {
-    gather: &'a ParamGather,
-    _backend: PhantomData<fn() -> B>,
+/// The whole parameter of `shape` from this rank's flat `shard` (see
+/// [`TrackedGather::gather`](fabric_core::gather::TrackedGather::gather) for `after`).
+pub fn gather_whole<BT: Backend, const D: usize>(
+    gather: &ParamGather,
+    shard: Tensor<BT, 1>,
+    shape: &[usize],
+    after: Option<FloatTensor<BT>>,
+) -> Tensor<BT, D> {
+    let numel = shape.iter().product::<usize>();
+    let whole = gather
+        .tracked
+        .gather(shard, after, &gather.exchange, gather.release);
+    whole
+        .slice([0..numel])
+        .reshape(burn::tensor::Shape::from(shape.to_vec()))
 }
 
-impl<'a, B: GatherParam> GatherParams<'a, B> {
-    /// Gathers the parameters `gather` lists.
+/// Replaces every sharded parameter (those `gather` lists) by the whole parameter gathered from
+/// the ranks' shards, at once: `Fabric::gathered`. (Forward passes gather each parameter when
+/// it is first used instead.)
+pub struct GatherParams<'a> {
+    gather: &'a ParamGather,
+}
+
+impl<'a> GatherParams<'a> {
+    /// Gathers every parameter `gather` lists.
     pub fn new(gather: &'a ParamGather) -> Self {
-        Self {
-            gather,
-            _backend: PhantomData,
-        }
+        Self { gather }
     }
 }
 
-impl<B: GatherParam, BT: Backend> ModuleMapper<BT> for GatherParams<'_, B> {
+impl<BT: Backend> ModuleMapper<BT> for GatherParams<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<BT, D>>) -> Param<Tensor<BT, D>> {
         let Some(shape) = self.gather.shapes.get(&param.id) else {
             return param;
         };
-        let numel = shape.iter().product::<usize>();
-        let shape = burn::tensor::Shape::from(shape.clone());
         let (id, shard, mapper) = param.consume();
         let len = shard.shape().num_elements();
-        let whole = gather_on::<B, BT>(
-            shard.reshape([len]),
-            &self.gather.exchange,
-            self.gather.release,
-        );
-        Param::from_mapped_value(id, whole.slice([0..numel]).reshape(shape), mapper)
+        let whole = gather_whole(self.gather, shard.reshape([len]), shape, None);
+        Param::from_mapped_value(id, whole, mapper)
     }
 }

@@ -327,3 +327,138 @@ fn gradients_are_shards_and_gathered_returns_whole_parameters() {
         })
         .unwrap();
 }
+
+/// Three blocks, each an FSDP unit, and a head outside any unit.
+#[derive(Module, Debug)]
+struct Stack<B: burn::tensor::backend::Backend> {
+    blocks: Vec<burn::nn::Linear<B>>,
+    head: burn::nn::Linear<B>,
+}
+
+impl<B: burn::tensor::backend::Backend> Stack<B> {
+    fn deterministic(device: &B::Device) -> Self {
+        let linear = |din: usize, dout: usize, salt: f32| {
+            let values = |n: usize, salt: f32| -> Vec<f32> {
+                (0..n)
+                    .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
+                    .collect()
+            };
+            burn::nn::Linear {
+                weight: Param::from_tensor(Tensor::from_data(
+                    burn::tensor::TensorData::new(values(din * dout, salt), [din, dout]),
+                    device,
+                )),
+                bias: Some(Param::from_tensor(Tensor::from_data(
+                    burn::tensor::TensorData::new(values(dout, salt + 1.0), [dout]),
+                    device,
+                ))),
+            }
+        };
+        Stack {
+            blocks: vec![linear(8, 7, 0.0), linear(7, 7, 1.0), linear(7, 5, 2.0)],
+            head: linear(5, 3, 3.0),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mut x = x;
+        for block in &self.blocks {
+            x = burn_fabric::unit(block, x, |block, x| {
+                burn::tensor::activation::relu(block.forward(x))
+            });
+        }
+        self.head.forward(x)
+    }
+}
+
+/// The stack's whole parameters after `STEPS` Adam steps on `devices` ranks.
+fn train_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
+    let mut fabric = Fabric::<B>::builder()
+        .devices(devices)
+        .strategy(strategy)
+        .env(burn_fabric::EnvVars::default())
+        .build()
+        .unwrap();
+    fabric
+        .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
+            let device = *fabric.device();
+            let (mut model, mut optimizer) =
+                fabric.setup(Stack::deterministic(&device), AdamConfig::new().init())?;
+            let per_rank = BATCH / fabric.world_size();
+            for step in 0..STEPS {
+                let start = step * BATCH + fabric.global_rank() * per_rank;
+                let (x, y) = batch::<B>(start, per_rank, &device);
+                let out = fabric.forward(&model, x, |m, x| m.forward(x));
+                fabric.backward((out - y).powi_scalar(2).mean(), &model)?;
+                model = optimizer.step(0.01, model)?;
+            }
+            let whole = fabric.gathered(&model)?;
+            let mut collect = CollectParams::<B>::default();
+            whole.visit(&mut collect);
+            Ok(collect
+                .values
+                .into_iter()
+                .map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .collect())
+        })
+        .unwrap()
+}
+
+#[test]
+fn units_gather_and_reduce_scatter_block_by_block_and_train_like_one_rank() {
+    let single = train_stack("single_device", 1);
+    for strategy in ["fsdp", "fsdp_shard_grad_op"] {
+        for devices in [2, 3] {
+            let fsdp = train_stack(strategy, devices);
+            let ratio = worst_ratio(&fsdp, &single, 1e-5, 1e-6);
+            assert!(
+                ratio <= 1.0,
+                "{strategy} {devices} ranks with units: {ratio:.3} x the tolerance"
+            );
+        }
+    }
+}
+
+/// The stack's whole parameters right after `setup` of a freshly (lazily) initialised model
+/// under `strategy` on `devices` ranks, after `seed_everything(7)`.
+fn initial_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
+    let mut fabric = Fabric::<B>::builder()
+        .devices(devices)
+        .strategy(strategy)
+        .env(burn_fabric::EnvVars::default())
+        .build()
+        .unwrap();
+    fabric.seed_everything(7);
+    fabric
+        .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
+            let device = *fabric.device();
+            let lazy = Stack {
+                blocks: (0..3)
+                    .map(|_| burn::nn::LinearConfig::new(6, 6).init(&device))
+                    .collect(),
+                head: burn::nn::LinearConfig::new(6, 3).init(&device),
+            };
+            let model = fabric.setup_module(lazy)?;
+            let mut collect = CollectParams::<B>::default();
+            fabric.gathered(&model)?.visit(&mut collect);
+            Ok(collect
+                .values
+                .into_iter()
+                .map(|t| t.into_data().to_vec::<f32>().unwrap())
+                .collect())
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_lazily_built_model_is_placed_shard_by_shard_and_is_the_same_at_every_world_size() {
+    let one = initial_stack("fsdp", 1);
+    assert_eq!(
+        one,
+        initial_stack("ddp", 1),
+        "as plain setup initialises it"
+    );
+    for devices in [2, 3, 4] {
+        assert_eq!(initial_stack("fsdp", devices), one, "{devices} ranks");
+    }
+}
