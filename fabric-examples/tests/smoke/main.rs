@@ -2,6 +2,7 @@
 //! and link once.
 
 mod dcgan;
+mod fsdp_memory;
 mod image_classifier;
 mod kfold_cv;
 mod meta_learning;
