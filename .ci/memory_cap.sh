@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# Runs a command with its resident memory capped by the OS: a cgroup v1 memory cgroup, or v2's
-# memory.max. Usage: .ci/memory_cap.sh MIB COMMAND...
-# Exits with the command's status (137: killed by the OS), or 125 if no memory cgroup can be made
-# here (an address-space limit is no stand-in: it counts reserved, untouched memory).
+# Runs a command with its memory capped by the OS: a cgroup v1 memory cgroup (RAM and, where the
+# kernel accounts it, RAM + swap), or v2's memory.max with swap off. Usage:
+#   .ci/memory_cap.sh MIB COMMAND...
+# Exits with the command's status (137: killed by the OS), or 125 if this machine cannot cap
+# (no memory cgroup to make, or swap that the cap could not cover): an address-space limit is no
+# stand-in, it counts reserved, untouched memory.
 set -uo pipefail
 mib=$1
 shift
 bytes=$((mib * 1024 * 1024))
 name="fabric-cap-$$"
+swap_active() { [ "$(wc -l </proc/swaps)" -gt 1 ]; }
+skip() {
+    echo "memory cap: $1" >&2
+    [ -n "${dir:-}" ] && rmdir "$dir" 2>/dev/null
+    exit 125
+}
+dir=""
 if [ -w /sys/fs/cgroup/memory ]; then
+    mkdir "/sys/fs/cgroup/memory/$name" || skip "cannot make a memory cgroup"
     dir="/sys/fs/cgroup/memory/$name"
-    mkdir "$dir"
-    echo "$bytes" >"$dir/memory.limit_in_bytes"
-    echo 0 >"$dir/memory.swappiness" 2>/dev/null || true
+    echo "$bytes" >"$dir/memory.limit_in_bytes" || skip "cannot set memory.limit_in_bytes"
+    if [ -e "$dir/memory.memsw.limit_in_bytes" ]; then
+        echo "$bytes" >"$dir/memory.memsw.limit_in_bytes" || skip "cannot set memory.memsw.limit_in_bytes"
+    elif swap_active; then
+        skip "swap is on and this kernel does not account it to cgroups"
+    fi
     how="cgroup v1 memory.limit_in_bytes"
-elif [ -w /sys/fs/cgroup/cgroup.subtree_control ] && grep -qw memory /sys/fs/cgroup/cgroup.controllers; then
+elif [ -r /sys/fs/cgroup/cgroup.subtree_control ] \
+    && grep -qw memory /sys/fs/cgroup/cgroup.subtree_control; then
+    mkdir "/sys/fs/cgroup/$name" || skip "cannot make a memory cgroup"
     dir="/sys/fs/cgroup/$name"
-    mkdir "$dir"
-    echo "$bytes" >"$dir/memory.max"
-    echo 0 >"$dir/memory.swap.max" 2>/dev/null || true
+    echo "$bytes" >"$dir/memory.max" || skip "cannot set memory.max"
+    if ! echo 0 >"$dir/memory.swap.max" 2>/dev/null && swap_active; then
+        skip "swap is on and memory.swap.max cannot be set"
+    fi
     how="cgroup v2 memory.max"
 else
-    echo "memory cap: no writable memory cgroup on this machine" >&2
-    exit 125
+    skip "no writable memory cgroup on this machine"
 fi
 echo "memory cap: $mib MiB ($how): $*" >&2
-bash -c 'echo $$ >"$1/cgroup.procs" && shift && exec "$@"' _ "$dir" "$@"
+bash -c 'echo $$ >"$1/cgroup.procs" || exit 125; shift; exec "$@"' _ "$dir" "$@"
 status=$?
 rmdir "$dir" 2>/dev/null || true
 exit $status

@@ -521,7 +521,9 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
 
     /// Runs `body` with gradient synchronisation skipped when `enabled`: `backward` inside only
     /// accumulates locally, and the next synchronised `backward` averages the total. Use it for
-    /// gradient accumulation (scale each micro-batch loss by 1 / micro-batches yourself).
+    /// gradient accumulation (scale each micro-batch loss by 1 / micro-batches yourself). Under
+    /// FSDP every backward reduce-scatters its gradients into the shards (the result is the
+    /// same, no communication is saved).
     pub fn no_backward_sync<R>(&mut self, enabled: bool, body: impl FnOnce(&mut Self) -> R) -> R {
         let previous = self.rank.as_ref().map(|r| r.backward_sync);
         if let (true, Some(rank)) = (enabled, self.rank.as_mut()) {
@@ -567,8 +569,12 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     }
 
     /// Runs `forward` on `model` as the precision wants: `input` cast to the compute dtype, the
-    /// model's half-precision view under `*-mixed`, the output cast back to f32. The identity
-    /// under `32-true`.
+    /// model's half-precision view under `*-mixed`, the output cast back to f32. Under FSDP the
+    /// view's sharded parameters are gathered when `forward` first uses them (and by
+    /// [`unit`](crate::unit)s): every rank must run the same forward passes, using the same
+    /// parameters, and nothing in `forward` may read a parameter on some ranks only (printing
+    /// the module on rank 0, `num_params()`); a failed gather shows at the next `backward`.
+    /// Otherwise, under `32-true`, it is `forward(model, input)`.
     ///
     /// ```text
     /// let logits = fabric.forward(&model, batch.images, |m, x| m.forward(x));

@@ -102,7 +102,8 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
 /// }
 /// ```
 ///
-/// Every rank must run the same units in the same order.
+/// Every rank must run the same units in the same order. A clone of the module inside
+/// `forward` gathers its parameters again.
 pub fn unit<BT: Backend, M: Module<BT>, const D: usize, R>(
     module: &M,
     input: Tensor<BT, D>,

@@ -272,8 +272,18 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
                     ),
                 ));
             }
-            let mut entries = read_file(&path.join(shard_file_name(rank, world)))?;
+            let file = path.join(shard_file_name(rank, world));
+            let mut entries = read_file(&file)?;
+            let marked = entries.len();
             entries.retain(|e| e.key != FSDP_SHARDS_KEY);
+            if entries.len() == marked {
+                return Err(error(
+                    &file,
+                    None,
+                    "is a shard of a ZeRO checkpoint (whole parameters), not of an FSDP one: load \
+                     it with the strategy that saved it, or consolidate it first",
+                ));
+            }
             Ok(entries)
         };
         checkpoint_io::load_entries(self.rank_state(), path, read, apply)
@@ -394,11 +404,10 @@ impl<'a, B: AutodiffBackend, I: Iterator<Item = ParamId>> PlaceShards<'a, B, I> 
         let (value, header) = match collective.rank() {
             0 => {
                 let value = param.val();
+                // -1: a dtype the others cannot receive; every rank then fails alike.
                 let code = dtypes.iter().position(|d| *d == value.dtype());
-                let header = [
-                    value.is_require_grad() as u8 as f32,
-                    code.unwrap_or(0) as f32,
-                ];
+                let code = code.map_or(-1.0, |c| c as f32);
+                let header = [value.is_require_grad() as u8 as f32, code];
                 let value = value.inner().reshape([numel]).to_device(device);
                 (Some(value), header)
             }
@@ -407,10 +416,16 @@ impl<'a, B: AutodiffBackend, I: Iterator<Item = ParamId>> PlaceShards<'a, B, I> 
         let header = collective.broadcast(TensorData::new(header.to_vec(), [2]), 0)?;
         let header = header.to_vec::<f32>().unwrap_or_default();
         let trainable = header.first().is_some_and(|&t| t != 0.0);
-        let dtype = dtypes[header
-            .get(1)
-            .map_or(0, |&c| c as usize)
-            .min(dtypes.len() - 1)];
+        let code = header.get(1).copied().unwrap_or(-1.0);
+        let Some(&dtype) = (code >= 0.0).then(|| dtypes.get(code as usize)).flatten() else {
+            return Err(FabricError::Unsupported {
+                what: format!(
+                    "a parameter of shape {:?} under FSDP",
+                    param.lazy_shape().to_vec()
+                ),
+                reason: "rank 0 holds it in a dtype other than f32, f64, f16 and bf16".into(),
+            });
+        };
         let value = value.unwrap_or_else(|| {
             Tensor::<Inner<B>, 1>::zeros([numel], device).cast(FloatDType::from(dtype))
         });

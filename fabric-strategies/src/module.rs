@@ -11,6 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 use fabric_core::checkpoint::{Settings, decode_record, encode_record, retain_record};
+use fabric_core::gather::gather_untracked;
 use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
@@ -408,8 +409,8 @@ pub fn gather_whole<BT: Backend, const D: usize>(
 }
 
 /// Replaces every sharded parameter (those `gather` lists) by the whole parameter gathered from
-/// the ranks' shards, at once: `Fabric::gathered`. (Forward passes gather each parameter when
-/// it is first used instead.)
+/// the ranks' shards, at once and without a gradient: `Fabric::gathered`. (Forward passes
+/// gather each parameter when it is first used, with one.)
 pub struct GatherParams<'a> {
     gather: &'a ParamGather,
 }
@@ -428,7 +429,11 @@ impl<BT: Backend> ModuleMapper<BT> for GatherParams<'_> {
         };
         let (id, shard, mapper) = param.consume();
         let len = shard.shape().num_elements();
-        let whole = gather_whole(self.gather, shard.reshape([len]), shape, None);
+        let numel = shape.iter().product::<usize>();
+        let whole = gather_untracked(shard.reshape([len]), self.gather.exchange.as_ref());
+        let whole = whole
+            .slice([0..numel])
+            .reshape(burn::tensor::Shape::from(shape.clone()));
         Param::from_mapped_value(id, whole, mapper)
     }
 }

@@ -11,8 +11,8 @@ use burn::tensor::backend::AutodiffBackend;
 use fabric_collective::{ReduceOp, all_reduce_scalar};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
-    encode, error, read_consolidated, remove_stale_temporaries, shard_file_name, shard_files,
-    write_atomic,
+    FSDP_SHARDS_KEY, encode, error, read_consolidated, remove_stale_temporaries, shard_file_name,
+    shard_files, write_atomic,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -136,7 +136,17 @@ pub fn load<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
             return read_file(path);
         }
         if shard_files(path)?.len() == world {
-            read_file(&path.join(shard_file_name(rank, world)))
+            let file = path.join(shard_file_name(rank, world));
+            let entries = read_file(&file)?;
+            if entries.iter().any(|e| e.key == FSDP_SHARDS_KEY) {
+                return Err(error(
+                    &file,
+                    None,
+                    "is a shard of an FSDP checkpoint (a block of rows of every parameter): load \
+                     it with `fsdp` at the world size that saved it",
+                ));
+            }
+            Ok(entries)
         } else {
             read_consolidated(path)
         }

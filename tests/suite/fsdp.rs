@@ -291,6 +291,35 @@ fn sharded_checkpoints_resume_to_the_same_weights() {
         err.contains("3 ranks") && err.contains("2 shard files"),
         "{err}"
     );
+    // Nor does ZeRO read FSDP's row blocks as whole parameters, or FSDP ZeRO's shards.
+    let err = Run {
+        steps: STEPS / 2..STEPS,
+        resume: Some(&path),
+        ..run("zero2", 2)
+    }
+    .train(0.01, adam)
+    .err()
+    .expect("zero2 must refuse FSDP shards")
+    .to_string();
+    assert!(err.contains("FSDP checkpoint"), "{err}");
+    let zero = dir.0.join("zero.ckpt");
+    Run {
+        steps: 0..1,
+        save: Some(&zero),
+        ..run("zero2", 2)
+    }
+    .train(0.01, adam)
+    .unwrap();
+    let err = Run {
+        steps: 0..1,
+        resume: Some(&zero),
+        ..run("fsdp", 2)
+    }
+    .train(0.01, adam)
+    .err()
+    .expect("fsdp must refuse ZeRO shards")
+    .to_string();
+    assert!(err.contains("ZeRO checkpoint"), "{err}");
 }
 
 #[test]
