@@ -625,7 +625,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
             return Ok(model.clone());
         };
         let whole = model.clone().map(&mut GatherParams::new(&gather));
-        self.rank_strategy("gathered")?.forward_result()?;
+        self.rank_strategy("gathered")?.pass_result()?;
         Ok(whole)
     }
 

@@ -139,7 +139,7 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{Collective, ReduceOp};
     use burn::tensor::TensorData;
@@ -151,6 +151,20 @@ mod tests {
             first_rank: 0,
             timeout: Duration::from_millis(timeout_ms),
             threads_per_rank: Some(1),
+        }
+    }
+
+    /// `err` names rank `rank` as failed, with `needle` in its message.
+    pub(crate) fn assert_rank_failed(err: FabricError, rank: usize, needle: &str) {
+        match err {
+            FabricError::RankFailed {
+                rank: failed,
+                message,
+            } => {
+                assert_eq!(failed, rank, "{message}");
+                assert!(message.contains(needle), "{message}");
+            }
+            other => panic!("unexpected {other}"),
         }
     }
 
@@ -183,13 +197,7 @@ mod tests {
             "took {:?}",
             start.elapsed()
         );
-        match err {
-            FabricError::RankFailed { rank, message } => {
-                assert_eq!(rank, 2);
-                assert!(message.contains("boom in rank two"), "{message}");
-            }
-            other => panic!("unexpected {other}"),
-        }
+        assert_rank_failed(err, 2, "boom in rank two");
     }
 
     #[test]
@@ -204,13 +212,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5));
-        match err {
-            FabricError::RankFailed { rank, message } => {
-                assert_eq!(rank, 1, "{message}");
-                assert!(message.contains("barrier"), "{message}");
-            }
-            other => panic!("unexpected {other}"),
-        }
+        assert_rank_failed(err, 1, "barrier");
     }
 
     #[test]
@@ -222,13 +224,7 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        match err {
-            FabricError::RankFailed { rank, message } => {
-                assert_eq!(rank, 1, "{message}");
-                assert!(message.contains("returned"), "{message}");
-            }
-            other => panic!("unexpected {other}"),
-        }
+        assert_rank_failed(err, 1, "returned");
     }
 
     #[test]

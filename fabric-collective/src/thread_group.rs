@@ -782,7 +782,6 @@ impl Collective for ThreadCollective {
 mod tests {
     use super::*;
     use crate::launcher::{ThreadLaunch, launch_threads};
-    use fabric_core::FabricError;
     use half::{bf16, f16};
 
     fn launch(world: usize, timeout: Duration) -> ThreadLaunch {
@@ -1044,13 +1043,7 @@ mod tests {
         })
         .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(5));
-        match err {
-            FabricError::RankFailed { rank, message } => {
-                assert_eq!(rank, 1, "{message}");
-                assert!(message.contains("reduce_scatter"), "{message}");
-            }
-            other => panic!("unexpected {other}"),
-        }
+        crate::launcher::tests::assert_rank_failed(err, 1, "reduce_scatter");
         let start = Instant::now();
         let err = launch_threads(&launch(3, Duration::from_secs(60)), |rank, c| {
             if rank == 2 {
@@ -1062,12 +1055,6 @@ mod tests {
         })
         .unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(10));
-        match err {
-            FabricError::RankFailed { rank, message } => {
-                assert_eq!(rank, 2, "{message}");
-                assert!(message.contains("rank two gives up"), "{message}");
-            }
-            other => panic!("unexpected {other}"),
-        }
+        crate::launcher::tests::assert_rank_failed(err, 2, "rank two gives up");
     }
 }

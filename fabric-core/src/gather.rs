@@ -147,42 +147,21 @@ fn through_host<B: Backend>(
 }
 
 /// Backward of the gather: the reduce-scatter of the whole gradient into the shard's. The
-/// second parent, when there is one, only orders the step.
+/// second parent (the unit's input, or the shard itself) only orders the step.
 #[derive(Debug)]
 struct Scatter;
-
-impl Scatter {
-    /// Hands the shard's node the reduce-scatter of `grad`, the whole parameter's gradient
-    /// (the sum over every use of the gathered parameter: all its consumers ran before this).
-    fn run<B: Backend>(
-        grad: FloatTensor<B>,
-        shard: Option<NodeId>,
-        exchange: Exchange,
-        grads: &mut Gradients,
-    ) {
-        if let Some(shard) = shard {
-            grads.register::<B>(shard, through_host::<B>(grad, |g| exchange.0.scatter(g)));
-        }
-    }
-}
-
-impl<B: Backend> Backward<B, 1> for Scatter {
-    type State = Exchange;
-
-    fn backward(self, ops: Ops<Exchange, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [shard] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        Scatter::run::<B>(grad, shard.map(|s| s.id), ops.state, grads);
-    }
-}
 
 impl<B: Backend> Backward<B, 2> for Scatter {
     type State = Exchange;
 
     fn backward(self, ops: Ops<Exchange, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [shard, _after] = ops.parents;
+        // The sum over every use of the gathered parameter: all its consumers ran before this.
         let grad = grads.consume::<B>(&ops.node);
-        Scatter::run::<B>(grad, shard.map(|s| s.id), ops.state, grads);
+        if let Some(shard) = shard {
+            let exchange = ops.state.0;
+            grads.register::<B>(shard.id, through_host::<B>(grad, |g| exchange.scatter(g)));
+        }
     }
 }
 
@@ -224,49 +203,31 @@ impl<B: Backend, C: CheckpointStrategy> GatherParam for Autodiff<B, C> {
         let exchange = Exchange(exchange);
         let whole = through_host::<B>(shard.primitive.clone(), |s| exchange.0.gather(s));
         let release = release && shard.is_tracked();
-        let regather = |after: Option<NodeId>| Regather::<B> {
-            shard: shard.node.id,
-            after,
-            exchange: exchange.clone(),
-            _backend: PhantomData,
+        // Without a unit's input the shard orders itself: no effect on when the step runs.
+        let after = after.unwrap_or_else(|| shard.clone());
+        let ordered = after.node.id != shard.node.id && after.is_tracked();
+        let prep = Scatter.prepare::<C>([shard.node.clone(), after.node.clone()]);
+        let prep = match release {
+            true => {
+                // Only tracked parents may be listed (an untracked one would make the operation
+                // compute-bound, its result kept), each once.
+                let parents: Vec<_> = std::iter::once(&shard)
+                    .chain(ordered.then_some(&after))
+                    .collect();
+                prep.memory_bound()
+                    .retro_forward(Regather::<B> {
+                        shard: shard.node.id,
+                        after: ordered.then_some(after.node.id),
+                        exchange: exchange.clone(),
+                        _backend: PhantomData,
+                    })
+                    .parents(parents)
+            }
+            false => prep.compute_bound(),
         };
-        let out = match after {
-            None => {
-                let prep = Scatter.prepare::<C>([shard.node.clone()]);
-                let prep = match release {
-                    true => prep
-                        .memory_bound()
-                        .retro_forward(regather(None))
-                        .parents([&shard]),
-                    false => prep.compute_bound(),
-                };
-                match prep.stateful() {
-                    OpsKind::Tracked(prep) => prep.finish(exchange, whole),
-                    OpsKind::UnTracked(prep) => prep.finish(whole),
-                }
-            }
-            Some(after) => {
-                let prep = Scatter.prepare::<C>([shard.node.clone(), after.node.clone()]);
-                let prep = match release {
-                    true => {
-                        // Only tracked parents may be listed: an untracked one would make the
-                        // operation compute-bound (its result kept).
-                        let tracked = after.is_tracked();
-                        let parents: Vec<_> = [&shard, &after]
-                            .into_iter()
-                            .filter(|t| t.is_tracked())
-                            .collect();
-                        prep.memory_bound()
-                            .retro_forward(regather(tracked.then_some(after.node.id)))
-                            .parents(parents)
-                    }
-                    false => prep.compute_bound(),
-                };
-                match prep.stateful() {
-                    OpsKind::Tracked(prep) => prep.finish(exchange, whole),
-                    OpsKind::UnTracked(prep) => prep.finish(whole),
-                }
-            }
+        let out = match prep.stateful() {
+            OpsKind::Tracked(prep) => prep.finish(exchange, whole),
+            OpsKind::UnTracked(prep) => prep.finish(whole),
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }

@@ -10,15 +10,15 @@
 //! autodiff operation of [`fabric_core::gather`], whose backward reduce-scatters the whole
 //! gradient into the shard's, averaged over the ranks.
 
-use crate::bucket::broadcast_buckets;
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
+use crate::ddp::Ddp;
 use crate::module::{FlatGrad, ModuleParams, SetupParam};
 use crate::rank_state::RankState;
 use crate::strategy::Strategy;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
+use fabric_collective::{Collective, ReduceOp};
 use fabric_core::checkpoint::{
     Entry, EntryKind, FSDP_SHARDS_KEY, Settings, error, shard_file_name, shard_files,
 };
@@ -50,7 +50,8 @@ pub struct ParamGather {
 /// Every rank must run the same forward passes through `Fabric::forward` (the gathers are
 /// collectives), using the same parameters, and call `backward` together.
 pub struct Fsdp<B: AutodiffBackend> {
-    state: RankState<B>,
+    /// Setup broadcast, sampler and the rank's state.
+    ddp: Ddp<B>,
     sharding: ShardingStrategy,
     exchange: Arc<CollectiveExchange>,
     shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
@@ -65,18 +66,10 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
             error: Mutex::new(None),
         });
         Self {
-            state,
+            ddp: Ddp::new(state),
             sharding,
             exchange,
             shapes: Mutex::new(Arc::default()),
-        }
-    }
-
-    /// The first error a gather or reduce-scatter met inside a forward or backward pass.
-    fn exchange_result(&self) -> Result<(), FabricError> {
-        match self.exchange.take_error() {
-            Some(error) => Err(error.into()),
-            None => Ok(()),
         }
     }
 }
@@ -127,21 +120,14 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
     }
 
     fn rank_state(&self) -> &RankState<B> {
-        &self.state
+        self.ddp.rank_state()
     }
 
     fn broadcast_parameters(
         &self,
         params: Vec<Tensor<Inner<B>, 1>>,
     ) -> Result<Vec<Tensor<Inner<B>, 1>>, FabricError> {
-        let state = &self.state;
-        broadcast_buckets::<Inner<B>>(
-            state.collective(),
-            state.device(),
-            params,
-            state.bucket_bytes(),
-            0,
-        )
+        self.ddp.broadcast_parameters(params)
     }
 
     /// Keeps this rank's block of rows of each trainable parameter; other parameters (buffers
@@ -150,7 +136,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         &self,
         params: Vec<SetupParam<Inner<B>>>,
     ) -> Result<Vec<SetupParam<Inner<B>>>, FabricError> {
-        let collective = self.state.collective();
+        let collective = self.collective();
         let (rank, world) = (collective.rank(), collective.world_size());
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
         let mut known = HashMap::clone(&shapes);
@@ -187,22 +173,11 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         })
     }
 
-    fn forward_result(&self) -> Result<(), FabricError> {
-        self.exchange_result()
-    }
-
-    fn backward(
-        &self,
-        loss: Tensor<B, 1>,
-        module: &dyn ModuleParams<B>,
-        sync: bool,
-    ) -> Result<(), FabricError> {
-        // The gathers of the forward pass may have failed already.
-        self.exchange_result()?;
-        let mut grads = self.precision().scale_loss(loss)?.backward();
-        self.exchange_result()?;
-        let new = module.gradients(&mut grads);
-        self.accumulate_gradients(module, new, sync)
+    fn pass_result(&self) -> Result<(), FabricError> {
+        match self.exchange.take_error() {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
     }
 
     /// The gradients arrive reduce-scattered and averaged by the backward pass itself.
@@ -214,8 +189,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {
-        let collective = self.state.collective();
-        Some((collective.world_size(), collective.rank()))
+        self.ddp.sampler_shard()
     }
 
     /// Each rank holds one shard of every gradient: the partial norms add up (the padding rows'
@@ -226,12 +200,8 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64, FabricError> {
-        let op = match norm_type.is_infinite() {
-            true => ReduceOp::Max,
-            false => ReduceOp::Sum,
-        };
         crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, |partial| {
-            all_reduce_scalar(self.collective(), partial, op)
+            crate::sharded::combine_norm(self, partial, norm_type)
         })
     }
 

@@ -399,10 +399,15 @@ pub fn gather_whole<BT: Backend, const D: usize>(
     shape: &[usize],
     after: Option<FloatTensor<BT>>,
 ) -> Tensor<BT, D> {
-    let numel = shape.iter().product::<usize>();
     let whole = gather
         .tracked
         .gather(shard, after, &gather.exchange, gather.release);
+    unpad(whole, shape)
+}
+
+/// The gathered flat parameter `whole` without its padding rows, in its `shape`.
+fn unpad<BT: Backend, const D: usize>(whole: Tensor<BT, 1>, shape: &[usize]) -> Tensor<BT, D> {
+    let numel = shape.iter().product::<usize>();
     whole
         .slice([0..numel])
         .reshape(burn::tensor::Shape::from(shape.to_vec()))
@@ -429,11 +434,7 @@ impl<BT: Backend> ModuleMapper<BT> for GatherParams<'_> {
         };
         let (id, shard, mapper) = param.consume();
         let len = shard.shape().num_elements();
-        let numel = shape.iter().product::<usize>();
         let whole = gather_untracked(shard.reshape([len]), self.gather.exchange.as_ref());
-        let whole = whole
-            .slice([0..numel])
-            .reshape(burn::tensor::Shape::from(shape.clone()));
-        Param::from_mapped_value(id, whole, mapper)
+        Param::from_mapped_value(id, unpad(whole, shape), mapper)
     }
 }

@@ -83,8 +83,9 @@ pub fn step<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
 }
 
 /// Combines this rank's partial gradient norm into the job's (a sum of `|g|^p`, or the max for
-/// the infinity norm): each rank holds only its own gradients.
-pub fn combine_norm<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
+/// the infinity norm): each rank holds only its own gradients (its parameters under ZeRO, its
+/// rows of every parameter under FSDP).
+pub fn combine_norm<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
     strategy: &S,
     partial: f64,
     norm_type: f64,

@@ -51,9 +51,10 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         None
     }
 
-    /// An error the gathers of the forward passes since the last check met (they run inside
-    /// module mapping and autodiff, where no error can be returned).
-    fn forward_result(&self) -> Result<(), FabricError> {
+    /// An error the collectives run inside forward and backward passes (FSDP's gathers and
+    /// reduce-scatters) met since the last check: they run inside module mapping and autodiff,
+    /// where no error can be returned.
+    fn pass_result(&self) -> Result<(), FabricError> {
         Ok(())
     }
 
@@ -93,7 +94,10 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         module: &dyn ModuleParams<B>,
         sync: bool,
     ) -> Result<(), FabricError> {
+        // The forward pass's collectives may have failed already, the backward pass's too.
+        self.pass_result()?;
         let mut grads = self.precision().scale_loss(loss)?.backward();
+        self.pass_result()?;
         let new = module.gradients(&mut grads);
         self.accumulate_gradients(module, new, sync)
     }

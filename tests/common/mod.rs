@@ -85,7 +85,7 @@ pub fn batch<BK: Backend>(
 }
 
 /// Every parameter's values in module-visit order.
-pub fn params(model: &Mlp<B>) -> Vec<Vec<f32>> {
+pub fn params<M: burn::module::AutodiffModule<B>>(model: &M) -> Vec<Vec<f32>> {
     let mut collect = CollectParams::<B>::default();
     model.visit(&mut collect);
     collect

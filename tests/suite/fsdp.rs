@@ -41,6 +41,14 @@ struct Outcome {
     norms: Vec<f64>,
 }
 
+/// A Fabric for `devices` ranks under `strategy`, ignoring the environment's `LT_*` variables.
+fn builder(strategy: &str, devices: usize) -> burn_fabric::FabricBuilder<B> {
+    Fabric::<B>::builder()
+        .devices(devices)
+        .strategy(strategy)
+        .env(burn_fabric::EnvVars::default())
+}
+
 fn run(strategy: &str, devices: usize) -> Run<'_> {
     Run {
         strategy,
@@ -66,11 +74,8 @@ impl Run<'_> {
         lr: f64,
         make_optimizer: impl Fn() -> O + Sync,
     ) -> Result<Outcome, FabricError> {
-        let mut fabric = Fabric::<B>::builder()
-            .devices(self.devices)
-            .strategy(self.strategy)
+        let mut fabric = builder(self.strategy, self.devices)
             .precision(self.precision)
-            .env(burn_fabric::EnvVars::default())
             .build()?;
         let held = Mutex::new(vec![Vec::new(); self.devices]);
         let mut outcome = fabric.launch(|fabric| -> Result<Outcome, FabricError> {
@@ -324,12 +329,7 @@ fn sharded_checkpoints_resume_to_the_same_weights() {
 
 #[test]
 fn gradients_are_shards_and_gathered_returns_whole_parameters() {
-    let mut fabric = Fabric::<B>::builder()
-        .devices(2)
-        .strategy("fsdp")
-        .env(burn_fabric::EnvVars::default())
-        .build()
-        .unwrap();
+    let mut fabric = builder("fsdp", 2).build().unwrap();
     fabric
         .launch(|fabric| -> Result<(), FabricError> {
             let device = *fabric.device();
@@ -402,12 +402,7 @@ impl<B: burn::tensor::backend::Backend> Stack<B> {
 
 /// The stack's whole parameters after `STEPS` Adam steps on `devices` ranks.
 fn train_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
-    let mut fabric = Fabric::<B>::builder()
-        .devices(devices)
-        .strategy(strategy)
-        .env(burn_fabric::EnvVars::default())
-        .build()
-        .unwrap();
+    let mut fabric = builder(strategy, devices).build().unwrap();
     fabric
         .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
             let device = *fabric.device();
@@ -421,14 +416,7 @@ fn train_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
                 fabric.backward((out - y).powi_scalar(2).mean(), &model)?;
                 model = optimizer.step(0.01, model)?;
             }
-            let whole = fabric.gathered(&model)?;
-            let mut collect = CollectParams::<B>::default();
-            whole.visit(&mut collect);
-            Ok(collect
-                .values
-                .into_iter()
-                .map(|t| t.into_data().to_vec::<f32>().unwrap())
-                .collect())
+            Ok(common::params(&fabric.gathered(&model)?))
         })
         .unwrap()
 }
@@ -451,12 +439,7 @@ fn units_gather_and_reduce_scatter_block_by_block_and_train_like_one_rank() {
 /// The stack's whole parameters right after `setup` of a freshly (lazily) initialised model
 /// under `strategy` on `devices` ranks, after `seed_everything(7)`.
 fn initial_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
-    let mut fabric = Fabric::<B>::builder()
-        .devices(devices)
-        .strategy(strategy)
-        .env(burn_fabric::EnvVars::default())
-        .build()
-        .unwrap();
+    let mut fabric = builder(strategy, devices).build().unwrap();
     fabric.seed_everything(7);
     fabric
         .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
@@ -468,13 +451,7 @@ fn initial_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
                 head: burn::nn::LinearConfig::new(6, 3).init(&device),
             };
             let model = fabric.setup_module(lazy)?;
-            let mut collect = CollectParams::<B>::default();
-            fabric.gathered(&model)?.visit(&mut collect);
-            Ok(collect
-                .values
-                .into_iter()
-                .map(|t| t.into_data().to_vec::<f32>().unwrap())
-                .collect())
+            Ok(common::params(&fabric.gathered(&model)?))
         })
         .unwrap()
 }
