@@ -20,7 +20,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp};
 use fabric_core::checkpoint::{
-    Entry, EntryKind, FSDP_SHARDS_KEY, Settings, error, shard_file_name, shard_files,
+    RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_rows,
+    shard_shape,
 };
 use fabric_core::config::ShardingStrategy;
 use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
@@ -72,14 +73,6 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
             shapes: Mutex::new(Arc::default()),
         }
     }
-}
-
-/// The rows of a parameter with `shape` that each of `world` ranks holds (the first dimension,
-/// rounded up), and the elements per row.
-pub fn shard_rows(shape: &[usize], world: usize) -> (usize, usize) {
-    let rows = shape.first().copied().unwrap_or(1);
-    let per_row = shape.iter().skip(1).product::<usize>();
-    (rows.div_ceil(world.max(1)), per_row)
 }
 
 /// Rank `rank`'s shard of the flat parameter `value` of `shape`: its block of rows, padded with
@@ -146,15 +139,10 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
                 if !param.trainable {
                     return param;
                 }
-                let (rows_each, _) = shard_rows(&param.shape, world);
-                let mut shard_shape = param.shape.clone();
-                if let Some(rows) = shard_shape.first_mut() {
-                    *rows = rows_each;
-                }
                 known.insert(param.id, param.shape.clone());
                 SetupParam {
                     value: shard_of(param.value, &param.shape, rank, world),
-                    shape: shard_shape,
+                    shape: shard_shape(&param.shape, world),
                     ..param
                 }
             })
@@ -205,58 +193,79 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         })
     }
 
-    /// Every rank writes its own shard file (its shards of the parameters and of the optimizer
-    /// state) in the directory `path`.
+    /// Every rank writes its own shard file (its rows of the parameters and of the optimizer
+    /// state) in the directory `path`, marked with the whole shapes so that the checkpoint can
+    /// be merged ([`fabric_core::checkpoint::consolidate`]) and cut again at any world size.
     fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {
-        let world = self.collective().world_size();
+        let marker = self.layout().entry();
         let marked = |file: &Path| {
             let mut entries = encode(file)?;
-            entries.push(Entry {
-                key: FSDP_SHARDS_KEY.into(),
-                kind: EntryKind::Value,
-                settings: Settings::Full,
-                bytes: format!("{{\"world_size\":{world}}}").into_bytes(),
-            });
+            entries.push(marker.clone());
             Ok(entries)
         };
         crate::sharded::save(self, path, &marked)
     }
 
-    /// Each rank reads its own shard file; only a checkpoint saved at this world size loads.
+    /// Each rank reads its own shard file when `path` holds FSDP shards of this world size;
+    /// any other checkpoint (FSDP shards of another world size, ZeRO shards, a whole file) is
+    /// read whole and cut to this rank's rows.
     fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
         let collective = self.collective();
         let (rank, world) = (collective.rank(), collective.world_size());
         let read = || {
-            let found = match path.is_dir() {
-                true => shard_files(path)?.len(),
-                false => 0,
+            let files = match path.is_dir() {
+                true => shard_files(path)?,
+                false => Vec::new(),
             };
-            if found != world {
-                return Err(error(
-                    path,
-                    None,
-                    format!(
-                        "an FSDP checkpoint loads at the world size that saved it: this job has \
-                         {world} ranks, the checkpoint holds {found} shard files (loading at \
-                         another world size is not implemented yet)"
-                    ),
-                ));
+            if files.len() == world {
+                let file = path.join(shard_file_name(rank, world));
+                let mut entries = read_file(&file)?;
+                if let Some(saved) = RowShards::take(&file, &mut entries)? {
+                    return self.check_layout(&file, &saved).map(|()| entries);
+                }
             }
-            let file = path.join(shard_file_name(rank, world));
-            let mut entries = read_file(&file)?;
-            let marked = entries.len();
-            entries.retain(|e| e.key != FSDP_SHARDS_KEY);
-            if entries.len() == marked {
-                return Err(error(
-                    &file,
-                    None,
-                    "is a shard of a ZeRO checkpoint (whole parameters), not of an FSDP one: load \
-                     it with the strategy that saved it, or consolidate it first",
-                ));
-            }
-            Ok(entries)
+            let whole = match path.is_dir() {
+                true => read_consolidated(path)?,
+                false => read_file(path)?,
+            };
+            cut_rows(whole, &self.layout().shapes, rank, world, path)
         };
         checkpoint_io::load_entries(self.rank_state(), path, read, apply)
+    }
+}
+
+impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
+    /// This rank's layout: the world size and the whole shapes of the sharded parameters.
+    fn layout(&self) -> RowShards {
+        let shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        RowShards {
+            world_size: self.collective().world_size(),
+            shapes: shapes
+                .iter()
+                .map(|(id, shape)| (id.serialize(), shape.clone()))
+                .collect(),
+        }
+    }
+
+    /// A shard file saved at this world size must cut the parameters as this job does.
+    fn check_layout(&self, file: &Path, saved: &RowShards) -> Result<(), FabricError> {
+        let mine = self.layout();
+        let differs = mine
+            .shapes
+            .iter()
+            .find(|(id, shape)| saved.shapes.get(*id).is_some_and(|s| s != *shape));
+        match differs {
+            Some((id, shape)) => Err(error(
+                file,
+                None,
+                format!(
+                    "parameter {id} has the whole shape {:?} in the checkpoint but {shape:?} in \
+                     the module",
+                    saved.shapes[id]
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 }
 

@@ -18,7 +18,7 @@ mod zero;
 pub use bucket::{Bucket, broadcast_buckets, plan_buckets, reduce_bucket, reduce_buckets};
 pub use checkpoint_io::{ApplyEntries, EncodeEntries, agree, read, read_file};
 pub use ddp::Ddp;
-pub use fsdp::{Fsdp, ParamGather, PlaceShards, shard_of, shard_rows};
+pub use fsdp::{Fsdp, ParamGather, PlaceShards, shard_of};
 pub use grads::{GradStore, clip_norm, clip_value};
 pub use module::{
     AssignParams, CollectParams, FlatGrad, GatherParams, ModuleParams, OptimizerStep, ParamSlot,

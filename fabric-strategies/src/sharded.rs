@@ -122,9 +122,9 @@ pub fn save<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
     )
 }
 
-/// Each rank loads its own shard when the directory holds one per rank of this world size;
-/// otherwise (another world size, or a whole file) the checkpoint is read whole, and the next
-/// step keeps only this rank's part of the optimizer state.
+/// Each rank loads its own shard when the directory holds ZeRO shards of this world size;
+/// otherwise (another world size, FSDP shards, or a whole file) the checkpoint is read whole,
+/// and the next step keeps only this rank's part of the optimizer state.
 pub fn load<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
     strategy: &S,
     path: &Path,
@@ -139,18 +139,12 @@ pub fn load<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
         if shard_files(path)?.len() == world {
             let file = path.join(shard_file_name(rank, world));
             let entries = read_file(&file)?;
-            if entries.iter().any(|e| e.key == FSDP_SHARDS_KEY) {
-                return Err(error(
-                    &file,
-                    None,
-                    "is a shard of an FSDP checkpoint (a block of rows of every parameter): load \
-                     it with `fsdp` at the world size that saved it",
-                ));
+            // FSDP's shards hold rows, not whole parameters: those are merged first.
+            if !entries.iter().any(|e| e.key == FSDP_SHARDS_KEY) {
+                return Ok(entries);
             }
-            Ok(entries)
-        } else {
-            read_consolidated(path)
         }
+        read_consolidated(path)
     };
     checkpoint_io::load_entries(strategy.rank_state(), path, read, apply)
 }

@@ -5,15 +5,16 @@
 mod atomic;
 mod container;
 mod record;
+mod rows;
 mod shards;
 mod steps;
 
 pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
 pub use record::{decode_record, encode_record};
+pub use rows::{FSDP_SHARDS_KEY, RowShards, cut_rows, merge_rows, shard_rows, shard_shape};
 pub use shards::{
-    FSDP_SHARDS_KEY, consolidate, merge_records, read_consolidated, retain_record, shard_file_name,
-    shard_files,
+    consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,
 };
 pub use steps::{Newest, newest_checkpoint, step_checkpoint};
 

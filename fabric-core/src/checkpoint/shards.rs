@@ -1,12 +1,14 @@
-//! Sharded checkpoints (ZeRO): a directory with one checkpoint file per rank, each holding the
-//! whole model but only its rank's optimizer state, and the consolidation that merges them into
-//! one ordinary checkpoint file loadable at any world size.
+//! Sharded checkpoints: a directory with one checkpoint file per rank (under ZeRO each holding
+//! the whole model but only its rank's optimizer state; under FSDP a block of rows of every
+//! parameter, see [`rows`](super::rows)), and the consolidation that merges them into one
+//! ordinary checkpoint file loadable at any world size.
 //!
 //! An optimizer record is Burn's named MessagePack: a map whose `item` maps each parameter id
 //! to that parameter's state. Shards hold disjoint ids, so merging is a union of the `item`
 //! maps, and keeping one rank's part is a filter on them; neither needs the optimizer's type.
 
 use super::record::{read_value, write_value};
+use super::rows::{FSDP_SHARDS_KEY, RowShards, merge_rows};
 use super::{Entry, EntryKind, decode, encode, error, write_atomic};
 use crate::FabricError;
 use rmpv::Value;
@@ -66,30 +68,39 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, FabricError> {
     Ok(found.into_iter().map(|(_, _, path)| path).collect())
 }
 
-/// The key of the entry that marks a shard file of an FSDP checkpoint (whose module records hold
-/// blocks of rows, which cannot be merged like ZeRO's whole parameters).
-pub const FSDP_SHARDS_KEY: &str = "fabric.fsdp_shards";
-
-/// Reads and checks every shard of `dir` and merges them into one list of entries: rank 0's
-/// entries, with each optimizer entry's state taken from all ranks.
+/// Reads and checks every shard of `dir` and merges them into one whole checkpoint's entries.
+/// ZeRO shards: rank 0's entries, with each optimizer entry's state taken from all ranks. FSDP
+/// shards: each sharded parameter's rows (and its optimizer state's) from all ranks.
 pub fn read_consolidated(dir: &Path) -> Result<Vec<Entry>, FabricError> {
+    let files = shard_files(dir)?;
     let mut shards = Vec::new();
-    for path in shard_files(dir)? {
+    let mut layouts = Vec::new();
+    for path in &files {
         let bytes =
-            std::fs::read(&path).map_err(|e| error(&path, None, format!("cannot read it: {e}")))?;
-        let entries = decode(&path, &bytes)?;
-        if entries.iter().any(|e| e.key == FSDP_SHARDS_KEY) {
+            std::fs::read(path).map_err(|e| error(path, None, format!("cannot read it: {e}")))?;
+        let mut entries = decode(path, &bytes)?;
+        layouts.push(RowShards::take(path, &mut entries)?);
+        shards.push(entries);
+    }
+    if let Some(layout) = layouts.first().cloned().flatten() {
+        if let Some(at) = layouts.iter().position(|l| l.as_ref() != Some(&layout)) {
             return Err(error(
-                &path,
-                None,
-                "holds FSDP shards (a block of rows of every parameter); merging them into one \
-                 checkpoint is not implemented yet: load the directory with `fsdp` at the world \
-                 size that saved it",
+                &files[at],
+                Some(FSDP_SHARDS_KEY),
+                "does not belong with rank 0's shard (another FSDP layout, or a ZeRO shard)",
             ));
         }
-        shards.push((entries, path));
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        return merge_rows(shards, &layout, &paths);
     }
-    let mut shards = shards.into_iter();
+    if let Some(at) = layouts.iter().position(Option::is_some) {
+        return Err(error(
+            &files[at],
+            Some(FSDP_SHARDS_KEY),
+            "is an FSDP shard among ZeRO shards",
+        ));
+    }
+    let mut shards = shards.into_iter().zip(files);
     let Some((mut merged, _)) = shards.next() else {
         return Ok(Vec::new());
     };
