@@ -12,7 +12,7 @@ use fabric_core::FabricError;
 use fabric_core::backend::BackendDevices;
 use fabric_core::callback::Callback;
 use fabric_core::config::{
-    Accelerator, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
+    Accelerator, AutoWrap, Devices, EnvVars, Precision, RawConfig, Setting, StrategyChoice,
 };
 use fabric_core::environment::ClusterEnvironment;
 use fabric_core::loader::{DataLoader, RankDataLoader};
@@ -116,6 +116,15 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
     /// Size of one gradient bucket in bytes (default 25 MiB, as PyTorch DDP).
     pub fn bucket_bytes(mut self, bytes: usize) -> Self {
         self.raw.bucket_bytes = Some(bytes);
+        self
+    }
+
+    /// Under FSDP, which submodules are gathered as one unit without the model's forward
+    /// calling [`unit`](crate::unit) (Lightning's `FSDPStrategy(auto_wrap_policy=...)`):
+    /// `AutoWrap::module_types(["Block"])`, or `AutoWrap::MinParams(1_000_000)`. Other
+    /// strategies ignore it.
+    pub fn auto_wrap(mut self, policy: AutoWrap) -> Self {
+        self.raw.auto_wrap = Some(policy);
         self
     }
 

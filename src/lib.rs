@@ -50,7 +50,7 @@ pub use fabric_collective::{Collective, ReduceOp};
 pub use fabric_core::backend::{BackendDevices, DevicePool};
 pub use fabric_core::callback::{Callback, TrainBatchEnd, ValidationEnd};
 pub use fabric_core::config::{
-    Accelerator, Devices, EnvVars, Precision, ShardingStrategy, StrategyChoice,
+    Accelerator, AutoWrap, Devices, EnvVars, Precision, ShardingStrategy, StrategyChoice,
 };
 pub use fabric_core::loader::{Batches, DataLoader, RankDataLoader};
 pub use fabric_core::logger::{CsvLogger, Logger, TensorBoardLogger};

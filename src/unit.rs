@@ -14,6 +14,7 @@ use fabric_strategies::{ParamGather, gather_whole};
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 thread_local! {
     /// The forward pass running on this thread under FSDP.
@@ -43,7 +44,8 @@ impl Drop for Current {
     }
 }
 
-/// Runs `body` on the view of `model` whose sharded parameters are gathered when first used.
+/// Runs `body` on the view of `model` whose sharded parameters are gathered when first used
+/// (with the other parameters of their automatic unit, if the policy puts them in one).
 pub(crate) fn forward_pass<BT: Backend, M: Module<BT>, R>(
     gather: &ParamGather,
     model: &M,
@@ -52,8 +54,14 @@ pub(crate) fn forward_pass<BT: Backend, M: Module<BT>, R>(
     let mut lazy = Lazy {
         gather,
         shards: HashMap::new(),
+        units: Arc::default(),
+        open: vec![Frame::default()],
     };
     let view = model.clone().map(&mut lazy);
+    // The root module is a unit too when the policy says so.
+    if let Some(root) = lazy.open.pop() {
+        lazy.close(root);
+    }
     let _current = Current::set(Pass {
         gather: gather.clone(),
         shards: lazy.shards,
@@ -61,13 +69,98 @@ pub(crate) fn forward_pass<BT: Backend, M: Module<BT>, R>(
     body(&view)
 }
 
-/// Replaces each sharded parameter by a lazy one that gathers it on first use.
+/// Replaces each sharded parameter by a lazy one that gathers it on first use, and groups them
+/// into the automatic units of `gather.auto_wrap`.
 struct Lazy<'a> {
     gather: &'a ParamGather,
     shards: HashMap<ParamId, Box<dyn Any>>,
+    units: Arc<Mutex<AutoUnits>>,
+    /// The fields being mapped, innermost last.
+    open: Vec<Frame>,
+}
+
+/// A field being mapped (Burn enters and exits each field of a module, naming the module's type
+/// as the container): its parameters not in a unit yet (id, elements), and the type of the
+/// module it holds, learnt when its own fields are entered.
+#[derive(Default)]
+struct Frame {
+    params: Vec<(ParamId, usize)>,
+    module_type: Option<String>,
+}
+
+impl Lazy<'_> {
+    /// A field is done: the module it holds becomes a unit if the policy wraps it, otherwise
+    /// its parameters wait in the enclosing field.
+    fn close(&mut self, field: Frame) {
+        let count = field.params.iter().map(|(_, n)| n).sum();
+        // A field holding a parameter itself (no fields of its own) is no module to wrap.
+        let wraps = |module_type: &str| self.gather.auto_wrap.wraps(module_type, count);
+        if !field.params.is_empty() && field.module_type.as_deref().is_some_and(wraps) {
+            let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
+            let unit = units.members.len();
+            units.members.push(field.params.iter().map(|(id, _)| *id).collect());
+            units.unit_of.extend(field.params.iter().map(|(id, _)| (*id, unit)));
+        } else if let Some(outer) = self.open.last_mut() {
+            outer.params.extend(field.params);
+        }
+    }
+}
+
+/// A parameter's gather, type-erased for its unit's other parameters to run.
+type Gatherer = Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>;
+
+/// The automatic units of one forward pass: each parameter's unit, the gathers not run yet and
+/// the results run for a unit's other parameters.
+#[derive(Default)]
+struct AutoUnits {
+    unit_of: HashMap<ParamId, usize>,
+    members: Vec<Vec<ParamId>>,
+    pending: HashMap<ParamId, Gatherer>,
+    gathered: HashMap<ParamId, Box<dyn Any + Send>>,
+}
+
+impl AutoUnits {
+    /// Parameter `id` is used for the first time: its result if another parameter of its unit
+    /// gathered it, or `None` when it must gather itself (its gather is then taken out of the
+    /// pending ones).
+    fn claim(&mut self, id: ParamId) -> Option<Box<dyn Any + Send>> {
+        match self.gathered.remove(&id) {
+            Some(done) => Some(done),
+            None => {
+                self.pending.remove(&id);
+                None
+            }
+        }
+    }
+
+    /// Gathers the parameters of `id`'s unit not gathered yet, in visit order (the same on
+    /// every rank), for their first use.
+    fn gather_unit_of(&mut self, id: ParamId) {
+        let Some(members) = self.unit_of.get(&id).and_then(|u| self.members.get(*u)) else {
+            return;
+        };
+        for member in members.clone() {
+            if let Some(gather) = self.pending.remove(&member) {
+                self.gathered.insert(member, gather());
+            }
+        }
+    }
 }
 
 impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
+    fn enter_module(&mut self, _name: &str, container_type: &str) {
+        if let Some(holder) = self.open.last_mut() {
+            holder.module_type = Some(container_type.to_string());
+        }
+        self.open.push(Frame::default());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        if let Some(field) = self.open.pop() {
+            self.close(field);
+        }
+    }
+
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<BT, D>>) -> Param<Tensor<BT, D>> {
         let Some(shape) = self.gather.shapes.get(&param.id) else {
             return param;
@@ -78,9 +171,30 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
         let device = shard.device();
         let require_grad = shard.is_require_grad();
         self.shards.insert(id, Box::new(shard.clone()));
-        let (gather, whole_shape) = (self.gather.clone(), shape.clone());
+        let numel = shape.iter().product();
+        if let Some(field) = self.open.last_mut() {
+            field.params.push((id, numel));
+        }
+        let gather = {
+            let (gather, shape, shard) = (self.gather.clone(), shape.clone(), shard.clone());
+            move || gather_whole::<BT, D>(&gather, shard.clone(), &shape, None)
+        };
+        let boxed = gather.clone();
+        let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
+        units
+            .pending
+            .insert(id, Box::new(move || Box::new(boxed()) as Box<dyn Any + Send>));
+        let units = self.units.clone();
         let init = move |_: &BT::Device, _: bool| {
-            gather_whole::<BT, D>(&gather, shard.clone(), &whole_shape, None)
+            let lock = || units.lock().unwrap_or_else(PoisonError::into_inner);
+            let claimed = lock().claim(id);
+            // Another parameter's result always has that parameter's type: a miss cannot happen.
+            let whole = match claimed.map(|done| done.downcast::<Tensor<BT, D>>()) {
+                Some(Ok(whole)) => *whole,
+                _ => gather(),
+            };
+            lock().gather_unit_of(id);
+            whole
         };
         let shape = burn::tensor::Shape::from(shape.clone());
         Param::uninitialized(id, init, device, require_grad, shape)
@@ -144,5 +258,79 @@ impl<BT: Backend> ModuleMapper<BT> for Unit<'_, BT> {
         let after = Some(self.after.clone());
         let whole = gather_whole::<BT, D>(&self.pass.gather, shard.clone(), shape, after);
         Param::initialized(param.id, whole)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::TensorData;
+    use fabric_core::config::AutoWrap;
+    use fabric_core::gather::{ShardExchange, TrackedGather};
+
+    type B = Autodiff<Flex>;
+
+    #[derive(Module, Debug)]
+    struct Two<B: Backend> {
+        l1: Linear<B>,
+        l2: Linear<B>,
+    }
+
+    /// One rank's exchange that records the length of each gather.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<usize>>);
+
+    impl ShardExchange for Recording {
+        fn gather(&self, shard: TensorData) -> TensorData {
+            self.0.lock().unwrap().push(shard.num_elements());
+            shard
+        }
+        fn scatter(&self, grad: TensorData) -> TensorData {
+            grad
+        }
+    }
+
+    /// The lengths gathered, in order, by a pass that uses `l2.weight`, then all of `l1`,
+    /// then `l2.bias`.
+    fn gathers(auto_wrap: AutoWrap) -> Vec<usize> {
+        let device = Default::default();
+        let model = Two::<B> {
+            l1: LinearConfig::new(2, 3).init(&device),
+            l2: LinearConfig::new(3, 5).init(&device),
+        };
+        let mut shapes = HashMap::new();
+        let mut collect = fabric_strategies::CollectParams::<B>::default();
+        model.visit(&mut collect);
+        for (id, shape) in collect.ids.iter().zip(&collect.shapes) {
+            shapes.insert(*id, shape.clone());
+        }
+        let exchange = Arc::new(Recording::default());
+        let gather = ParamGather {
+            shapes: Arc::new(shapes),
+            exchange: exchange.clone(),
+            tracked: TrackedGather::of::<B>(),
+            release: false,
+            auto_wrap: Arc::new(auto_wrap),
+        };
+        forward_pass(&gather, &model, |m| {
+            let _ = m.l2.weight.val();
+            let _ = m.l1.forward(Tensor::<B, 2>::ones([1, 2], &device));
+            let _ = m.l2.bias.as_ref().map(|b| b.val());
+        });
+        exchange.0.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn an_automatic_unit_gathers_its_parameters_together() {
+        // Without units each parameter is gathered when first used.
+        assert_eq!(gathers(AutoWrap::Off), [15, 6, 3, 5]);
+        // Each Linear is a unit: using l2.weight gathers l2.bias with it.
+        assert_eq!(gathers(AutoWrap::module_types(["Linear"])), [15, 5, 6, 3]);
+        // 10 parameters or more: l2 (20) is a unit, l1 (9) is not; the root holds both.
+        assert_eq!(gathers(AutoWrap::MinParams(10)), [15, 5, 6, 3]);
+        // The root (29 parameters) is one unit: everything at the first use.
+        assert_eq!(gathers(AutoWrap::MinParams(29)), [15, 6, 3, 5]);
     }
 }

@@ -1,11 +1,13 @@
 //! Peak memory of one training job on a stack of equal layers, for comparing strategies: each
 //! layer is an FSDP unit (`burn_fabric::unit`), the optimizer is Adam, the data random. Prints
-//! the resolved configuration, the parameter count and the process's peak resident memory
-//! (`VmHWM`, every rank of the process together).
+//! the resolved configuration, the parameter count and each process's peak resident memory
+//! (`VmHWM`, every rank of the process together), one line per process:
+//! `process P: peak resident memory M MiB`.
 //!
 //! ```text
 //! cargo run --example fsdp_memory -- --devices 2 --strategy fsdp --layers 8 --width 1024
 //! cargo run --example fsdp_memory -- --devices 2 --strategy fsdp --release-gathered
+//! fabric run --num-nodes 4 -- target/debug/examples/fsdp_memory --strategy fsdp   # processes
 //! ```
 //!
 //! `--release-gathered` trains on `Autodiff<Flex, BalancedCheckpointing>`, under which `fsdp`
@@ -26,9 +28,9 @@ use std::error::Error;
 /// Peak memory of training a stack of equal layers under a strategy.
 #[derive(Parser, Debug, Clone)]
 pub struct Args {
-    /// Ranks (threads of this process)
-    #[arg(long, default_value_t = 2)]
-    pub devices: usize,
+    /// Ranks (threads) per process [default: 2, or `fabric run`'s `--devices`]
+    #[arg(long)]
+    pub devices: Option<usize>,
     /// Strategy (`ddp`, `zero2`, `fsdp`, `fsdp_shard_grad_op`, ...)
     #[arg(long, default_value = "fsdp")]
     pub strategy: String,
@@ -97,15 +99,21 @@ fn peak_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Trains `args.steps` steps and returns the parameter count; prints the mean time of the
-/// steps after the first.
-pub fn train<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<usize, FabricError> {
-    let mut fabric = Fabric::<B>::builder()
-        .devices(args.devices)
-        .strategy(args.strategy.as_str())
-        .build()?;
-    println!("{}", fabric.describe());
-    fabric.launch(|fabric| -> Result<usize, FabricError> {
+/// Trains `args.steps` steps and returns the parameter count and this process's index; prints
+/// the mean time of the steps after the first.
+pub fn train<B: AutodiffBackend + BackendDevices>(
+    args: &Args,
+) -> Result<(usize, usize), FabricError> {
+    let mut builder = Fabric::<B>::builder().strategy(args.strategy.as_str());
+    match (args.devices, std::env::var_os("LT_DEVICES")) {
+        (Some(devices), _) => builder = builder.devices(devices),
+        (None, None) => builder = builder.devices(2),
+        (None, Some(_)) => {}
+    }
+    let mut fabric = builder.build()?;
+    fabric.print(fabric.describe());
+    let node = fabric.node_rank();
+    fabric.launch(|fabric| -> Result<(usize, usize), FabricError> {
         let device = fabric.device().clone();
         let model = Stack::<B>::new(args.layers, args.width, &device);
         let params = count(&model);
@@ -125,20 +133,20 @@ pub fn train<B: AutodiffBackend + BackendDevices>(args: &Args) -> Result<usize, 
             let mean_ms = started.elapsed().as_secs_f64() * 1e3 / (args.steps - 1) as f64;
             fabric.print(format!("mean step (after the first): {mean_ms:.1} ms"));
         }
-        Ok(params)
+        Ok((params, node))
     })
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
-    let params = match args.release_gathered {
+    let (params, node) = match args.release_gathered {
         true => train::<Autodiff<burn::backend::Flex, BalancedCheckpointing>>(&args)?,
         false => train::<Autodiff<burn::backend::Flex>>(&args)?,
     };
     let peak = peak_mib().map_or("unknown".into(), |p| format!("{p:.0} MiB"));
-    println!(
-        "parameters: {params}  steps: {}  peak resident memory (all ranks of the process): {peak}",
-        args.steps
-    );
+    if node == 0 {
+        println!("parameters: {params}  steps: {}", args.steps);
+    }
+    println!("process {node}: peak resident memory {peak}");
     Ok(())
 }

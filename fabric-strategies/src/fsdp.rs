@@ -23,7 +23,7 @@ use fabric_core::checkpoint::{
     RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_rows,
     shard_shape,
 };
-use fabric_core::config::ShardingStrategy;
+use fabric_core::config::{AutoWrap, ShardingStrategy};
 use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
 use fabric_core::{CollectiveError, FabricError};
 use std::collections::HashMap;
@@ -44,6 +44,8 @@ pub struct ParamGather {
     pub tracked: TrackedGather,
     /// Release gathered parameters after forward and gather them again for backward.
     pub release: bool,
+    /// Which submodules are gathered as one unit.
+    pub auto_wrap: Arc<AutoWrap>,
 }
 
 /// Lightning's `FSDPStrategy` with `full_shard` or `shard_grad_op`.
@@ -54,14 +56,15 @@ pub struct Fsdp<B: AutodiffBackend> {
     /// Setup broadcast, sampler and the rank's state.
     ddp: Ddp<B>,
     sharding: ShardingStrategy,
+    auto_wrap: Arc<AutoWrap>,
     exchange: Arc<CollectiveExchange>,
     shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
 }
 
 impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
-    /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) for the rank
-    /// `state` describes.
-    pub fn new(state: RankState<B>, sharding: ShardingStrategy) -> Self {
+    /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) and the
+    /// automatic units `auto_wrap` for the rank `state` describes.
+    pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
         let exchange = Arc::new(CollectiveExchange {
             collective: state.shared_collective(),
             error: Mutex::new(None),
@@ -69,6 +72,7 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
         Self {
             ddp: Ddp::new(state),
             sharding,
+            auto_wrap: Arc::new(auto_wrap),
             exchange,
             shapes: Mutex::new(Arc::default()),
         }
@@ -158,6 +162,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             exchange: self.exchange.clone(),
             tracked: TrackedGather::of::<B>(),
             release: self.sharding == ShardingStrategy::FullShard,
+            auto_wrap: self.auto_wrap.clone(),
         })
     }
 

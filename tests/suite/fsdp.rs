@@ -14,7 +14,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, Optimizer, SgdConfig};
 use burn::tensor::Tensor;
 use burn_fabric::fabric_strategies::CollectParams;
-use burn_fabric::{Checkpoint, Fabric, FabricError, Restore};
+use burn_fabric::{AutoWrap, Checkpoint, Fabric, FabricError, Restore};
 use common::{B, Mlp, batch, worst_ratio};
 use std::sync::Mutex;
 
@@ -32,6 +32,7 @@ struct Run<'a> {
     steps: std::ops::Range<usize>,
     resume: Option<&'a std::path::Path>,
     save: Option<&'a std::path::Path>,
+    auto_wrap: AutoWrap,
 }
 
 /// Rank 0's whole parameters after training, and the shapes each rank held them in.
@@ -59,6 +60,7 @@ fn run(strategy: &str, devices: usize) -> Run<'_> {
         steps: 0..STEPS,
         resume: None,
         save: None,
+        auto_wrap: AutoWrap::Off,
     }
 }
 
@@ -76,6 +78,7 @@ impl Run<'_> {
     ) -> Result<Outcome, FabricError> {
         let mut fabric = builder(self.strategy, self.devices)
             .precision(self.precision)
+            .auto_wrap(self.auto_wrap.clone())
             .build()?;
         let held = Mutex::new(vec![Vec::new(); self.devices]);
         let mut outcome = fabric.launch(|fabric| -> Result<Outcome, FabricError> {
@@ -193,6 +196,20 @@ fn fsdp_equals_one_rank_for_each_sharding_choice_and_world_size() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn automatic_units_train_like_one_rank() {
+    let single = run("single_device", 1).train(0.01, adam).unwrap();
+    for auto_wrap in [AutoWrap::module_types(["Linear"]), AutoWrap::MinParams(100)] {
+        let got = Run {
+            auto_wrap: auto_wrap.clone(),
+            ..run("fsdp", 3)
+        }
+        .train(0.01, adam)
+        .unwrap();
+        assert_close(&format!("fsdp 3 ranks, {auto_wrap:?}"), &got, &single);
     }
 }
 

@@ -6,6 +6,8 @@
 //!   efficiency).
 //! * `precision`: each precision plugin's step time ÷ `32-true`'s.
 //! * `zero`: optimizer-state bytes per rank under ZeRO ÷ DDP's, and step time ÷ DDP's.
+//! * `fsdp`: FSDP's step time ÷ DDP's at 2 ranks; and (when `mpirun` is installed) the peak
+//!   memory of each process of DDP, zero2 and FSDP jobs started by `fabric run` ([`memory`]).
 //! * `collective` (Criterion): the in-process all-reduce of 10M f32 ÷ a 40 MB memcpy.
 //! * `mpi_all_reduce` (when `mpirun` is installed): burn-fabric ÷ raw rsmpi across 2 processes.
 //! * `fused` (with `--fused wgpu` or `--fused cuda`): the fused all-reduce-and-cast kernel ÷ the
@@ -15,6 +17,7 @@
 //! * `training` (Criterion, not with `--quick`): the per-step times behind the ratios.
 
 mod chart;
+mod memory;
 mod peer;
 #[path = "../../benches/src/report.rs"]
 #[allow(dead_code)]
@@ -192,6 +195,9 @@ fn bench(quick: bool, fused: Option<Runtime>) -> Result<(), Error> {
     cargo_bench("paired", None, quick_arg, &rows_dir)?;
     cargo_bench("precision", None, quick_arg, &rows_dir)?;
     cargo_bench("zero", None, quick_arg, &rows_dir)?;
+    cargo_bench("fsdp", None, quick_arg, &rows_dir)?;
+    let memory_rows = memory::rows(quick, &mut skipped)?;
+    report::record_json_in(&rows_dir, "fsdp_memory", &memory_rows);
     let criterion_args: &[&str] = if quick {
         &["--warm-up-time", "1", "--measurement-time", "3"]
     } else {

@@ -6,13 +6,15 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The order of the table's sections; others follow in file-name order.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 11] = [
     "Fabric overhead",
     "DDP",
     "Lightning Fabric peer",
     "Precision",
     "ZeRO memory",
     "ZeRO speed",
+    "FSDP memory",
+    "FSDP speed",
     "Collective",
     "MPI",
     "Fused all-reduce-and-cast",

@@ -2,6 +2,7 @@
 //! with Lightning's rule for values that also come from the environment.
 
 mod accelerator;
+mod auto_wrap;
 mod devices;
 mod env;
 mod precision;
@@ -10,6 +11,7 @@ mod strategy;
 mod timeout;
 
 pub use accelerator::Accelerator;
+pub use auto_wrap::AutoWrap;
 pub use devices::Devices;
 pub use env::{
     EnvVars, LT_ACCELERATOR, LT_CLI_USED, LT_COLLECTIVE_TIMEOUT, LT_DEVICES, LT_NUM_NODES,
@@ -46,6 +48,8 @@ pub struct RawConfig {
     pub collective_timeout: Option<Duration>,
     /// Target size of one gradient bucket, in bytes.
     pub bucket_bytes: Option<usize>,
+    /// FSDP's automatic units.
+    pub auto_wrap: Option<AutoWrap>,
 }
 
 /// Resolved settings, before the backend picks devices.
@@ -65,6 +69,8 @@ pub struct FabricConfig {
     pub collective_timeout: Duration,
     /// Gradient bucket size in bytes.
     pub bucket_bytes: usize,
+    /// FSDP's automatic units.
+    pub auto_wrap: AutoWrap,
 }
 
 impl RawConfig {
@@ -128,6 +134,7 @@ impl RawConfig {
             precision,
             collective_timeout,
             bucket_bytes,
+            auto_wrap: self.auto_wrap.unwrap_or_default(),
         })
     }
 }
