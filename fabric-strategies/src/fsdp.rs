@@ -144,8 +144,11 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
                     return param;
                 }
                 known.insert(param.id, param.shape.clone());
+                let shard = shard_of(param.value, &param.shape, rank, world);
+                // A fresh buffer: a slice may be a view that keeps the whole parameter alive.
+                let shard = Tensor::from_data(shard.into_data(), &self.device().clone());
                 SetupParam {
-                    value: shard_of(param.value, &param.shape, rank, world),
+                    value: shard,
                     shape: shard_shape(&param.shape, world),
                     ..param
                 }
