@@ -2,6 +2,8 @@
 # Runs a command with its memory capped by the OS: a cgroup v1 memory cgroup (RAM and, where the
 # kernel accounts it, RAM + swap), or v2's memory.max with swap off. Usage:
 #   .ci/memory_cap.sh MIB COMMAND...
+# Started by `fabric run` (mpirun), each process caps itself in a cgroup of its own and, when the
+# OS kills it, names its rank and the cause.
 # Exits with the command's status (137: killed by the OS), or 125 if this machine cannot cap
 # (no memory cgroup to make, or swap that the cap could not cover): an address-space limit is no
 # stand-in, it counts reserved, untouched memory.
@@ -42,5 +44,10 @@ fi
 echo "memory cap: $mib MiB ($how): $*" >&2
 bash -c 'echo $$ >"$1/cgroup.procs" || exit 125; shift; exec "$@"' _ "$dir" "$@"
 status=$?
+# The cgroup's own count of the processes its cap killed.
+kills=$(awk '$1 == "oom_kill" { print $2 }' "$dir/memory.oom_control" "$dir/memory.events" 2>/dev/null | head -1)
+if [ "$status" -eq 137 ] && [ "${kills:-0}" -gt 0 ]; then
+    echo "memory cap: rank ${OMPI_COMM_WORLD_RANK:-0} was killed by the OS: out of memory in its $mib MiB cgroup" >&2
+fi
 rmdir "$dir" 2>/dev/null || true
 exit $status

@@ -24,6 +24,7 @@ use fabric_strategies::{
 };
 use std::error::Error;
 use std::fmt::Display;
+use std::path::Path;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -636,6 +637,36 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let whole = model.clone().map(&mut GatherParams::new(&gather));
         self.rank_strategy("gathered")?.pass_result()?;
         Ok(whole)
+    }
+
+    /// Writes `model`'s parameters to `path` as safetensors in PyTorch's layout, as
+    /// [`export_safetensors`](crate::export_safetensors) does, from global rank 0, and returns
+    /// on every rank once the file is there (every rank must call it). Under FSDP the ranks
+    /// gather one parameter at a time, in the file's order, and rank 0 writes it and drops it:
+    /// no rank ever holds the whole model, and the file is byte for byte the one the gathered
+    /// model gives.
+    pub fn export_safetensors<BT: Backend, M: Module<BT>>(
+        &self,
+        model: &M,
+        path: impl AsRef<Path>,
+    ) -> Result<(), FabricError> {
+        let path = path.as_ref();
+        let strategy = self.rank_strategy("export_safetensors")?;
+        let written = match self.param_gather() {
+            Some(gather) => {
+                crate::export::export_sharded(model, &gather, self.is_global_zero(), path)
+                    .and(strategy.pass_result())
+            }
+            None if self.is_global_zero() => crate::export_safetensors(model, path),
+            None => Ok(()),
+        };
+        fabric_strategies::agree(
+            strategy.collective(),
+            "export_safetensors",
+            path,
+            written,
+            "another rank could not export",
+        )
     }
 
     /// How forward passes gather whole parameters (FSDP), or `None`.

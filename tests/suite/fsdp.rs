@@ -367,6 +367,35 @@ fn gradients_are_shards_and_gathered_returns_whole_parameters() {
         .unwrap();
 }
 
+#[test]
+fn streamed_safetensors_export_equals_the_gathered_models() {
+    let dir = TempDir(std::env::temp_dir().join(format!("fsdp-export-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (streamed, whole) = (dir.0.join("streamed.safetensors"), dir.0.join("whole.safetensors"));
+    let mut fabric = builder("fsdp", 3).build().unwrap();
+    fabric
+        .launch(|fabric| -> Result<(), FabricError> {
+            let device = *fabric.device();
+            let (mut model, mut optimizer) = fabric.setup(Mlp::deterministic(&device), adam())?;
+            let (x, y) = batch::<B>(fabric.global_rank() * 8, 8, &device);
+            let out = fabric.forward(&model, x, |m, x| m.forward(x));
+            fabric.backward((out - y).powi_scalar(2).mean(), &model)?;
+            model = optimizer.step(0.01, model)?;
+            fabric.export_safetensors(&model, &streamed)?;
+            let gathered = fabric.gathered(&model)?;
+            if fabric.is_global_zero() {
+                burn_fabric::export_safetensors(&gathered, &whole)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let streamed = std::fs::read(streamed).unwrap();
+    assert_eq!(streamed, std::fs::read(whole).unwrap());
+    // Whole parameters in PyTorch's layout: l1.weight is [16, 8] (Burn's [8, 16] transposed).
+    let file = safetensors::SafeTensors::deserialize(&streamed).unwrap();
+    assert_eq!(file.tensor("l1.weight").unwrap().shape(), [16, 8]);
+}
+
 /// Three blocks, each an FSDP unit, and a head outside any unit.
 #[derive(Module, Debug)]
 struct Stack<B: burn::tensor::backend::Backend> {
