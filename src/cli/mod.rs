@@ -32,8 +32,8 @@ pub enum Command {
     /// Run PROGRAM with the given Fabric settings, through mpirun when there is more than one
     /// process.
     Run(RunArgs),
-    /// Merge the shards of a checkpoint saved under `zero1`/`zero2` into one checkpoint file,
-    /// loadable at any world size.
+    /// Merge the shards of a checkpoint saved under `zero1`, `zero2` or `fsdp` into one
+    /// checkpoint file, loadable at any world size.
     Consolidate(ConsolidateArgs),
 }
 
@@ -53,7 +53,8 @@ pub struct RunArgs {
     /// auto, cpu, gpu, cuda or wgpu
     #[arg(long)]
     pub accelerator: Option<String>,
-    /// auto, single_device, ddp (or a Lightning DDP alias), zero1 (ddp_sharded), zero2
+    /// auto, single_device, ddp (or a Lightning DDP alias), zero1 (ddp_sharded), zero2, fsdp
+    /// (fsdp_full_shard), fsdp_shard_grad_op, fsdp_no_shard
     #[arg(long)]
     pub strategy: Option<String>,
     /// Devices (ranks) per process: a count, -1, auto, or ids like 0,2
