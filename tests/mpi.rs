@@ -11,6 +11,7 @@ mod common;
 use burn::backend::Flex;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, SgdConfig};
+use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{Fabric, FabricError, ReduceOp};
 use common::{B, train, train_on, worst_ratio};
@@ -138,9 +139,11 @@ fn fsdp_equivalence_across_processes() {
         return;
     }
     // Shards gathered and gradients reduce-scattered across processes (and across the threads
-    // of each): the same tolerance as DDP, for each sharding choice, with accumulation.
+    // of each): the same tolerance as DDP, for each sharding choice, with accumulation. Under
+    // hybrid_shard the shards are gathered within each process and the gradients averaged
+    // across all.
     let single = train(1, 1, STEPS, BATCH, 0.01, adam).unwrap();
-    for strategy in ["fsdp", "fsdp_shard_grad_op"] {
+    for strategy in ["fsdp", "fsdp_shard_grad_op", "fsdp_hybrid_shard"] {
         let fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
         let world = fabric.world_size();
         let fsdp = train_on(fabric, 2, STEPS, BATCH, 0.01, adam).unwrap();
@@ -149,6 +152,56 @@ fn fsdp_equivalence_across_processes() {
             ratio <= 1.0,
             "{strategy} across {world} ranks: {ratio} x tolerance"
         );
+    }
+    hybrid_shards_within_each_process_and_saves_one_copy();
+}
+
+/// Under hybrid_shard a process's ranks cut the parameters among themselves; the first process
+/// writes the checkpoint (one file per rank of a process), which full sharding across every
+/// rank loads (cut again) to the same parameters.
+fn hybrid_shards_within_each_process_and_saves_one_copy() {
+    let dir = std::env::temp_dir().join("fabric-mpi-hybrid.ckpt");
+    let mut saved = Vec::new();
+    for strategy in ["fsdp_hybrid_shard", "fsdp"] {
+        let mut fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
+        let params = fabric
+            .launch(|fabric| -> Result<_, FabricError> {
+                let device = *fabric.device();
+                let mut model = fabric.setup_module(common::Mlp::deterministic(&device))?;
+                let rows = model.l1.weight.val().dims()[0];
+                let cut = match strategy {
+                    "fsdp" => fabric.world_size(),
+                    _ => fabric.world_size() / 2,
+                };
+                assert_eq!(rows, 8_usize.div_ceil(cut), "{strategy}: rows of l1.weight");
+                if strategy == "fsdp" {
+                    let restore = burn_fabric::Restore::new().module("model", &mut model);
+                    fabric.load(&dir, restore)?;
+                } else {
+                    // Moved off the deterministic start, so that loading shows.
+                    model = model.map(&mut Doubled);
+                    fabric.save(&dir, burn_fabric::Checkpoint::new().module("model", &model))?;
+                }
+                Ok(common::params(&fabric.gathered(&model)?))
+            })
+            .unwrap();
+        saved.push(params);
+    }
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    let world = Fabric::<B>::builder().build().unwrap().world_size();
+    assert_eq!(files, world / 2, "one shard file per rank of a process");
+    assert_eq!(saved[0], saved[1]);
+}
+
+/// Doubles every float parameter.
+struct Doubled;
+
+impl burn::module::ModuleMapper<B> for Doubled {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        param.map(|t| t.mul_scalar(2.0))
     }
 }
 

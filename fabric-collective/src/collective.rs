@@ -155,6 +155,13 @@ pub trait Collective: Send + Sync {
 
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), CollectiveError>;
+
+    /// The ranks of this rank's process as a collective of their own (ranks numbered within the
+    /// process, `0..ranks_per_process`) when the job spans several processes; `None` when this
+    /// process holds the whole job. FSDP's `hybrid_shard` shards within it.
+    fn within_process(&self) -> Option<&dyn Collective> {
+        None
+    }
 }
 
 /// The length of `data` if `operation` can take it as a flat buffer: one dimension, a dtype that

@@ -65,6 +65,10 @@ impl HierarchicalCollective {
 }
 
 impl Collective for HierarchicalCollective {
+    fn within_process(&self) -> Option<&dyn Collective> {
+        Some(&self.local)
+    }
+
     fn rank(&self) -> usize {
         self.processes.rank() * self.local_size() + self.local.rank()
     }

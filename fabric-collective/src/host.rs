@@ -34,7 +34,7 @@ pub(crate) fn concat(parts: &[&[u8]], numel: usize, dtype: DType) -> TensorData 
 
 /// Elements `range` of a one-dimensional buffer, copied into a buffer of their own; `None` when
 /// the buffer is shorter.
-pub(crate) fn slice_flat(data: &TensorData, range: std::ops::Range<usize>) -> Option<TensorData> {
+pub fn slice_flat(data: &TensorData, range: std::ops::Range<usize>) -> Option<TensorData> {
     let size = data.dtype.size();
     let part = data.as_bytes().get(range.start * size..range.end * size)?;
     Some(concat(&[part], range.len(), data.dtype))

@@ -43,7 +43,7 @@ pub use device::{DeviceCollective, DeviceEngine, ThroughHost};
 pub use engine::device_engine;
 #[cfg(feature = "mpi")]
 pub use hierarchical::HierarchicalCollective;
-pub use host::{pack, split};
+pub use host::{pack, slice_flat, split};
 pub use processes::{Processes, Training};
 pub use single::SingleProcess;
 pub use thread_group::{ThreadCollective, ThreadGroup};

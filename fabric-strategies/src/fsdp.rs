@@ -18,7 +18,7 @@ use crate::strategy::Strategy;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp};
+use fabric_collective::{Collective, ReduceOp, slice_flat};
 use fabric_core::checkpoint::{
     RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_rows,
     shard_shape,
@@ -67,6 +67,7 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
         let exchange = Arc::new(CollectiveExchange {
             collective: state.shared_collective(),
+            hybrid: sharding == ShardingStrategy::HybridShard,
             error: Mutex::new(None),
         });
         Self {
@@ -112,6 +113,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
     fn name(&self) -> &'static str {
         match self.sharding {
             ShardingStrategy::ShardGradOp => "fsdp_shard_grad_op",
+            ShardingStrategy::HybridShard => "fsdp_hybrid_shard",
             _ => "fsdp",
         }
     }
@@ -133,8 +135,8 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         &self,
         params: Vec<SetupParam<Inner<B>>>,
     ) -> Result<Vec<SetupParam<Inner<B>>>, FabricError> {
-        let collective = self.collective();
-        let (rank, world) = (collective.rank(), collective.world_size());
+        let group = self.shard_group();
+        let (rank, world) = (group.rank(), group.world_size());
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
         let mut known = HashMap::clone(&shapes);
         let sharded = params
@@ -164,7 +166,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             shapes: Arc::clone(&shapes),
             exchange: self.exchange.clone(),
             tracked: TrackedGather::of::<B>(),
-            release: self.sharding == ShardingStrategy::FullShard,
+            release: self.sharding != ShardingStrategy::ShardGradOp,
             auto_wrap: self.auto_wrap.clone(),
         })
     }
@@ -197,13 +199,14 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         norm_type: f64,
     ) -> Result<f64, FabricError> {
         crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, |partial| {
-            crate::sharded::combine_norm(self, partial, norm_type)
+            crate::sharded::combine_norm(self.shard_group(), partial, norm_type)
         })
     }
 
     /// Every rank writes its own shard file (its rows of the parameters and of the optimizer
     /// state) in the directory `path`, marked with the whole shapes so that the checkpoint can
     /// be merged ([`fabric_core::checkpoint::consolidate`]) and cut again at any world size.
+    /// Under `hybrid_shard` the ranks of the first process write (the others hold copies).
     fn save_checkpoint(&self, path: &Path, encode: EncodeEntries<'_>) -> Result<(), FabricError> {
         let marker = self.layout().entry();
         let marked = |file: &Path| {
@@ -211,15 +214,18 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             entries.push(marker.clone());
             Ok(entries)
         };
-        crate::sharded::save(self, path, &marked)
+        let group = self.shard_group();
+        let first_copy = self.collective().rank() < group.world_size();
+        let shard = first_copy.then(|| (group.rank(), group.world_size()));
+        crate::sharded::save_shard(self, path, &marked, shard)
     }
 
     /// Each rank reads its own shard file when `path` holds FSDP shards of this world size;
     /// any other checkpoint (FSDP shards of another world size, ZeRO shards, a whole file) is
     /// read whole and cut to this rank's rows.
     fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
-        let collective = self.collective();
-        let (rank, world) = (collective.rank(), collective.world_size());
+        let group = self.shard_group();
+        let (rank, world) = (group.rank(), group.world_size());
         let read = || {
             let files = match path.is_dir() {
                 true => shard_files(path)?,
@@ -243,11 +249,18 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
 }
 
 impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
-    /// This rank's layout: the world size and the whole shapes of the sharded parameters.
+    /// The ranks that share the parameters out between them: the process's ranks under
+    /// `hybrid_shard` in a job of several processes, every rank otherwise.
+    fn shard_group(&self) -> &dyn Collective {
+        shard_group(self.collective(), self.sharding == ShardingStrategy::HybridShard)
+    }
+
+    /// This rank's layout: the ranks one copy is cut among and the whole shapes of the sharded
+    /// parameters.
     fn layout(&self) -> RowShards {
         let shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
         RowShards {
-            world_size: self.collective().world_size(),
+            world_size: self.shard_group().world_size(),
             shapes: shapes
                 .iter()
                 .map(|(id, shape)| (id.serialize(), shape.clone()))
@@ -277,9 +290,20 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     }
 }
 
+/// The ranks one copy of the parameters is cut among: the process's under `hybrid`, when the
+/// job spans several processes; every rank otherwise.
+fn shard_group(world: &dyn Collective, hybrid: bool) -> &dyn Collective {
+    match hybrid {
+        true => world.within_process().unwrap_or(world),
+        false => world,
+    }
+}
+
 /// The rank's collective as a [`ShardExchange`], keeping the first error.
 struct CollectiveExchange {
     collective: Arc<dyn Collective>,
+    /// `hybrid_shard`: gather within the process, average over every rank.
+    hybrid: bool,
     error: Mutex<Option<CollectiveError>>,
 }
 
@@ -297,29 +321,48 @@ impl CollectiveExchange {
             .unwrap_or_else(PoisonError::into_inner)
             .take()
     }
+
+    /// The averaged gradient's part for this rank's shard: a reduce-scatter over every rank,
+    /// or under `hybrid_shard` across processes an all-reduce over every rank and this rank's
+    /// block of its process's cut.
+    fn average(&self, grad: TensorData) -> Result<TensorData, CollectiveError> {
+        let world = &*self.collective;
+        let Some(group) = world.within_process().filter(|_| self.hybrid) else {
+            return world.reduce_scatter(grad, ReduceOp::Mean);
+        };
+        let len = grad.num_elements() / group.world_size().max(1);
+        let start = group.rank() * len;
+        let whole = world.all_reduce(grad, ReduceOp::Mean)?;
+        slice_flat(&whole, start..start + len).ok_or_else(|| CollectiveError::InvalidShape {
+            rank: world.rank(),
+            operation: "reduce_scatter",
+            shape: whole.shape.to_vec(),
+            valid: format!("a length that divides into {} shards", group.world_size()),
+        })
+    }
 }
 
 impl ShardExchange for CollectiveExchange {
     fn gather(&self, shard: TensorData) -> TensorData {
         let (len, dtype) = (shard.num_elements(), shard.dtype);
-        let world = self.collective.world_size();
-        self.collective
+        let group = shard_group(&*self.collective, self.hybrid);
+        group
             .all_gather_flat(shard)
-            .unwrap_or_else(|e| self.fail(e, len * world, dtype))
+            .unwrap_or_else(|e| self.fail(e, len * group.world_size(), dtype))
     }
 
     /// Reduces in f32 whatever the gradient's dtype (half-precision gradients of `*-mixed`).
     fn scatter(&self, grad: TensorData) -> TensorData {
         let (len, dtype) = (grad.num_elements(), grad.dtype);
-        let world = self.collective.world_size().max(1);
+        let parts = shard_group(&*self.collective, self.hybrid).world_size().max(1);
         let grad = match dtype {
             DType::F32 | DType::F64 => grad,
             _ => grad.convert::<f32>(),
         };
-        match self.collective.reduce_scatter(grad, ReduceOp::Mean) {
+        match self.average(grad) {
             Ok(shard) if shard.dtype == dtype => shard,
             Ok(shard) => shard.convert_dtype(dtype),
-            Err(e) => self.fail(e, len / world, dtype),
+            Err(e) => self.fail(e, len / parts, dtype),
         }
     }
 }

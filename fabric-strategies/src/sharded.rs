@@ -8,7 +8,7 @@ use crate::module::{FlatGrad, ParamSlot, StepTarget};
 use crate::strategy::Strategy;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use fabric_collective::{ReduceOp, all_reduce_scalar};
+use fabric_collective::{Collective, ReduceOp, all_reduce_scalar};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     FSDP_SHARDS_KEY, encode, error, read_consolidated, remove_stale_temporaries, shard_file_name,
@@ -85,8 +85,8 @@ pub fn step<B: AutodiffBackend, S: Sharded<B> + ?Sized>(
 /// Combines this rank's partial gradient norm into the job's (a sum of `|g|^p`, or the max for
 /// the infinity norm): each rank holds only its own gradients (its parameters under ZeRO, its
 /// rows of every parameter under FSDP).
-pub fn combine_norm<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
-    strategy: &S,
+pub fn combine_norm(
+    collective: &dyn Collective,
     partial: f64,
     norm_type: f64,
 ) -> Result<f64, FabricError> {
@@ -95,7 +95,7 @@ pub fn combine_norm<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
     } else {
         ReduceOp::Sum
     };
-    all_reduce_scalar(strategy.collective(), partial, op)
+    all_reduce_scalar(collective, partial, op)
 }
 
 /// Every rank writes its own file in the directory `path`, `shard-RRRRR-of-NNNNN.fabric`,
@@ -106,15 +106,29 @@ pub fn save<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
     path: &Path,
     encode_entries: EncodeEntries<'_>,
 ) -> Result<(), FabricError> {
+    let collective = strategy.collective();
+    let shard = (collective.rank(), collective.world_size());
+    save_shard(strategy, path, encode_entries, Some(shard))
+}
+
+/// Writes this rank's file as shard `(rank, of)` of the directory `path` (`None`: this rank
+/// writes nothing, another holds the same shard), and agrees on the outcome with every rank.
+pub fn save_shard<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
+    strategy: &S,
+    path: &Path,
+    encode_entries: EncodeEntries<'_>,
+    shard: Option<(usize, usize)>,
+) -> Result<(), FabricError> {
     let state = strategy.rank_state();
-    let collective = state.collective();
-    let written =
-        prepare_shard_dir(path, collective.rank(), collective.world_size()).and_then(|file| {
+    let written = match shard {
+        Some((rank, of)) => prepare_shard_dir(path, rank, of).and_then(|file| {
             let entries = checkpoint_io::entries(state, &file, encode_entries)?;
             write_atomic(&file, &encode(&entries))
-        });
+        }),
+        None => Ok(()),
+    };
     checkpoint_io::agree(
-        collective,
+        state.collective(),
         "save",
         path,
         written,

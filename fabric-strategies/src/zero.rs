@@ -136,7 +136,7 @@ impl<B: AutodiffBackend> Strategy<B> for Zero<B> {
         norm_type: f64,
     ) -> Result<f64, FabricError> {
         crate::grads::clip_norm(self.rank_state(), module, max_norm, norm_type, |partial| {
-            sharded::combine_norm(self, partial, norm_type)
+            sharded::combine_norm(self.collective(), partial, norm_type)
         })
     }
 

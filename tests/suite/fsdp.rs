@@ -181,7 +181,8 @@ fn fsdp_equals_one_rank_for_each_sharding_choice_and_world_size() {
             run("single_device", 1).train(0.01, adam).unwrap(),
         ),
     ] {
-        for strategy in ["fsdp", "fsdp_shard_grad_op"] {
+        // One process: hybrid_shard is full_shard.
+        for strategy in ["fsdp", "fsdp_shard_grad_op", "fsdp_hybrid_shard"] {
             for devices in [2, 3, 4] {
                 let run = run(strategy, devices);
                 let got = match name {

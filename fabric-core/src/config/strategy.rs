@@ -42,11 +42,15 @@ pub enum ShardingStrategy {
     ShardGradOp,
     /// `no_shard`: plain DDP.
     NoShard,
+    /// `hybrid_shard`: `full_shard` among the ranks of each process (node), replicated across
+    /// processes: parameters are gathered within a process only; gradients are averaged over
+    /// every rank (an all-reduce across processes). In a single-process job it is `full_shard`.
+    HybridShard,
 }
 
 impl ShardingStrategy {
     /// The names, as PyTorch spells them in lower case.
-    pub const NAMES: [&'static str; 3] = ["full_shard", "shard_grad_op", "no_shard"];
+    pub const NAMES: [&'static str; 4] = ["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"];
 
     /// The name, as PyTorch spells it in lower case.
     pub fn as_str(&self) -> &'static str {
@@ -54,6 +58,7 @@ impl ShardingStrategy {
             ShardingStrategy::FullShard => "full_shard",
             ShardingStrategy::ShardGradOp => "shard_grad_op",
             ShardingStrategy::NoShard => "no_shard",
+            ShardingStrategy::HybridShard => "hybrid_shard",
         }
     }
 }
@@ -72,10 +77,12 @@ impl FromStr for ShardingStrategy {
             "full_shard" => Ok(ShardingStrategy::FullShard),
             "shard_grad_op" => Ok(ShardingStrategy::ShardGradOp),
             "no_shard" => Ok(ShardingStrategy::NoShard),
-            "hybrid_shard" | "_hybrid_shard_zero2" => Err(FabricError::StrategyNotAvailable {
+            "hybrid_shard" => Ok(ShardingStrategy::HybridShard),
+            "_hybrid_shard_zero2" => Err(FabricError::StrategyNotAvailable {
                 strategy: s.to_string(),
                 reason: format!(
-                    "hybrid sharding is not implemented yet; use one of {}",
+                    "hybrid sharding with parameters kept from forward to backward is not \
+                     implemented; use one of {}",
                     list(&Self::NAMES)
                 ),
             }),
@@ -124,7 +131,7 @@ const NOT_AVAILABLE: [&str; 13] = [
 
 impl StrategyChoice {
     /// The canonical names.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "auto",
         "single_device",
         "ddp",
@@ -133,6 +140,7 @@ impl StrategyChoice {
         "fsdp",
         "fsdp_shard_grad_op",
         "fsdp_no_shard",
+        "fsdp_hybrid_shard",
     ];
 
     /// The canonical name.
@@ -146,6 +154,7 @@ impl StrategyChoice {
             StrategyChoice::Fsdp(ShardingStrategy::FullShard) => "fsdp",
             StrategyChoice::Fsdp(ShardingStrategy::ShardGradOp) => "fsdp_shard_grad_op",
             StrategyChoice::Fsdp(ShardingStrategy::NoShard) => "fsdp_no_shard",
+            StrategyChoice::Fsdp(ShardingStrategy::HybridShard) => "fsdp_hybrid_shard",
         }
     }
 }
@@ -217,10 +226,14 @@ mod tests {
         for name in StrategyChoice::NAMES {
             assert_eq!(parse(name).unwrap().as_str(), name);
         }
-        let hybrid = parse("fsdp_hybrid_shard").unwrap_err().to_string();
+        assert_eq!(
+            parse("fsdp_hybrid_shard").unwrap(),
+            ShardingStrategy::HybridShard.into()
+        );
+        let zero2 = parse("fsdp__hybrid_shard_zero2").unwrap_err().to_string();
         assert!(
-            hybrid.contains("hybrid") && hybrid.contains("full_shard"),
-            "{hybrid}"
+            zero2.contains("hybrid") && zero2.contains("full_shard"),
+            "{zero2}"
         );
         let bad = parse("fsdp_everything").unwrap_err().to_string();
         assert!(
