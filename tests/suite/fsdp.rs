@@ -476,35 +476,3 @@ fn units_gather_and_reduce_scatter_block_by_block_and_train_like_one_rank() {
     }
 }
 
-/// The stack's whole parameters right after `setup` of a freshly (lazily) initialised model
-/// under `strategy` on `devices` ranks, after `seed_everything(7)`.
-fn initial_stack(strategy: &str, devices: usize) -> Vec<Vec<f32>> {
-    let mut fabric = builder(strategy, devices).build().unwrap();
-    fabric.seed_everything(7);
-    fabric
-        .launch(|fabric| -> Result<Vec<Vec<f32>>, FabricError> {
-            let device = *fabric.device();
-            let lazy = Stack {
-                blocks: (0..3)
-                    .map(|_| burn::nn::LinearConfig::new(6, 6).init(&device))
-                    .collect(),
-                head: burn::nn::LinearConfig::new(6, 3).init(&device),
-            };
-            let model = fabric.setup_module(lazy)?;
-            Ok(common::params(&fabric.gathered(&model)?))
-        })
-        .unwrap()
-}
-
-#[test]
-fn a_lazily_built_model_is_placed_shard_by_shard_and_is_the_same_at_every_world_size() {
-    let one = initial_stack("fsdp", 1);
-    assert_eq!(
-        one,
-        initial_stack("ddp", 1),
-        "as plain setup initialises it"
-    );
-    for devices in [2, 3, 4] {
-        assert_eq!(initial_stack("fsdp", devices), one, "{devices} ranks");
-    }
-}

@@ -5,6 +5,7 @@ mod dcgan;
 mod fsdp_memory;
 mod image_classifier;
 mod kfold_cv;
+mod language_model;
 mod meta_learning;
 mod reinforcement_learning;
 mod trainer;
