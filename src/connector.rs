@@ -147,11 +147,9 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             }
             StrategyChoice::Zero1 => Arc::new(Zero::new(state, ZeroStage::One)),
             StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
-            StrategyChoice::Fsdp(sharding) => Arc::new(Fsdp::new(
-                state,
-                sharding,
-                self.config.auto_wrap.clone(),
-            )),
+            StrategyChoice::Fsdp(sharding) => {
+                Arc::new(Fsdp::new(state, sharding, self.config.auto_wrap.clone()))
+            }
         })
     }
 

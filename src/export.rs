@@ -79,7 +79,8 @@ pub(crate) fn export_sharded<B: Backend, M: Module<B>>(
     safetensors::serialize_to_file(tensors, Some(metadata), &temporary)
         .map_err(|e| fail(format!("cannot write safetensors: {e}")))?;
     sort_header_in_place(&temporary).map_err(fail)?;
-    std::fs::rename(&temporary, path).map_err(|e| fail(format!("cannot rename {}: {e}", temporary.display())))
+    std::fs::rename(&temporary, path)
+        .map_err(|e| fail(format!("cannot rename {}: {e}", temporary.display())))
 }
 
 /// `shard`'s whole parameter of `shape`, gathered from every rank when its data is asked for.
@@ -97,7 +98,11 @@ fn gathered(shard: TensorSnapshot, shape: Vec<usize>, gather: &ParamGather) -> T
         let mut bytes = exchange.gather(flat).into_bytes().to_vec();
         // Without the padding rows.
         bytes.truncate(numel * dtype.size());
-        Ok(TensorData::from_bytes_vec(bytes, whole_shape.clone(), dtype))
+        Ok(TensorData::from_bytes_vec(
+            bytes,
+            whole_shape.clone(),
+            dtype,
+        ))
     });
     TensorSnapshot::from_closure(data, dtype, shape.into(), path_stack, container_stack, id)
 }

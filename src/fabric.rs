@@ -18,14 +18,14 @@ use fabric_core::environment::ClusterEnvironment;
 use fabric_core::loader::{DataLoader, RankDataLoader};
 use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
-use fabric_precision::{GradScalerState, PrecisionPlugin};
+use fabric_precision::{ForwardInput, GradScalerState, PrecisionPlugin};
 use fabric_strategies::{
     AssignParams, CollectParams, GatherParams, ParamGather, Params, PlaceShards, Strategy,
 };
 use std::error::Error;
 use std::fmt::Display;
-use std::path::Path;
 use std::marker::PhantomData;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -432,10 +432,14 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// checkpoints. (BatchNorm's running statistics keep Burn's ids: Burn does not let a
     /// mapper change them.)
     ///
-    /// Under FSDP the parameters are placed one at a time: rank 0 initialises each (Burn's
-    /// lazy parameters are initialised then, in visit order, so the model is the same at every
-    /// world size) and every rank keeps its block of rows; the other ranks never initialise
-    /// the model, and no rank holds more than one whole parameter.
+    /// Rank 0 initialises the parameters (Burn's lazy parameters are initialised then, in visit
+    /// order from the seed) before any other rank draws from the process's random generator,
+    /// so the model is the same at every world size and in every run.
+    ///
+    /// Under FSDP the parameters are placed one at a time: rank 0 initialises each and every
+    /// rank keeps its block of rows; the other ranks never initialise the model, and no rank
+    /// holds more than one whole parameter. Buffers (parameters that need no gradient and are
+    /// initialised already, such as BatchNorm's running statistics) stay as each rank has them.
     pub fn setup_module<M: AutodiffModule<B>>(&mut self, model: M) -> Result<M, FabricError> {
         let index = self.setups;
         let rank = self.rank("setup_module")?;
@@ -453,15 +457,23 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
             self.call(|callback| callback.on_after_setup());
             return Ok(model);
         }
+        let several = rank.info.world_size > 1;
+        // The others draw (values the broadcast then replaces) once rank 0 has drawn.
+        if several && rank.info.global_rank != 0 {
+            strategy.collective().barrier()?;
+        }
         let model = strategy
             .precision()
             .convert_module(model.fork(strategy.device()));
         let mut collect = CollectParams::<B>::default();
         model.visit(&mut collect);
+        if several && rank.info.global_rank == 0 {
+            strategy.collective().barrier()?;
+        }
         let ids: Vec<ParamId> = ids.take(collect.ids.len()).collect();
-        let values = match rank.info.world_size {
-            1 => collect.values,
-            _ => strategy.broadcast_parameters(collect.values)?,
+        let values = match several {
+            false => collect.values,
+            true => strategy.broadcast_parameters(collect.values)?,
         };
         let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
         self.setups += 1;
@@ -578,7 +590,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         Some(grad.reshape(param.lazy_shape()))
     }
 
-    /// Runs `forward` on `model` as the precision wants: `input` cast to the compute dtype, the
+    /// Runs `forward` on `model` as the precision wants: `input` cast to the compute dtype (a
+    /// float tensor; an integer or boolean one, token ids or a mask, passes as it is), the
     /// model's half-precision view under `*-mixed`, the output cast back to f32. Under FSDP the
     /// view's sharded parameters are gathered when `forward` first uses them (and by
     /// [`unit`](crate::unit)s): every rank must run the same forward passes, using the same
@@ -591,15 +604,16 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// ```
     ///
     /// Works for a training module and for its `valid()` inner module alike.
-    pub fn forward<BT, M, const DI: usize, const DO: usize>(
+    pub fn forward<BT, M, I, const DO: usize>(
         &self,
         model: &M,
-        input: Tensor<BT, DI>,
-        forward: impl FnOnce(&M, Tensor<BT, DI>) -> Tensor<BT, DO>,
+        input: I,
+        forward: impl FnOnce(&M, I) -> Tensor<BT, DO>,
     ) -> Tensor<BT, DO>
     where
         BT: Backend,
         M: Module<BT>,
+        I: ForwardInput<BT>,
     {
         let plugin = self.precision_plugin();
         match self.param_gather() {

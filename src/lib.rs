@@ -58,7 +58,7 @@ pub use fabric_core::rank::RankInfo;
 pub use fabric_core::sampler::DistributedSampler;
 pub use fabric_core::throughput::Throughput;
 pub use fabric_core::{CollectiveError, FabricError};
-pub use fabric_precision::{GradScalerState, PrecisionMode};
+pub use fabric_precision::{ForwardInput, GradScalerState, PrecisionMode};
 
 /// The crates behind the façade, for what it does not re-export.
 pub use burn;

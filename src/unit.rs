@@ -98,8 +98,12 @@ impl Lazy<'_> {
         if !field.params.is_empty() && field.module_type.as_deref().is_some_and(wraps) {
             let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
             let unit = units.members.len();
-            units.members.push(field.params.iter().map(|(id, _)| *id).collect());
-            units.unit_of.extend(field.params.iter().map(|(id, _)| (*id, unit)));
+            units
+                .members
+                .push(field.params.iter().map(|(id, _)| *id).collect());
+            units
+                .unit_of
+                .extend(field.params.iter().map(|(id, _)| (*id, unit)));
         } else if let Some(outer) = self.open.last_mut() {
             outer.params.extend(field.params);
         }
@@ -181,9 +185,10 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
         };
         let boxed = gather.clone();
         let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
-        units
-            .pending
-            .insert(id, Box::new(move || Box::new(boxed()) as Box<dyn Any + Send>));
+        units.pending.insert(
+            id,
+            Box::new(move || Box::new(boxed()) as Box<dyn Any + Send>),
+        );
         let units = self.units.clone();
         let init = move |_: &BT::Device, _: bool| {
             let lock = || units.lock().unwrap_or_else(PoisonError::into_inner);

@@ -9,9 +9,9 @@
 mod common;
 
 use burn::backend::Flex;
+use burn::module::Module;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, SgdConfig};
-use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{Fabric, FabricError, ReduceOp};
 use common::{B, train, train_on, worst_ratio};

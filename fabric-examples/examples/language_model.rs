@@ -15,14 +15,12 @@
 //! `--prompt` (sampled at `--temperature` with `--seed`, or greedy).
 
 use burn::data::dataset::Dataset;
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::{AdamWConfig, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use burn_fabric::prelude::*;
-use burn_fabric::{
-    BackendDevices, Checkpoint, Restore, ShardingStrategy, StrategyChoice, step_checkpoint,
-};
+use burn_fabric::{BackendDevices, Checkpoint, Restore, step_checkpoint};
 use clap::Parser;
 use fabric_examples::args::FabricArgs;
 use fabric_examples::gpt::{self, Gpt, GptConfig, Sampling, Size};
@@ -168,23 +166,10 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
     corpus: &Corpus,
     prompt: &[u32],
 ) -> Result<(Vec<EpochMetrics>, u64, Vec<u32>), FabricError> {
-    // Rank 0 draws the lazy parameters, in visit order from the seed, so that every world
-    // size and strategy trains the same model. FSDP's `setup` draws them there one at a time,
-    // and no rank ever holds the whole model. A whole-model strategy's ranks would all draw at
-    // `setup` from the process's one generator (Flex), so rank 0 draws first while the others
-    // wait; `setup` then gives every rank rank 0's parameters.
-    let model = match fabric.strategy() {
-        StrategyChoice::Fsdp(s) if s != ShardingStrategy::NoShard => model.clone(),
-        _ => {
-            let model = match fabric.is_global_zero() {
-                true => model.clone().fork(fabric.device()),
-                false => model.clone(),
-            };
-            fabric.barrier()?;
-            model
-        }
-    };
-    let (mut model, mut optimizer) = fabric.setup(model, AdamWConfig::new().init())?;
+    // `setup` has rank 0 draw the lazy parameters in visit order from the seed before any other
+    // rank, and gives every rank its values (under FSDP one parameter at a time, each rank
+    // keeping its rows): every world size and strategy trains the same model.
+    let (mut model, mut optimizer) = fabric.setup(model.clone(), AdamWConfig::new().init())?;
     let train = TokenBlocks::new(corpus.train.clone(), config.block_size, None);
     let mut loader = fabric.setup_dataloader(
         DataLoader::new(train, TokenBatcher)
@@ -318,15 +303,13 @@ fn train_rank<B: AutodiffBackend + BackendDevices>(
 }
 
 /// The model's next-token logits `[batch, len, vocab]` in f32, run in the precision's context
-/// (and, under FSDP, gathering the parameters): `Fabric::forward` for integer inputs.
+/// (and, under FSDP, gathering the parameters).
 fn logits<BT: burn::tensor::backend::Backend, B: AutodiffBackend + BackendDevices>(
     fabric: &Fabric<B>,
     model: &Gpt<BT>,
     tokens: Tensor<BT, 2, Int>,
 ) -> Tensor<BT, 3> {
-    // `Fabric::forward` takes float inputs (it casts them to the compute dtype); token ids are
-    // integers, so this is what it does for them: autocast, forward, output to f32.
-    fabric.autocast(model, |m| fabric.cast_output(m.forward(tokens)))
+    fabric.forward(model, tokens, |m, tokens| m.forward(tokens))
 }
 
 /// The mean loss over every character of the validation blocks: each rank runs its share

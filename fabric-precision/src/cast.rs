@@ -32,3 +32,28 @@ impl<B: Backend> ModuleMapper<B> for CastParams {
         Param::from_mapped_value(id, cast, mapper)
     }
 }
+
+/// What a forward pass takes as its input: a float tensor, cast to the precision's compute
+/// dtype, or an integer or boolean tensor (token ids, masks), passed as it is.
+pub trait ForwardInput<B: Backend>: Sized {
+    /// The input as the forward pass under `plugin` takes it.
+    fn to_compute(self, plugin: &crate::PrecisionPlugin) -> Self;
+}
+
+impl<B: Backend, const D: usize> ForwardInput<B> for Tensor<B, D> {
+    fn to_compute(self, plugin: &crate::PrecisionPlugin) -> Self {
+        plugin.convert_input(self)
+    }
+}
+
+impl<B: Backend, const D: usize> ForwardInput<B> for Tensor<B, D, burn::tensor::Int> {
+    fn to_compute(self, _: &crate::PrecisionPlugin) -> Self {
+        self
+    }
+}
+
+impl<B: Backend, const D: usize> ForwardInput<B> for Tensor<B, D, burn::tensor::Bool> {
+    fn to_compute(self, _: &crate::PrecisionPlugin) -> Self {
+        self
+    }
+}

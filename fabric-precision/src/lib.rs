@@ -16,7 +16,7 @@ mod grad_scaler;
 mod plugin;
 mod support;
 
-pub use cast::CastParams;
+pub use cast::{CastParams, ForwardInput};
 pub use grad_scaler::{GradScaler, GradScalerState};
 pub use plugin::{GRAD_SCALER_KEY, PrecisionMode, PrecisionPlugin};
 pub use support::{backends_supporting, check_available, check_backend};

@@ -116,19 +116,21 @@ impl PrecisionPlugin {
         })
     }
 
-    /// Runs `forward` on `model` in the precision context: `input` cast to the compute dtype,
-    /// the model's half-precision view under `*-mixed`, the output cast back to f32.
-    pub fn forward<BK, M, const DI: usize, const DO: usize>(
+    /// Runs `forward` on `model` in the precision context: `input` cast to the compute dtype (a
+    /// float input; token ids and masks pass as they are), the model's half-precision view
+    /// under `*-mixed`, the output cast back to f32.
+    pub fn forward<BK, M, I, const DO: usize>(
         &self,
         model: &M,
-        input: Tensor<BK, DI>,
-        forward: impl FnOnce(&M, Tensor<BK, DI>) -> Tensor<BK, DO>,
+        input: I,
+        forward: impl FnOnce(&M, I) -> Tensor<BK, DO>,
     ) -> Tensor<BK, DO>
     where
         BK: Backend,
         M: Module<BK>,
+        I: crate::ForwardInput<BK>,
     {
-        let input = self.convert_input(input);
+        let input = input.to_compute(self);
         let output = self.autocast(model, |m| forward(m, input));
         self.convert_output(output)
     }

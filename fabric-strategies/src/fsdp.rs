@@ -252,7 +252,10 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// The ranks that share the parameters out between them: the process's ranks under
     /// `hybrid_shard` in a job of several processes, every rank otherwise.
     fn shard_group(&self) -> &dyn Collective {
-        shard_group(self.collective(), self.sharding == ShardingStrategy::HybridShard)
+        shard_group(
+            self.collective(),
+            self.sharding == ShardingStrategy::HybridShard,
+        )
     }
 
     /// This rank's layout: the ranks one copy is cut among and the whole shapes of the sharded
@@ -354,7 +357,9 @@ impl ShardExchange for CollectiveExchange {
     /// Reduces in f32 whatever the gradient's dtype (half-precision gradients of `*-mixed`).
     fn scatter(&self, grad: TensorData) -> TensorData {
         let (len, dtype) = (grad.num_elements(), grad.dtype);
-        let parts = shard_group(&*self.collective, self.hybrid).world_size().max(1);
+        let parts = shard_group(&*self.collective, self.hybrid)
+            .world_size()
+            .max(1);
         let grad = match dtype {
             DType::F32 | DType::F64 => grad,
             _ => grad.convert::<f32>(),
@@ -479,6 +484,11 @@ impl<B: AutodiffBackend, I: Iterator<Item = ParamId>> ModuleMapper<B> for PlaceS
         let Some(id) = self.ids.next() else {
             return param;
         };
+        // A buffer (BatchNorm's running statistics): Burn maps it while holding a lock that
+        // clones of the module share, so no collective may run here; it stays as it is.
+        if param.is_initialized() && !param.val().is_require_grad() {
+            return param;
+        }
         let shape = param.lazy_shape().to_vec();
         let placed = self.broadcast(&param).and_then(|(value, trainable)| {
             let setup = SetupParam {

@@ -305,7 +305,13 @@ fn sharded_checkpoints_resume_at_any_world_size_and_under_any_strategy() {
     // At the world size that saved it: each rank reads its own shard, bit for bit.
     assert_eq!(resume("fsdp", 4).params, whole.params);
     // Elsewhere the rows (of the parameters and of Adam's moments) are merged and cut again.
-    for (strategy, devices) in [("fsdp", 2), ("fsdp", 1), ("fsdp", 3), ("zero2", 2), ("ddp", 2)] {
+    for (strategy, devices) in [
+        ("fsdp", 2),
+        ("fsdp", 1),
+        ("fsdp", 3),
+        ("zero2", 2),
+        ("ddp", 2),
+    ] {
         let label = format!("saved by fsdp at 4 ranks, resumed by {strategy} at {devices}");
         assert_close(&label, &resume(strategy, devices), &single);
     }
@@ -372,7 +378,10 @@ fn gradients_are_shards_and_gathered_returns_whole_parameters() {
 fn streamed_safetensors_export_equals_the_gathered_models() {
     let dir = TempDir(std::env::temp_dir().join(format!("fsdp-export-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).unwrap();
-    let (streamed, whole) = (dir.0.join("streamed.safetensors"), dir.0.join("whole.safetensors"));
+    let (streamed, whole) = (
+        dir.0.join("streamed.safetensors"),
+        dir.0.join("whole.safetensors"),
+    );
     let mut fabric = builder("fsdp", 3).build().unwrap();
     fabric
         .launch(|fabric| -> Result<(), FabricError> {
@@ -475,4 +484,3 @@ fn units_gather_and_reduce_scatter_block_by_block_and_train_like_one_rank() {
         }
     }
 }
-

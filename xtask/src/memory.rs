@@ -80,7 +80,10 @@ pub fn rows(quick: bool, skipped: &mut Vec<String>) -> Result<Vec<Row>, Error> {
         },
     };
     println!("\nFSDP memory: {}, one rank per process", stack.describe());
-    println!("| processes | {} | goal budget |", RUNS.map(|r| r.0).join(" | "));
+    println!(
+        "| processes | {} | goal budget |",
+        RUNS.map(|r| r.0).join(" | ")
+    );
     println!("|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for world in [1, 2, 4] {
@@ -150,9 +153,19 @@ fn largest_peak(stack: &Stack, world: usize, flags: &[&str]) -> Result<f64, Erro
     let example = debug.join("examples").join("fsdp_memory");
     let (layers, width) = (stack.layers.to_string(), stack.width.to_string());
     let (batch, steps) = (stack.batch.to_string(), stack.steps.to_string());
-    let what = format!("fabric run --num-nodes {world} -- fsdp_memory {}", flags.join(" "));
+    let what = format!(
+        "fabric run --num-nodes {world} -- fsdp_memory {}",
+        flags.join(" ")
+    );
     let output = Command::new(debug.join("fabric"))
-        .args(["run", "--num-nodes", &world.to_string(), "--devices", "1", "--"])
+        .args([
+            "run",
+            "--num-nodes",
+            &world.to_string(),
+            "--devices",
+            "1",
+            "--",
+        ])
         .arg(&example)
         .args(["--layers", &layers, "--width", &width, "--batch", &batch])
         .args(["--steps", &steps])
@@ -214,6 +227,10 @@ mod tests {
         };
         assert_eq!(stack.params(), 201_424_896);
         // 16 B × 201M / 4 = 768.3 MiB, two units 32.0 MiB, activations 6 MiB.
-        assert!((stack.budget_mib(4) - 806.3).abs() < 0.5, "{}", stack.budget_mib(4));
+        assert!(
+            (stack.budget_mib(4) - 806.3).abs() < 0.5,
+            "{}",
+            stack.budget_mib(4)
+        );
     }
 }
