@@ -4,8 +4,10 @@
 use crate::rows::Row;
 use std::fmt::Write as _;
 
-const LABEL_WIDTH: f64 = 560.0;
 const PLOT_WIDTH: f64 = 400.0;
+/// A generous width of one character of the 12 px sans-serif labels (wide letters included),
+/// so that the longest label fits whole left of the bars.
+const CHAR_WIDTH: f64 = 7.5;
 const ROW_HEIGHT: f64 = 22.0;
 const TOP: f64 = 30.0;
 
@@ -15,17 +17,29 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The label of `row`.
+fn label(row: &Row) -> String {
+    format!("{}: {}", row.section, row.name)
+}
+
+/// The width left of the bars: the longest label, whole, and a margin on each side.
+fn label_width(rows: &[Row]) -> f64 {
+    let longest = rows.iter().map(|r| label(r).chars().count()).max();
+    longest.map_or(0.0, |n| n as f64 * CHAR_WIDTH) + 24.0
+}
+
 /// The chart as an SVG document.
 pub fn svg(title: &str, rows: &[Row]) -> String {
     let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let left = label_width(rows);
     // The axis reaches past every ratio and goal, and at least to 2.
     let max = rows
         .iter()
         .flat_map(|r| [finite(r.ratio), r.goal.map_or(0.0, |g| g.value())])
         .fold(2.0f64, f64::max)
         * 1.05;
-    let x = |value: f64| LABEL_WIDTH + PLOT_WIDTH * (finite(value).max(0.0) / max);
-    let width = LABEL_WIDTH + PLOT_WIDTH + 60.0;
+    let x = |value: f64| left + PLOT_WIDTH * (finite(value).max(0.0) / max);
+    let width = left + PLOT_WIDTH + 60.0;
     let height = TOP + ROW_HEIGHT * rows.len() as f64 + 30.0;
     let mut out = String::new();
     let _ = writeln!(
@@ -45,19 +59,19 @@ pub fn svg(title: &str, rows: &[Row]) -> String {
             Some(_) => "#c94040",
             None => "#8c8c8c",
         };
-        let label = format!("{}: {}", row.section, row.name);
+        let label = label(row);
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            LABEL_WIDTH - 8.0,
+            left - 8.0,
             y + 15.0,
             escape(&label)
         );
         let _ = writeln!(
             out,
-            r#"<rect x="{LABEL_WIDTH}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#,
+            r#"<rect x="{left}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{colour}"/>"#,
             y + 4.0,
-            x(row.ratio) - LABEL_WIDTH,
+            x(row.ratio) - left,
             ROW_HEIGHT - 8.0
         );
         let _ = writeln!(
@@ -118,5 +132,25 @@ mod tests {
         assert!(svg.contains("#3a9d5d") && svg.contains("#c94040") && svg.contains("#8c8c8c"));
         assert!(svg.contains("a ÷ b &lt;fast&gt;") && svg.contains("t &amp; u"));
         assert_eq!(svg.matches("stroke-width=\"2\"").count(), 2);
+    }
+
+    #[test]
+    fn the_longest_label_fits_left_of_the_bars() {
+        let long = "x".repeat(150);
+        let rows = [Row {
+            section: "FSDP memory".into(),
+            name: long.clone(),
+            ratio: 1.0,
+            range: None,
+            goal: None,
+            note: String::new(),
+        }];
+        let chars = "FSDP memory: ".len() + long.len();
+        // Right-aligned 8 px left of the bars, it starts right of the left edge.
+        assert!(label_width(&rows) - 8.0 - chars as f64 * CHAR_WIDTH > 0.0);
+        assert!(svg("t", &rows).contains(&format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}""#,
+            label_width(&rows) + PLOT_WIDTH + 60.0
+        )));
     }
 }
