@@ -5,7 +5,7 @@
 //! `cargo bench -p fabric-benches --bench zero [-- --quick]`
 
 use fabric_benches::report::{self, Goal, Row};
-use fabric_benches::{DEEP_MLP, MNIST_MLP, Shape, fabric_with, median, rotate_rounds};
+use fabric_benches::{DEEP_MLP, MNIST_MLP, Shape, fabric_with, step_time_ratios};
 
 const GLOBAL_BATCH: usize = 64;
 const STRATEGIES: [&str; 3] = ["ddp", "zero1", "zero2"];
@@ -43,39 +43,19 @@ fn memory(label: &str, shape: Shape, with_goal: bool) -> Vec<Row> {
     rows
 }
 
-fn speed(label: &str, shape: Shape, steps: u64, rounds: usize) -> Vec<Row> {
-    let run = |strategy: &'static str| {
-        move || {
-            let measured = fabric_with(shape, GLOBAL_BATCH, 2, steps, strategy).expect(strategy);
-            median(&measured.times).as_secs_f64()
-        }
-    };
-    let (ddp, zero1, zero2) = (run("ddp"), run("zero1"), run("zero2"));
-    let results = rotate_rounds(rounds, [&ddp, &zero1, &zero2]);
-    let note = format!("2 ranks, global batch {GLOBAL_BATCH}, {steps} steps × {rounds} rounds");
-    let rows: Vec<Row> = (1..STRATEGIES.len())
-        .map(|i| {
-            let ratios: Vec<f64> = results.iter().map(|t| t[i] / t[0]).collect();
-            let name = format!("{label}: {} ÷ DDP step time", STRATEGIES[i]);
-            Row::from_rounds("ZeRO speed", &name, &ratios, None, note.clone())
-        })
-        .collect();
-    println!("\n{label}: step time at 2 ranks ÷ DDP's, {note}");
-    report::print_table(&rows);
-    rows
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let mut rows = memory("MLP 256-512x9-10 (20 tensors)", DEEP_MLP, true);
     // One tensor is 56% of this model and tensors are not split: no 1/N goal.
     rows.extend(memory("MLP 784-1024-1024-10", MNIST_MLP, false));
     let rounds = if quick { 3 } else { 7 };
-    rows.extend(speed(
+    rows.extend(step_time_ratios(
+        "ZeRO speed",
         "MLP 256-512x9-10",
         DEEP_MLP,
-        if quick { 10 } else { 30 },
-        rounds,
+        STRATEGIES,
+        (if quick { 10 } else { 30 }, rounds),
+        None,
     ));
     report::record("zero", &rows);
 }

@@ -260,3 +260,37 @@ pub fn rotate_rounds<const N: usize>(rounds: usize, runs: [&dyn Fn() -> f64; N])
         })
         .collect()
 }
+
+/// Step time of each of `strategies[1..]` ÷ DDP's (`strategies[0]`) at 2 ranks on `shape`,
+/// measured side by side ([`rotate_rounds`]); one row each in `section`, with `goal`. Prints
+/// them as a table too.
+pub fn step_time_ratios<const N: usize>(
+    section: &str,
+    label: &str,
+    shape: Shape,
+    strategies: [&'static str; N],
+    (steps, rounds): (u64, usize),
+    goal: Option<report::Goal>,
+) -> Vec<report::Row> {
+    const GLOBAL_BATCH: usize = 64;
+    let runs = strategies.map(|strategy| {
+        move || {
+            let measured = fabric_with(shape, GLOBAL_BATCH, 2, steps, strategy).expect(strategy);
+            median(&measured.times).as_secs_f64()
+        }
+    });
+    let results = rotate_rounds(rounds, runs.each_ref().map(|r| r as &dyn Fn() -> f64));
+    let note = format!(
+        "2 thread ranks, Adam, global batch {GLOBAL_BATCH}, median of {steps} steps × {rounds} rounds"
+    );
+    let rows: Vec<report::Row> = (1..N)
+        .map(|i| {
+            let ratios: Vec<f64> = results.iter().map(|t| t[i] / t[0]).collect();
+            let name = format!("{label}: {} ÷ DDP step time", strategies[i]);
+            report::Row::from_rounds(section, &name, &ratios, goal, note.clone())
+        })
+        .collect();
+    println!("\n{label}: step time at 2 ranks ÷ DDP's, {note}");
+    report::print_table(&rows);
+    rows
+}

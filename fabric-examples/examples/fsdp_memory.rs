@@ -16,7 +16,7 @@
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::AdamConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -77,20 +77,6 @@ impl<B: Backend> Stack<B> {
     }
 }
 
-/// The parameters of a model built lazily, counted from their shapes without initialising
-/// them (`num_params` would).
-fn count<B: Backend, M: Module<B>>(model: &M) -> usize {
-    struct Count(usize);
-    impl<B: Backend> ModuleVisitor<B> for Count {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 += param.lazy_shape().num_elements();
-        }
-    }
-    let mut count = Count(0);
-    model.visit(&mut count);
-    count.0
-}
-
 /// The peak resident memory of this process in MiB (`VmHWM`), if the system reports it.
 fn peak_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -116,7 +102,7 @@ pub fn train<B: AutodiffBackend + BackendDevices>(
     fabric.launch(|fabric| -> Result<(usize, usize), FabricError> {
         let device = fabric.device().clone();
         let model = Stack::<B>::new(args.layers, args.width, &device);
-        let params = count(&model);
+        let params = fabric_examples::gpt::count_params(&model);
         let (mut model, mut optimizer) = fabric.setup(model, AdamConfig::new().init())?;
         let mut started = std::time::Instant::now();
         for step in 0..args.steps {

@@ -87,6 +87,10 @@ pub fn rows(quick: bool, skipped: &mut Vec<String>) -> Result<Vec<Row>, Error> {
     println!("|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for world in [1, 2, 4] {
+        let processes = match world {
+            1 => "1 process".to_string(),
+            n => format!("{n} processes"),
+        };
         let mut peaks = Vec::new();
         for (_, flags) in RUNS {
             peaks.push(largest_peak(&stack, world, flags)?);
@@ -101,7 +105,7 @@ pub fn rows(quick: bool, skipped: &mut Vec<String>) -> Result<Vec<Row>, Error> {
         for (at, (name, _)) in RUNS.iter().enumerate().skip(1) {
             rows.push(Row::single(
                 "FSDP memory",
-                &format!("{name} ÷ DDP peak memory per process, {world} processes"),
+                &format!("{name} ÷ DDP peak memory per process, {processes}"),
                 peaks[at] / peaks[0],
                 None,
                 note.clone(),
@@ -109,7 +113,9 @@ pub fn rows(quick: bool, skipped: &mut Vec<String>) -> Result<Vec<Row>, Error> {
         }
         rows.push(Row::single(
             "FSDP memory",
-            &format!("fsdp (released) peak ÷ 16 B × parameters / N + 2 units + activations, {world} processes"),
+            &format!(
+                "fsdp (released) peak ÷ 16 B × parameters / N + 2 units + activations, {processes}"
+            ),
             peaks[3] / budget,
             Some(Goal::AtMost(1.25)),
             note,
