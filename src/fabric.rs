@@ -383,7 +383,7 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         self.connector.placement.accelerator
     }
 
-    /// The resolved strategy (`single_device`, `ddp`, `zero1` or `zero2`).
+    /// The resolved strategy (`single_device`, `ddp`, `zero1`, `zero2` or one of `fsdp`'s).
     pub fn strategy(&self) -> StrategyChoice {
         self.connector.strategy
     }

@@ -103,9 +103,8 @@ pub fn merge_rows(
             if !matches!(entry.kind, EntryKind::Module | EntryKind::Optimizer) {
                 return Ok(entry);
             }
-            let mut values = vec![read_value(&entry.bytes).map_err(|r| {
-                error(here(0), Some(&entry.key), r)
-            })?];
+            let mut values =
+                vec![read_value(&entry.bytes).map_err(|r| error(here(0), Some(&entry.key), r))?];
             for (rank, entries) in others.iter().enumerate() {
                 let part = entries.iter().find(|e| e.key == entry.key).ok_or_else(|| {
                     error(here(rank + 1), Some(&entry.key), "missing from this shard")
@@ -220,8 +219,7 @@ impl Merge<'_> {
                     return Ok(merged);
                 };
                 for (key, state) in items.iter_mut() {
-                    let Some(shape) = key.as_str().and_then(|id| self.layout.shapes.get(id))
-                    else {
+                    let Some(shape) = key.as_str().and_then(|id| self.layout.shapes.get(id)) else {
                         continue;
                     };
                     let parts: Vec<&Value> = ranks
@@ -242,7 +240,9 @@ impl Merge<'_> {
     /// Finds the module's parameters `{id, param}` (walking `value` and the ranks' records in
     /// step) and merges those that are sharded.
     fn params(&self, value: &mut Value, ranks: &[Value]) -> Result<(), String> {
-        let id = field(value, "id").and_then(Value::as_str).map(str::to_string);
+        let id = field(value, "id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         if let Some(shape) = id.and_then(|id| self.layout.shapes.get(&id)) {
             let parts: Option<Vec<&Value>> = ranks.iter().map(|r| field(r, "param")).collect();
             if let (Some(param), Some(parts)) = (field_mut(value, "param"), parts) {
@@ -259,7 +259,11 @@ impl Merge<'_> {
         if tensor_shape(value).as_deref() == Some(&shard[..]) {
             let mut bytes = Vec::new();
             for part in parts {
-                bytes.extend_from_slice(field(part, "bytes").and_then(Value::as_slice).unwrap_or(&[]));
+                bytes.extend_from_slice(
+                    field(part, "bytes")
+                        .and_then(Value::as_slice)
+                        .unwrap_or(&[]),
+                );
             }
             let per_row = row_bytes(bytes.len(), shard[0] * world)?;
             bytes.truncate(per_row * shape.first().copied().unwrap_or(1));
@@ -335,7 +339,9 @@ impl Cut<'_> {
     }
 
     fn params(&self, value: &mut Value) -> Result<(), String> {
-        let id = field(value, "id").and_then(Value::as_str).map(str::to_string);
+        let id = field(value, "id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         if let Some(shape) = id.and_then(|id| self.shapes.get(&id)) {
             if let Some(param) = field_mut(value, "param") {
                 return self.tree(param, shape);
@@ -347,7 +353,9 @@ impl Cut<'_> {
     /// Cuts every tensor of the whole shape `shape` in `value` to this rank's block.
     fn tree(&self, value: &mut Value, shape: &[usize]) -> Result<(), String> {
         if tensor_shape(value).as_deref() == Some(shape) {
-            let bytes = field(value, "bytes").and_then(Value::as_slice).unwrap_or(&[]);
+            let bytes = field(value, "bytes")
+                .and_then(Value::as_slice)
+                .unwrap_or(&[]);
             let rows = shape.first().copied().unwrap_or(1);
             let per_row = row_bytes(bytes.len(), rows)?;
             let shard = shard_shape(shape, self.world);
@@ -452,7 +460,10 @@ mod tests {
         let w: Vec<f32> = (0..10).map(|v| v as f32).collect();
         let whole = vec![
             module(tensor(&w, &[5, 2]), tensor(&[7.0, 8.0], &[2])),
-            optimizer(tensor(&w.iter().map(|v| v * 10.0).collect::<Vec<_>>(), &[5, 2]), 3),
+            optimizer(
+                tensor(&w.iter().map(|v| v * 10.0).collect::<Vec<_>>(), &[5, 2]),
+                3,
+            ),
         ];
         let shapes = BTreeMap::from([("w".to_string(), vec![5, 2])]);
         for world in 1..=6 {

@@ -50,7 +50,8 @@ pub enum ShardingStrategy {
 
 impl ShardingStrategy {
     /// The names, as PyTorch spells them in lower case.
-    pub const NAMES: [&'static str; 4] = ["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"];
+    pub const NAMES: [&'static str; 4] =
+        ["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"];
 
     /// The name, as PyTorch spells it in lower case.
     pub fn as_str(&self) -> &'static str {
