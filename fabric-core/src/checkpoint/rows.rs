@@ -265,7 +265,8 @@ impl Merge<'_> {
                         .unwrap_or(&[]),
                 );
             }
-            let per_row = row_bytes(bytes.len(), shard[0] * world)?;
+            let rows_each = shard_rows(shape, world).0;
+            let per_row = row_bytes(bytes.len(), rows_each * world)?;
             bytes.truncate(per_row * shape.first().copied().unwrap_or(1));
             set_tensor(value, bytes, shape);
             return Ok(());
@@ -359,10 +360,11 @@ impl Cut<'_> {
             let rows = shape.first().copied().unwrap_or(1);
             let per_row = row_bytes(bytes.len(), rows)?;
             let shard = shard_shape(shape, self.world);
-            let start = (self.rank * shard[0]).min(rows);
-            let end = ((self.rank + 1) * shard[0]).min(rows);
+            let rows_each = shard_rows(shape, self.world).0;
+            let start = (self.rank * rows_each).min(rows);
+            let end = ((self.rank + 1) * rows_each).min(rows);
             // Zero bytes are 0.0 in every float dtype: the padding rows.
-            let mut block = vec![0u8; shard[0] * per_row];
+            let mut block = vec![0u8; rows_each * per_row];
             block[..(end - start) * per_row]
                 .copy_from_slice(&bytes[start * per_row..end * per_row]);
             set_tensor(value, block, &shard);
