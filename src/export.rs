@@ -62,9 +62,16 @@ pub(crate) fn export_sharded<B: Backend, M: Module<B>>(
                 None => snapshot,
             };
             let adapted = adapter.adapt(&whole);
-            (adapted.full_path(), Lazy(adapted))
+            let dtype = file_dtype(adapted.dtype).ok_or_else(|| {
+                fail(format!(
+                    "`{}` is {:?}, which safetensors export does not take",
+                    adapted.full_path(),
+                    adapted.dtype
+                ))
+            })?;
+            Ok((adapted.full_path(), Lazy(adapted, dtype)))
         })
-        .collect();
+        .collect::<Result<_, FabricError>>()?;
     let mut metadata: std::collections::HashMap<String, String> =
         SafetensorsStore::default_metadata().into_iter().collect();
     metadata.insert("producer".into(), "burn-fabric".into());
@@ -107,20 +114,31 @@ fn gathered(shard: TensorSnapshot, shape: Vec<usize>, gather: &ParamGather) -> T
     TensorSnapshot::from_closure(data, dtype, shape.into(), path_stack, container_stack, id)
 }
 
-/// A tensor of the file, its data made when the file is written.
-struct Lazy(TensorSnapshot);
+/// The safetensors dtype of a tensor of `dtype` (as burn-store writes them), if it has one.
+fn file_dtype(dtype: DType) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Some(match dtype {
+        DType::F64 => Dtype::F64,
+        DType::F32 | DType::Flex32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::I64 => Dtype::I64,
+        DType::I32 => Dtype::I32,
+        DType::I16 => Dtype::I16,
+        DType::I8 => Dtype::I8,
+        DType::U64 => Dtype::U64,
+        DType::U32 => Dtype::U32,
+        DType::U8 => Dtype::U8,
+        _ => return None,
+    })
+}
+
+/// A tensor of the file (and its dtype there), its data made when the file is written.
+struct Lazy(TensorSnapshot, safetensors::Dtype);
 
 impl safetensors::View for Lazy {
     fn dtype(&self) -> safetensors::Dtype {
-        match self.0.dtype {
-            DType::F64 => safetensors::Dtype::F64,
-            DType::F16 => safetensors::Dtype::F16,
-            DType::BF16 => safetensors::Dtype::BF16,
-            DType::I64 => safetensors::Dtype::I64,
-            DType::I32 => safetensors::Dtype::I32,
-            DType::U8 => safetensors::Dtype::U8,
-            _ => safetensors::Dtype::F32,
-        }
+        self.1
     }
 
     fn shape(&self) -> &[usize] {

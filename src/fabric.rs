@@ -445,37 +445,38 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
         let rank = self.rank("setup_module")?;
         let strategy = rank.strategy.as_ref();
         let ids = (0..).map(|position| ParamId::from((index << 32) | position));
-        if strategy.gather().is_some() {
+        let model = match strategy.gather() {
             // Sharded: one parameter at a time, only rank 0 initialising it.
-            let mut place = PlaceShards::new(strategy, ids);
-            let model = model.map(&mut place);
-            if let Some(error) = place.error {
-                return Err(error);
+            Some(_) => {
+                let mut place = PlaceShards::new(strategy, ids);
+                let model = model.map(&mut place);
+                if let Some(error) = place.error {
+                    return Err(error);
+                }
+                strategy.precision().convert_module(model)
             }
-            let model = strategy.precision().convert_module(model);
-            self.setups += 1;
-            self.call(|callback| callback.on_after_setup());
-            return Ok(model);
-        }
-        let several = rank.info.world_size > 1;
-        // The others draw (values the broadcast then replaces) once rank 0 has drawn.
-        if several && rank.info.global_rank != 0 {
-            strategy.collective().barrier()?;
-        }
-        let model = strategy
-            .precision()
-            .convert_module(model.fork(strategy.device()));
-        let mut collect = CollectParams::<B>::default();
-        model.visit(&mut collect);
-        if several && rank.info.global_rank == 0 {
-            strategy.collective().barrier()?;
-        }
-        let ids: Vec<ParamId> = ids.take(collect.ids.len()).collect();
-        let values = match several {
-            false => collect.values,
-            true => strategy.broadcast_parameters(collect.values)?,
+            None => {
+                let several = rank.info.world_size > 1;
+                // The others draw (values the broadcast then replaces) once rank 0 has drawn.
+                if several && rank.info.global_rank != 0 {
+                    strategy.collective().barrier()?;
+                }
+                let model = strategy
+                    .precision()
+                    .convert_module(model.fork(strategy.device()));
+                let mut collect = CollectParams::<B>::default();
+                model.visit(&mut collect);
+                if several && rank.info.global_rank == 0 {
+                    strategy.collective().barrier()?;
+                }
+                let ids: Vec<ParamId> = ids.take(collect.ids.len()).collect();
+                let values = match several {
+                    false => collect.values,
+                    true => strategy.broadcast_parameters(collect.values)?,
+                };
+                model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids))
+            }
         };
-        let model = model.map(&mut AssignParams::<B, _>::new(values.into_iter()).with_ids(ids));
         self.setups += 1;
         self.call(|callback| callback.on_after_setup());
         Ok(model)

@@ -10,6 +10,7 @@
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use fabric_core::config::AutoWrap;
 use fabric_strategies::{ParamGather, gather_whole};
 use std::any::Any;
 use std::cell::RefCell;
@@ -175,20 +176,22 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
         let device = shard.device();
         let require_grad = shard.is_require_grad();
         self.shards.insert(id, Box::new(shard.clone()));
-        let numel = shape.iter().product();
-        if let Some(field) = self.open.last_mut() {
-            field.params.push((id, numel));
-        }
         let gather = {
             let (gather, shape, shard) = (self.gather.clone(), shape.clone(), shard.clone());
             move || gather_whole::<BT, D>(&gather, shard.clone(), &shape, None)
         };
-        let boxed = gather.clone();
-        let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
-        units.pending.insert(
-            id,
-            Box::new(move || Box::new(boxed()) as Box<dyn Any + Send>),
-        );
+        // Without a policy no parameter joins a unit: nothing to record.
+        if *self.gather.auto_wrap != AutoWrap::Off {
+            if let Some(field) = self.open.last_mut() {
+                field.params.push((id, shape.iter().product()));
+            }
+            let boxed = gather.clone();
+            let mut units = self.units.lock().unwrap_or_else(PoisonError::into_inner);
+            units.pending.insert(
+                id,
+                Box::new(move || Box::new(boxed()) as Box<dyn Any + Send>),
+            );
+        }
         let units = self.units.clone();
         let init = move |_: &BT::Device, _: bool| {
             let lock = || units.lock().unwrap_or_else(PoisonError::into_inner);
@@ -272,7 +275,6 @@ mod tests {
     use burn::backend::{Autodiff, Flex};
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::TensorData;
-    use fabric_core::config::AutoWrap;
     use fabric_core::gather::{ShardExchange, TrackedGather};
 
     type B = Autodiff<Flex>;

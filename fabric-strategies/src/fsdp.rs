@@ -20,8 +20,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp, slice_flat};
 use fabric_core::checkpoint::{
-    RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_rows,
-    shard_shape,
+    RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_row_range,
+    shard_rows, shard_shape,
 };
 use fabric_core::config::{AutoWrap, ShardingStrategy};
 use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
@@ -89,23 +89,15 @@ pub fn shard_of<IB: burn::tensor::backend::Backend>(
     world: usize,
 ) -> Tensor<IB, 1> {
     let (rows_each, per_row) = shard_rows(shape, world);
-    let rows = shape.first().copied().unwrap_or(1);
-    let start = (rank * rows_each).min(rows);
-    let end = ((rank + 1) * rows_each).min(rows);
-    let pad = (rows_each - (end - start)) * per_row;
-    let zeros = |len: usize| {
-        Tensor::<IB, 1>::zeros([len], &value.device()).cast(FloatDType::from(value.dtype()))
-    };
-    match (start == end, pad) {
+    let mine = shard_row_range(shape, rank, world);
+    let pad = (rows_each - mine.len()) * per_row;
+    let (device, dtype) = (value.device(), FloatDType::from(value.dtype()));
+    let zeros = |len: usize| Tensor::<IB, 1>::zeros([len], &device).cast(dtype);
+    let rows = mine.start * per_row..mine.end * per_row;
+    match (mine.is_empty(), pad) {
         (true, _) => zeros(pad),
-        (false, 0) => value.slice([start * per_row..end * per_row]),
-        (false, _) => {
-            let padding = zeros(pad);
-            Tensor::cat(
-                vec![value.slice([start * per_row..end * per_row]), padding],
-                0,
-            )
-        }
+        (false, 0) => value.slice([rows]),
+        (false, _) => Tensor::cat(vec![value.slice([rows]), zeros(pad)], 0),
     }
 }
 
@@ -148,7 +140,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
                 known.insert(param.id, param.shape.clone());
                 let shard = shard_of(param.value, &param.shape, rank, world);
                 // A fresh buffer: a slice may be a view that keeps the whole parameter alive.
-                let shard = Tensor::from_data(shard.into_data(), &self.device().clone());
+                let shard = Tensor::from_data(shard.into_data(), self.device());
                 SetupParam {
                     value: shard,
                     shape: shard_shape(&param.shape, world),

@@ -63,6 +63,14 @@ pub fn shard_rows(shape: &[usize], world: usize) -> (usize, usize) {
     (rows.div_ceil(world.max(1)), per_row)
 }
 
+/// The rows of the whole parameter of `shape` that rank `rank` of `world` holds (fewer than
+/// [`shard_rows`] in the last blocks, none past the end: those rows are padding).
+pub fn shard_row_range(shape: &[usize], rank: usize, world: usize) -> std::ops::Range<usize> {
+    let rows = shape.first().copied().unwrap_or(1);
+    let rows_each = shard_rows(shape, world).0;
+    (rank * rows_each).min(rows)..((rank + 1) * rows_each).min(rows)
+}
+
 /// The shape of one rank's block of a parameter of `shape`.
 pub fn shard_shape(shape: &[usize], world: usize) -> Vec<usize> {
     let mut shard = shape.to_vec();
@@ -361,12 +369,11 @@ impl Cut<'_> {
             let per_row = row_bytes(bytes.len(), rows)?;
             let shard = shard_shape(shape, self.world);
             let rows_each = shard_rows(shape, self.world).0;
-            let start = (self.rank * rows_each).min(rows);
-            let end = ((self.rank + 1) * rows_each).min(rows);
+            let mine = shard_row_range(shape, self.rank, self.world);
             // Zero bytes are 0.0 in every float dtype: the padding rows.
             let mut block = vec![0u8; rows_each * per_row];
-            block[..(end - start) * per_row]
-                .copy_from_slice(&bytes[start * per_row..end * per_row]);
+            block[..mine.len() * per_row]
+                .copy_from_slice(&bytes[mine.start * per_row..mine.end * per_row]);
             set_tensor(value, block, &shard);
             return Ok(());
         }
