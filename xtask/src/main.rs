@@ -14,6 +14,8 @@
 //!   unfused path.
 //! * `peer`: samples/s ours ÷ Lightning Fabric's (`benches/peers/lightning_mlp.py`, run when a
 //!   Python with torch and lightning is found) on 1 device and as 2-rank DDP.
+//! * the `language_model` example (small preset): tokens/s ours ÷ Lightning Fabric's
+//!   (`benches/peers/lightning_lm.py`) on 1 device and as 2-rank DDP.
 //! * `training` (Criterion, not with `--quick`): the per-step times behind the ratios.
 
 mod chart;
@@ -106,6 +108,27 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Runs `cargo ARGS` in the workspace (with `envs` set); `what` names it in errors.
+fn cargo(args: &[&str], envs: &[(&str, &Path)], what: &str) -> Result<(), Error> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(args)
+        .envs(envs.iter().copied())
+        .status()
+        .map_err(|source| Error::Spawn {
+            what: format!("cargo {}", args.join(" ")),
+            source,
+        })?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(Error::Bench {
+            bench: what.into(),
+            status,
+        }),
+    }
+}
+
 /// `cargo bench -p fabric-benches --bench NAME [--features F] -- ARGS`, with the row directory
 /// in `FABRIC_BENCH_OUT`.
 fn cargo_bench(
@@ -114,30 +137,15 @@ fn cargo_bench(
     args: &[&str],
     rows: &Path,
 ) -> Result<(), Error> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(workspace_root())
-        .args(["bench", "-p", "fabric-benches", "--bench", bench])
-        .env("FABRIC_BENCH_OUT", rows);
+    let mut command = vec!["bench", "-p", "fabric-benches", "--bench", bench];
     if let Some(features) = features {
-        command.args(["--features", features]);
+        command.extend(["--features", features]);
     }
     if !args.is_empty() {
-        command.arg("--").args(args);
+        command.push("--");
+        command.extend(args);
     }
-    let status = command.status().map_err(|source| Error::Spawn {
-        what: format!("cargo bench --bench {bench}"),
-        source,
-    })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Bench {
-            bench: bench.into(),
-            status,
-        })
-    }
+    cargo(&command, &[("FABRIC_BENCH_OUT", rows)], bench)
 }
 
 /// Criterion's median estimate of one benchmark function, in nanoseconds.
@@ -238,6 +246,7 @@ fn bench(quick: bool, fused: Option<Runtime>) -> Result<(), Error> {
         ),
     }
     peer_rows(quick, &rows_dir, &mut skipped)?;
+    language_model_peer_rows(quick, &rows_dir, &mut skipped)?;
     if !quick {
         cargo_bench("training", None, &[], &rows_dir)?;
     }
@@ -309,7 +318,8 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
         let mut theirs = Vec::new();
         let mut run_theirs = |theirs: &mut Vec<(usize, f64)>| {
             for devices in [1, 2] {
-                match peer::lightning(&python, &script, devices, steps) {
+                let args = [format!("--devices={devices}"), format!("--steps={steps}")];
+                match peer::lightning(&python, &script, &args, "samples_per_second") {
                     Ok(value) => theirs.push((devices, value)),
                     Err(err) => skipped.push(format!("peer, {devices} device(s): {err}")),
                 }
@@ -347,7 +357,108 @@ fn peer_rows(quick: bool, rows_dir: &Path, skipped: &mut Vec<String>) -> Result<
     let note = format!(
         "MLP 784-1024-1024-10, synthetic data, Adam (ours: FusedAdam), global batch 128, {steps} timed steps"
     );
-    report::record_json_in(rows_dir, "peer", &peer::rows(&measured, &note));
+    report::record_json_in(rows_dir, "peer", &peer::rows(&peer::MLP, &measured, &note));
+    Ok(())
+}
+
+/// The `language_model` example (small preset) against `benches/peers/lightning_lm.py`, in
+/// alternating rounds, on 1 device and as 2-rank DDP: tokens/s ours ÷ theirs.
+fn language_model_peer_rows(
+    quick: bool,
+    rows_dir: &Path,
+    skipped: &mut Vec<String>,
+) -> Result<(), Error> {
+    let python = peer::python();
+    if !peer::available(&python) {
+        skipped.push(format!("language-model {}", peer::INSTALL_HINT));
+        return Ok(());
+    }
+    let build = [
+        "build",
+        "--release",
+        "-p",
+        "fabric-examples",
+        "--example",
+        "language_model",
+    ];
+    cargo(&build, &[], "language_model (build)")?;
+    let example = target_dir().join("release/examples/language_model");
+    let script = workspace_root().join("benches/peers/lightning_lm.py");
+    let (steps, rounds, batch) = (if quick { 10 } else { 30 }, if quick { 1 } else { 3 }, 16);
+    let ours = |devices: usize| -> Result<f64, String> {
+        let strategy = if devices > 1 { "ddp" } else { "auto" };
+        let output = Command::new(&example)
+            .args([
+                "--size",
+                "small",
+                "--epochs",
+                "1",
+                "--val-blocks",
+                "1",
+                "--sample-chars",
+                "0",
+            ])
+            .arg(format!("--steps-per-epoch={steps}"))
+            .arg(format!("--batch-size={batch}"))
+            .arg(format!("--devices={devices}"))
+            .arg(format!("--strategy={strategy}"))
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", example.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        peer::tokens_per_second(&stdout).ok_or_else(|| {
+            format!(
+                "language_model --devices {devices} printed no tokens/s ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            )
+        })
+    };
+    let theirs = |devices: usize| {
+        let args = [
+            format!("--devices={devices}"),
+            format!("--steps={steps}"),
+            format!("--batch-size={batch}"),
+            "--size=small".to_string(),
+        ];
+        peer::lightning(&python, &script, &args, "tokens_per_second")
+    };
+    let mut measured = Vec::new();
+    for round in 0..rounds {
+        for devices in [1, 2] {
+            // Alternate which side goes first.
+            let pair = if round % 2 == 0 {
+                ours(devices).and_then(|o| Ok((o, theirs(devices)?)))
+            } else {
+                theirs(devices).and_then(|t| Ok((ours(devices)?, t)))
+            };
+            match pair {
+                Ok((ours, theirs)) => {
+                    println!(
+                        "language-model peer round {}: {devices} device(s): ours {ours:.0}, Lightning Fabric {theirs:.0} tokens/s",
+                        round + 1
+                    );
+                    measured.push(peer::Round {
+                        backend: "flex".into(),
+                        devices,
+                        ours,
+                        theirs,
+                    });
+                }
+                Err(err) => {
+                    skipped.push(format!("language-model peer, {devices} device(s): {err}"))
+                }
+            }
+        }
+    }
+    let note = format!(
+        "language_model --size small (3.2M parameters, block 128) on Pride and Prejudice, batch {batch} per rank, \
+         AdamW (theirs: fused=True; no torch.compile), clipping at 1, {steps} steps timed end to end as the example does"
+    );
+    let rows = peer::rows(&peer::LANGUAGE_MODEL, &measured, &note);
+    report::record_json_in(rows_dir, "peer_language_model", &rows);
     Ok(())
 }
 

@@ -126,7 +126,6 @@ pub fn rows(quick: bool, skipped: &mut Vec<String>) -> Result<Vec<Row>, Error> {
 
 /// Builds the launcher and the example with MPI.
 fn build() -> Result<(), Error> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = [
         "build",
         "--features",
@@ -136,21 +135,7 @@ fn build() -> Result<(), Error> {
         "--bin",
         "fabric",
     ];
-    let status = Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(args)
-        .status()
-        .map_err(|source| Error::Spawn {
-            what: "cargo build --example fsdp_memory --bin fabric".into(),
-            source,
-        })?;
-    match status.success() {
-        true => Ok(()),
-        false => Err(Error::Bench {
-            bench: "fsdp memory (build)".into(),
-            status,
-        }),
-    }
+    crate::cargo(&args, &[], "fsdp memory (build)")
 }
 
 /// The largest peak (MiB) of the processes of one job.

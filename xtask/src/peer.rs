@@ -1,5 +1,6 @@
-//! The peer rows: the loop of `benches/benches/peer.rs` in Lightning Fabric
-//! (`benches/peers/lightning_mlp.py`), run when a Python with `torch` and `lightning` is found.
+//! The peer rows, run when a Python with `torch` and `lightning` is found: the loop of
+//! `benches/benches/peer.rs` in Lightning Fabric (`benches/peers/lightning_mlp.py`), and the
+//! `language_model` example's training in Lightning Fabric (`benches/peers/lightning_lm.py`).
 
 use crate::report::median_of;
 use crate::rows::{Goal, Row};
@@ -43,16 +44,12 @@ fn backend_name(backend: &str) -> &str {
     }
 }
 
-/// Runs the Lightning script once on `devices` and returns its samples/s.
-pub fn lightning(python: &str, script: &Path, devices: usize, steps: u32) -> Result<f64, String> {
+/// Runs a Lightning script once with `args` and returns the number under `key` of the JSON
+/// line it prints last.
+pub fn lightning(python: &str, script: &Path, args: &[String], key: &str) -> Result<f64, String> {
     let output = Command::new(python)
         .arg(script)
-        .args([
-            "--devices",
-            &devices.to_string(),
-            "--steps",
-            &steps.to_string(),
-        ])
+        .args(args)
         .output()
         .map_err(|e| format!("could not run {python}: {e}"))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -62,8 +59,9 @@ pub fn lightning(python: &str, script: &Path, devices: usize, steps: u32) -> Res
         .find(|l| l.starts_with('{'))
         .ok_or_else(|| {
             format!(
-                "{} --devices {devices} printed no result ({}): {}",
+                "{} {} printed no result ({}): {}",
                 script.display(),
+                args.join(" "),
                 output.status,
                 String::from_utf8_lossy(&output.stderr)
                     .lines()
@@ -71,11 +69,45 @@ pub fn lightning(python: &str, script: &Path, devices: usize, steps: u32) -> Res
                     .unwrap_or("")
             )
         })?;
-    let measured: Throughput = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
-    Ok(measured.samples_per_second)
+    let measured: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+    measured[key]
+        .as_f64()
+        .ok_or_else(|| format!("{line}: no number `{key}`"))
 }
 
-/// Samples/s of both sides in one round, for one device count and one of our backends.
+/// The tokens/s that one run of the `language_model` example prints last (`... N tokens/s`).
+pub fn tokens_per_second(stdout: &str) -> Option<f64> {
+    stdout.lines().rev().find_map(|line| {
+        line.strip_suffix(" tokens/s")?
+            .split_whitespace()
+            .last()?
+            .parse()
+            .ok()
+    })
+}
+
+/// What a set of rounds measured: the section of its rows, the unit, the goals.
+pub struct Workload {
+    /// The rows' section.
+    pub section: &'static str,
+    /// What both sides count per second (`samples/s`, `tokens/s`).
+    pub unit: &'static str,
+}
+
+/// The MLP loop of `benches/benches/peer.rs`.
+pub const MLP: Workload = Workload {
+    section: "Lightning Fabric peer",
+    unit: "samples/s",
+};
+
+/// The `language_model` example's training.
+pub const LANGUAGE_MODEL: Workload = Workload {
+    section: "Lightning Fabric peer: language model",
+    unit: "tokens/s",
+};
+
+/// Throughput of both sides in one round, for one device count and one of our backends.
 #[derive(Debug, Clone)]
 pub struct Round {
     pub backend: String,
@@ -87,7 +119,7 @@ pub struct Round {
 /// Ours ÷ theirs rows (median of the per-round ratios), for 1 device and 2-rank DDP, one per
 /// backend of ours. The goals (≥ 1.0 on one device, ≥ 1.5 for DDP) are the best backend's:
 /// they go on the row of the backend with the highest median for that device count.
-pub fn rows(rounds: &[Round], note: &str) -> Vec<Row> {
+pub fn rows(workload: &Workload, rounds: &[Round], note: &str) -> Vec<Row> {
     let mut groups: Vec<(usize, String)> = rounds
         .iter()
         .map(|r| (r.devices, r.backend.clone()))
@@ -118,21 +150,22 @@ pub fn rows(rounds: &[Round], note: &str) -> Vec<Row> {
             let ours: Vec<f64> = mine.iter().map(|r| r.ours).collect();
             let theirs: Vec<f64> = mine.iter().map(|r| r.theirs).collect();
             let on = backend_name(backend);
+            let unit = workload.unit;
             let (name, goal) = match n {
-                1 => (format!("1 device, ours on {on}: burn-fabric ÷ Lightning Fabric samples/s"), 1.0),
+                1 => (format!("1 device, ours on {on}: burn-fabric ÷ Lightning Fabric {unit}"), 1.0),
                 n => (
-                    format!("{n}-rank DDP, ours on {on}: burn-fabric ÷ Lightning Fabric (gloo) samples/s"),
+                    format!("{n}-rank DDP, ours on {on}: burn-fabric ÷ Lightning Fabric (gloo) {unit}"),
                     1.5,
                 ),
             };
             let goal = (best(*n).as_deref() == Some(backend.as_str())).then_some(Goal::AtLeast(goal));
             Row::from_rounds(
-                "Lightning Fabric peer",
+                workload.section,
                 &name,
                 &ratios(*n, backend),
                 goal,
                 format!(
-                    "{note}; ours on {on}; {} rounds alternating the two; median samples/s ours {:.0}, theirs {:.0}",
+                    "{note}; ours on {on}; {} rounds alternating the two; median {unit} ours {:.0}, theirs {:.0}",
                     mine.len(),
                     median_of(&ours),
                     median_of(&theirs)
@@ -163,7 +196,7 @@ mod tests {
             round("tch", 1, 12000.0, 10000.0),
             round("tch", 2, 6000.0, 6000.0),
         ];
-        let rows = rows(&rounds, "n");
+        let rows = rows(&MLP, &rounds, "n");
         assert_eq!(rows.len(), 4);
         // Sorted by device count, then backend.
         assert!(
@@ -179,5 +212,16 @@ mod tests {
         assert!((rows[2].ratio - 2.0).abs() < 1e-12 && rows[2].goal.unwrap().met(2.0));
         assert!(rows[2].note.contains("2 rounds"), "{}", rows[2].note);
         assert!(rows[3].goal.is_none());
+        let lm = super::rows(&LANGUAGE_MODEL, &rounds[..2], "n");
+        assert!(lm[0].name.ends_with("tokens/s") && lm[0].section.contains("language"));
+    }
+
+    #[test]
+    fn reads_the_examples_last_tokens_per_second() {
+        let stdout = "epoch 1  train loss 2.9  val loss 2.5  perplexity 12.197  20431 tokens/s\n\
+                      epoch 2  train loss 2.1  val loss 2.0  perplexity 7.400  21012 tokens/s\n\
+                      sample: Elizabeth ...\n";
+        assert_eq!(tokens_per_second(stdout), Some(21012.0));
+        assert_eq!(tokens_per_second("no numbers"), None);
     }
 }

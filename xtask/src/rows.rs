@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 /// The order of the table's sections; others follow in file-name order.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "Fabric overhead",
     "DDP",
     "Lightning Fabric peer",
+    "Lightning Fabric peer: language model",
     "Precision",
     "ZeRO memory",
     "ZeRO speed",
