@@ -373,89 +373,97 @@ fn language_model_peer_rows(
         skipped.push(format!("language-model {}", peer::INSTALL_HINT));
         return Ok(());
     }
-    let build = [
-        "build",
-        "--release",
-        "-p",
-        "fabric-examples",
-        "--example",
-        "language_model",
-    ];
+    // Ours on LibTorch too when a libtorch is there to build against.
+    let mut build = vec!["build", "--release", "-p", "fabric-examples"];
+    build.extend(["--example", "language_model"]);
+    let backends: &[&str] = match std::env::var_os("LIBTORCH") {
+        Some(_) => {
+            build.extend(["--features", "tch"]);
+            &["flex", "tch"]
+        }
+        None => {
+            skipped.push("language-model peer rows on LibTorch: not run; set LIBTORCH".into());
+            &["flex"]
+        }
+    };
     cargo(&build, &[], "language_model (build)")?;
     let example = target_dir().join("release/examples/language_model");
     let script = workspace_root().join("benches/peers/lightning_lm.py");
     let (steps, rounds, batch) = (if quick { 10 } else { 30 }, if quick { 1 } else { 3 }, 16);
-    let ours = |devices: usize| -> Result<f64, String> {
+    let shared = |devices: usize| {
+        vec![
+            format!("--devices={devices}"),
+            format!("--batch-size={batch}"),
+            "--size=small".to_string(),
+        ]
+    };
+    let ours = |backend: &str, devices: usize| -> Result<f64, String> {
         let strategy = if devices > 1 { "ddp" } else { "auto" };
         let output = Command::new(&example)
+            .args(shared(devices))
             .args([
-                "--size",
-                "small",
+                "--backend",
+                backend,
+                "--strategy",
+                strategy,
                 "--epochs",
                 "1",
-                "--val-blocks",
-                "1",
-                "--sample-chars",
-                "0",
             ])
+            .args(["--val-blocks", "1", "--sample-chars", "0"])
             .arg(format!("--steps-per-epoch={steps}"))
-            .arg(format!("--batch-size={batch}"))
-            .arg(format!("--devices={devices}"))
-            .arg(format!("--strategy={strategy}"))
             .output()
             .map_err(|e| format!("could not run {}: {e}", example.display()))?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         peer::tokens_per_second(&stdout).ok_or_else(|| {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let last = stderr.lines().last().unwrap_or("");
             format!(
-                "language_model --devices {devices} printed no tokens/s ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
+                "language_model printed no tokens/s ({}): {last}",
+                output.status
             )
         })
     };
     let theirs = |devices: usize| {
-        let args = [
-            format!("--devices={devices}"),
-            format!("--steps={steps}"),
-            format!("--batch-size={batch}"),
-            "--size=small".to_string(),
-        ];
+        let mut args = shared(devices);
+        args.push(format!("--steps={steps}"));
         peer::lightning(&python, &script, &args, "tokens_per_second")
     };
     let mut measured = Vec::new();
     for round in 0..rounds {
         for devices in [1, 2] {
-            // Alternate which side goes first.
-            let pair = if round % 2 == 0 {
-                ours(devices).and_then(|o| Ok((o, theirs(devices)?)))
-            } else {
-                theirs(devices).and_then(|t| Ok((ours(devices)?, t)))
-            };
-            match pair {
-                Ok((ours, theirs)) => {
-                    println!(
-                        "language-model peer round {}: {devices} device(s): ours {ours:.0}, Lightning Fabric {theirs:.0} tokens/s",
-                        round + 1
-                    );
-                    measured.push(peer::Round {
-                        backend: "flex".into(),
-                        devices,
-                        ours,
-                        theirs,
-                    });
-                }
-                Err(err) => {
-                    skipped.push(format!("language-model peer, {devices} device(s): {err}"))
-                }
+            for &backend in backends {
+                // Alternate which side goes first.
+                let pair = match round % 2 {
+                    0 => ours(backend, devices).and_then(|o| Ok((o, theirs(devices)?))),
+                    _ => theirs(devices).and_then(|t| Ok((ours(backend, devices)?, t))),
+                };
+                let (ours, theirs) = match pair {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        skipped.push(format!(
+                            "language-model peer, {devices} device(s), ours on {backend}: {err}"
+                        ));
+                        continue;
+                    }
+                };
+                println!(
+                    "language-model peer round {}: {devices} device(s): ours on {backend} {ours:.0}, Lightning Fabric {theirs:.0} tokens/s",
+                    round + 1
+                );
+                let backend = backend.to_string();
+                measured.push(peer::Round {
+                    backend,
+                    devices,
+                    ours,
+                    theirs,
+                });
             }
         }
     }
     let note = format!(
-        "language_model --size small (3.2M parameters, block 128) on Pride and Prejudice, batch {batch} per rank, \
-         AdamW (theirs: fused=True; no torch.compile), clipping at 1, {steps} steps timed end to end as the example does"
+        "language_model --size small (3.2M parameters, block 128) on Pride and Prejudice, batch \
+         {batch} per rank, AdamW (theirs fused=True; no torch.compile), clipping at 1, {steps} steps \
+         timed end to end as the example does"
     );
     let rows = peer::rows(&peer::LANGUAGE_MODEL, &measured, &note);
     report::record_json_in(rows_dir, "peer_language_model", &rows);

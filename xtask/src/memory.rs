@@ -8,7 +8,7 @@
 //! cut N ways, plus what a unit holds while it runs.
 
 use crate::report::{Goal, Row};
-use crate::{Error, target_dir, workspace_root};
+use crate::{Error, target_dir};
 use std::path::Path;
 use std::process::Command;
 
