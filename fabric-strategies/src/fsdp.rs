@@ -20,14 +20,14 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp, slice_flat};
 use fabric_core::checkpoint::{
-    RowShards, cut_rows, error, read_consolidated, shard_file_name, shard_files, shard_row_range,
-    shard_rows, shard_shape,
+    Entry, FSDP_SHARDS_KEY, RowShards, cut_rows, error, read_consolidated, reshard_rows,
+    shard_file_name, shard_files, shard_row_range, shard_rows, shard_shape,
 };
 use fabric_core::config::{AutoWrap, ShardingStrategy};
 use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
 use fabric_core::{CollectiveError, FabricError};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
@@ -229,6 +229,8 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
                 if let Some(saved) = RowShards::take(&file, &mut entries)? {
                     return self.check_layout(&file, &saved).map(|()| entries);
                 }
+            } else if let Some(resharded) = self.reshard(path, &files, rank, world)? {
+                return Ok(resharded);
             }
             let whole = match path.is_dir() {
                 true => read_consolidated(path)?,
@@ -261,6 +263,48 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
                 .map(|(id, shape)| (id.serialize(), shape.clone()))
                 .collect(),
         }
+    }
+
+    /// An FSDP checkpoint (directory `dir`) saved at another world size, cut into this rank's
+    /// rows one saved file at a time (never the whole model in memory); `None` when `files` are
+    /// not FSDP shards of this module's parameters (ZeRO's shards, another model), which go
+    /// through the consolidated path and its errors.
+    fn reshard(
+        &self,
+        dir: &Path,
+        files: &[PathBuf],
+        rank: usize,
+        world: usize,
+    ) -> Result<Option<Vec<Entry>>, FabricError> {
+        let Some(first) = files.first() else {
+            return Ok(None);
+        };
+        let mut entries = read_file(first)?;
+        let saved = match RowShards::take(first, &mut entries)? {
+            Some(saved)
+                if saved.world_size == files.len() && saved.shapes == self.layout().shapes =>
+            {
+                saved
+            }
+            _ => return Ok(None),
+        };
+        let mut first = Some(entries);
+        let read_shard = |k: usize| -> Result<Vec<Entry>, FabricError> {
+            if let Some(entries) = first.take().filter(|_| k == 0) {
+                return Ok(entries);
+            }
+            let file = &files[k];
+            let mut entries = read_file(file)?;
+            match RowShards::take(file, &mut entries)? {
+                Some(layout) if layout == saved => Ok(entries),
+                _ => Err(error(
+                    file,
+                    Some(FSDP_SHARDS_KEY),
+                    "does not belong with rank 0's shard (another FSDP layout, or a ZeRO shard)",
+                )),
+            }
+        };
+        reshard_rows(&saved, rank, world, read_shard, dir).map(Some)
     }
 
     /// A shard file saved at this world size must cut the parameters as this job does.
@@ -361,36 +405,6 @@ impl ShardExchange for CollectiveExchange {
             Ok(shard) => shard.convert_dtype(dtype),
             Err(e) => self.fail(e, len / parts, dtype),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::backend::Flex;
-
-    #[test]
-    fn rows_are_cut_into_equal_padded_blocks() {
-        assert_eq!(shard_rows(&[5, 3], 2), (3, 3));
-        assert_eq!(shard_rows(&[4], 4), (1, 1));
-        assert_eq!(shard_rows(&[2, 2], 4), (1, 2));
-        let device = Default::default();
-        let value =
-            Tensor::<Flex, 1>::from_floats([0., 1., 2., 3., 4., 5., 6., 7., 8., 9.], &device);
-        let shards: Vec<Vec<f32>> = (0..3)
-            .map(|rank| {
-                shard_of(value.clone(), &[5, 2], rank, 3)
-                    .into_data()
-                    .to_vec()
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(shards[0], [0., 1., 2., 3.]);
-        assert_eq!(shards[1], [4., 5., 6., 7.]);
-        assert_eq!(shards[2], [8., 9., 0., 0.]);
-        // More ranks than rows: the last ranks hold padding only.
-        let tail = shard_of(value, &[5, 2], 3, 4);
-        assert_eq!(tail.into_data().to_vec::<f32>().unwrap(), [0.; 4]);
     }
 }
 
@@ -513,5 +527,35 @@ impl<B: AutodiffBackend, I: Iterator<Item = ParamId>> ModuleMapper<B> for PlaceS
                 param
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn rows_are_cut_into_equal_padded_blocks() {
+        assert_eq!(shard_rows(&[5, 3], 2), (3, 3));
+        assert_eq!(shard_rows(&[4], 4), (1, 1));
+        assert_eq!(shard_rows(&[2, 2], 4), (1, 2));
+        let device = Default::default();
+        let value =
+            Tensor::<Flex, 1>::from_floats([0., 1., 2., 3., 4., 5., 6., 7., 8., 9.], &device);
+        let shards: Vec<Vec<f32>> = (0..3)
+            .map(|rank| {
+                shard_of(value.clone(), &[5, 2], rank, 3)
+                    .into_data()
+                    .to_vec()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(shards[0], [0., 1., 2., 3.]);
+        assert_eq!(shards[1], [4., 5., 6., 7.]);
+        assert_eq!(shards[2], [8., 9., 0., 0.]);
+        // More ranks than rows: the last ranks hold padding only.
+        let tail = shard_of(value, &[5, 2], 3, 4);
+        assert_eq!(tail.into_data().to_vec::<f32>().unwrap(), [0.; 4]);
     }
 }

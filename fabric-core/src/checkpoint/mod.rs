@@ -13,7 +13,8 @@ pub use atomic::{remove_stale_temporaries, write_atomic};
 pub use container::{Entry, EntryKind, Settings, decode, encode};
 pub use record::{decode_record, encode_record};
 pub use rows::{
-    FSDP_SHARDS_KEY, RowShards, cut_rows, merge_rows, shard_row_range, shard_rows, shard_shape,
+    FSDP_SHARDS_KEY, RowShards, cut_rows, merge_rows, reshard_rows, shard_row_range, shard_rows,
+    shard_shape,
 };
 pub use shards::{
     consolidate, merge_records, read_consolidated, retain_record, shard_file_name, shard_files,

@@ -162,6 +162,208 @@ pub fn cut_rows(
         .collect()
 }
 
+/// Rank `rank` of `world`'s entries of an FSDP checkpoint saved at another world size
+/// (`saved`), read one saved shard file at a time (`read(k)`: file `k`'s entries, marker taken):
+/// each tensor of a sharded parameter becomes this rank's block of rows (the last padded),
+/// filled from the saved blocks it overlaps; everything else is saved rank 0's. Holds at most
+/// this rank's blocks and one saved file, never the whole model. `path` names the checkpoint
+/// in errors.
+pub fn reshard_rows(
+    saved: &RowShards,
+    rank: usize,
+    world: usize,
+    mut read: impl FnMut(usize) -> Result<Vec<Entry>, FabricError>,
+    path: &Path,
+) -> Result<Vec<Entry>, FabricError> {
+    let mut entries = read(0)?;
+    let mut records = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let record = match entry.kind {
+            EntryKind::Module | EntryKind::Optimizer => {
+                Some(read_value(&entry.bytes).map_err(|r| error(path, Some(&entry.key), r))?)
+            }
+            _ => None,
+        };
+        records.push(record);
+    }
+    for from in 0..saved.world_size {
+        let place = Place {
+            saved,
+            rank,
+            world,
+            from,
+        };
+        // Saved rank 0's file is the one the records came from; later files are read now.
+        let others = match from {
+            0 => None,
+            _ => Some(read(from)?),
+        };
+        for (entry, record) in entries.iter().zip(records.iter_mut()) {
+            let Some(record) = record else { continue };
+            let placed = match &others {
+                None => {
+                    let original = record.clone();
+                    place
+                        .each_param(entry.kind, record, &original, &mut |acc, _, shape| {
+                            place.blank(acc, shape)
+                        })
+                        .and_then(|()| {
+                            place.each_param(entry.kind, record, &original, &mut |acc, part, s| {
+                                place.copy(acc, part, s)
+                            })
+                        })
+                }
+                Some(others) => {
+                    let part = others.iter().find(|e| e.key == entry.key).ok_or_else(|| {
+                        error(path, Some(&entry.key), format!("missing from shard {from}"))
+                    })?;
+                    let part =
+                        read_value(&part.bytes).map_err(|r| error(path, Some(&entry.key), r))?;
+                    place.each_param(entry.kind, record, &part, &mut |acc, part, shape| {
+                        place.copy(acc, part, shape)
+                    })
+                }
+            };
+            placed.map_err(|r| error(path, Some(&entry.key), format!("shard {from}: {r}")))?;
+        }
+    }
+    for (entry, record) in entries.iter_mut().zip(records) {
+        if let Some(record) = record {
+            entry.bytes = write_value(&record).map_err(|r| error(path, Some(&entry.key), r))?;
+        }
+    }
+    Ok(entries)
+}
+
+/// Places saved rank `from`'s blocks (of `saved.world_size`) into rank `rank`'s of `world`.
+struct Place<'a> {
+    saved: &'a RowShards,
+    rank: usize,
+    world: usize,
+    from: usize,
+}
+
+/// A visit of one parameter's subtree in the record being built and in a saved record.
+type Visit<'v> = dyn FnMut(&mut Value, &Value, &[usize]) -> Result<(), String> + 'v;
+
+impl Place<'_> {
+    /// Calls `visit(acc, part, whole shape)` with each sharded parameter's subtree of `acc`
+    /// (its `param` in a module record, its state in an optimizer record) and the same
+    /// subtree of `part`.
+    fn each_param(
+        &self,
+        kind: EntryKind,
+        acc: &mut Value,
+        part: &Value,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), String> {
+        if kind == EntryKind::Module {
+            return self.params(acc, part, visit);
+        }
+        let (Some(Value::Map(items)), Some(parts)) = (field_mut(acc, "item"), field(part, "item"))
+        else {
+            return Ok(());
+        };
+        for (key, state) in items.iter_mut() {
+            let Some((id, shape)) = key
+                .as_str()
+                .and_then(|id| Some((id, self.saved.shapes.get(id)?)))
+            else {
+                continue;
+            };
+            let other = field(parts, id).ok_or("a shard lacks a parameter's optimizer state")?;
+            visit(state, other, shape)?;
+        }
+        Ok(())
+    }
+
+    fn params(&self, acc: &mut Value, part: &Value, visit: &mut Visit<'_>) -> Result<(), String> {
+        let id = field(acc, "id").and_then(Value::as_str).map(str::to_string);
+        if let Some(shape) = id.and_then(|id| self.saved.shapes.get(&id))
+            && let (Some(param), Some(other)) = (field_mut(acc, "param"), field(part, "param"))
+        {
+            return visit(param, other, shape);
+        }
+        in_step(acc, part, &mut |a, p| self.params(a, p, visit))
+    }
+
+    /// Replaces every saved block (saved shard shape) in `acc` by this rank's block of zeros.
+    fn blank(&self, acc: &mut Value, shape: &[usize]) -> Result<(), String> {
+        let saved_rows = shard_rows(shape, self.saved.world_size).0;
+        if tensor_shape(acc).as_deref() == Some(&shard_shape(shape, self.saved.world_size)[..]) {
+            let bytes = field(acc, "bytes").and_then(Value::as_slice).unwrap_or(&[]);
+            let per_row = row_bytes(bytes.len(), saved_rows)?;
+            let rows = shard_rows(shape, self.world).0;
+            set_tensor(
+                acc,
+                vec![0; rows * per_row],
+                &shard_shape(shape, self.world),
+            );
+            return Ok(());
+        }
+        children(acc).try_for_each(|child| self.blank(child, shape))
+    }
+
+    /// Copies the rows of each saved block in `part` that fall in this rank's block into the
+    /// block at the same place in `acc`.
+    fn copy(&self, acc: &mut Value, part: &Value, shape: &[usize]) -> Result<(), String> {
+        let saved_world = self.saved.world_size;
+        if tensor_shape(part).as_deref() != Some(&shard_shape(shape, saved_world)[..]) {
+            return in_step(acc, part, &mut |a, p| self.copy(a, p, shape));
+        }
+        let src = field(part, "bytes")
+            .and_then(Value::as_slice)
+            .unwrap_or(&[]);
+        let per_row = row_bytes(src.len(), shard_rows(shape, saved_world).0)?;
+        let held = shard_row_range(shape, self.from, saved_world);
+        let mine = shard_row_range(shape, self.rank, self.world);
+        let (lo, hi) = (held.start.max(mine.start), held.end.min(mine.end));
+        if lo >= hi {
+            return Ok(());
+        }
+        let from = src.get((lo - held.start) * per_row..(hi - held.start) * per_row);
+        let to = match field_mut(acc, "bytes") {
+            Some(Value::Binary(dst)) => {
+                dst.get_mut((lo - mine.start) * per_row..(hi - mine.start) * per_row)
+            }
+            _ => None,
+        };
+        match (from, to) {
+            (Some(from), Some(to)) => {
+                to.copy_from_slice(from);
+                Ok(())
+            }
+            _ => Err("a saved block and this rank's block differ in size".into()),
+        }
+    }
+}
+
+/// Calls `visit` on each child of `acc` with the same child of `part` (by key in maps, by
+/// position in arrays).
+fn in_step(
+    acc: &mut Value,
+    part: &Value,
+    visit: &mut dyn FnMut(&mut Value, &Value) -> Result<(), String>,
+) -> Result<(), String> {
+    const DIFFER: &str = "the shards' records differ in structure";
+    match (acc, part) {
+        (Value::Map(fields), Value::Map(others)) => {
+            for (key, child) in fields.iter_mut() {
+                let other = others.iter().find(|(k, _)| k == key).ok_or(DIFFER)?;
+                visit(child, &other.1)?;
+            }
+        }
+        (Value::Array(items), Value::Array(others)) => {
+            for (child, other) in items.iter_mut().zip(others) {
+                visit(child, other)?;
+            }
+        }
+        (Value::Map(_) | Value::Array(_), _) => return Err(DIFFER.into()),
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The value of `key` in the map `value`.
 fn field<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
     match value {
@@ -207,7 +409,7 @@ fn set_tensor(value: &mut Value, bytes: Vec<u8>, shape: &[usize]) {
 fn row_bytes(bytes: usize, rows: usize) -> Result<usize, String> {
     match rows {
         0 => Ok(0),
-        _ if bytes % rows == 0 => Ok(bytes / rows),
+        _ if bytes.is_multiple_of(rows) => Ok(bytes / rows),
         _ => Err(format!("{bytes} bytes do not split into {rows} rows")),
     }
 }
@@ -351,10 +553,10 @@ impl Cut<'_> {
         let id = field(value, "id")
             .and_then(Value::as_str)
             .map(str::to_string);
-        if let Some(shape) = id.and_then(|id| self.shapes.get(&id)) {
-            if let Some(param) = field_mut(value, "param") {
-                return self.tree(param, shape);
-            }
+        if let Some(shape) = id.and_then(|id| self.shapes.get(&id))
+            && let Some(param) = field_mut(value, "param")
+        {
+            return self.tree(param, shape);
         }
         children(value).try_for_each(|child| self.params(child))
     }
@@ -491,6 +693,52 @@ mod tests {
             let paths = vec![Path::new("x"); world];
             let merged = merge_rows(shards, &layout, &paths).unwrap();
             assert_eq!(merged, whole, "world {world}");
+        }
+    }
+
+    #[test]
+    fn resharding_one_saved_file_at_a_time_gives_each_rank_the_cut_of_the_whole() {
+        let w: Vec<f32> = (0..14).map(|v| v as f32).collect();
+        let whole = vec![
+            module(tensor(&w, &[7, 2]), tensor(&[7.0, 8.0], &[2])),
+            optimizer(
+                tensor(&w.iter().map(|v| -v).collect::<Vec<_>>(), &[7, 2]),
+                3,
+            ),
+        ];
+        let shapes = BTreeMap::from([("w".to_string(), vec![7, 2])]);
+        let here = Path::new("x");
+        for saved_world in 1..=5 {
+            let saved: Vec<Vec<Entry>> = (0..saved_world)
+                .map(|rank| cut_rows(whole.clone(), &shapes, rank, saved_world, here).unwrap())
+                .collect();
+            let layout = RowShards {
+                world_size: saved_world,
+                shapes: shapes.clone(),
+            };
+            for world in 1..=5 {
+                for rank in 0..world {
+                    let mut reads = Vec::new();
+                    let got = reshard_rows(
+                        &layout,
+                        rank,
+                        world,
+                        |k| {
+                            reads.push(k);
+                            Ok(saved[k].clone())
+                        },
+                        here,
+                    )
+                    .unwrap();
+                    let want = cut_rows(whole.clone(), &shapes, rank, world, here).unwrap();
+                    assert_eq!(got, want, "{saved_world} ranks to rank {rank} of {world}");
+                    assert_eq!(
+                        reads,
+                        (0..saved_world).collect::<Vec<_>>(),
+                        "each file once"
+                    );
+                }
+            }
         }
     }
 
