@@ -139,7 +139,10 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             StrategyChoice::Auto
             | StrategyChoice::Ddp
             | StrategyChoice::Fsdp(ShardingStrategy::NoShard) => {
-                let ddp = Ddp::new(state);
+                let ddp = match self.config.overlap_backward {
+                    true => Ddp::new(state).overlapped(),
+                    false => Ddp::new(state),
+                };
                 match &self.engine {
                     Some(engine) => Arc::new(ddp.with_engine(engine.for_rank(local_rank))),
                     None => Arc::new(ddp),

@@ -20,7 +20,8 @@ use fabric_core::logger::Logger;
 use fabric_core::rank::RankInfo;
 use fabric_precision::{ForwardInput, GradScalerState, PrecisionPlugin};
 use fabric_strategies::{
-    AssignParams, CollectParams, GatherParams, ParamGather, Params, PlaceShards, Strategy,
+    AssignParams, CollectParams, GatherParams, ParamGather, ParamWatch, Params, PlaceShards,
+    Strategy,
 };
 use std::error::Error;
 use std::fmt::Display;
@@ -117,6 +118,18 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
     /// Size of one gradient bucket in bytes (default 25 MiB, as PyTorch DDP).
     pub fn bucket_bytes(mut self, bytes: usize) -> Self {
         self.raw.bucket_bytes = Some(bytes);
+        self
+    }
+
+    /// Under DDP, averages the gradients of each [`unit`](crate::unit) run inside
+    /// [`Fabric::forward`] on a communication thread while the rest of backward runs (PyTorch
+    /// DDP's overlapped buckets), instead of all gradients after backward. Off by default: it
+    /// pays off when communication has hardware of its own (a network between processes);
+    /// thread ranks sharing a CPU's cores measured no gain on a 2-core machine (`cargo xtask
+    /// bench`, DDP rows). Needs a `*-true` precision and the host collective; otherwise
+    /// ignored.
+    pub fn overlap_backward(mut self, enabled: bool) -> Self {
+        self.raw.overlap_backward = Some(enabled);
         self
     }
 
@@ -618,10 +631,15 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     {
         let plugin = self.precision_plugin();
         match self.param_gather() {
-            None => plugin.forward(model, input, forward),
             Some(gather) => plugin.forward(model, input, |m, x| {
                 crate::unit::forward_pass(&gather, m, |m| forward(m, x))
             }),
+            None => match self.param_watch() {
+                Some(watch) => plugin.forward(model, input, |m, x| {
+                    crate::unit::watched(watch, || forward(m, x))
+                }),
+                None => plugin.forward(model, input, forward),
+            },
         }
     }
 
@@ -636,8 +654,11 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     ) -> R {
         let plugin = self.precision_plugin();
         match self.param_gather() {
-            None => plugin.autocast(model, body),
             Some(gather) => plugin.autocast(model, |m| crate::unit::forward_pass(&gather, m, body)),
+            None => match self.param_watch() {
+                Some(watch) => plugin.autocast(model, |m| crate::unit::watched(watch, || body(m))),
+                None => plugin.autocast(model, body),
+            },
         }
     }
 
@@ -687,6 +708,13 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// How forward passes gather whole parameters (FSDP), or `None`.
     fn param_gather(&self) -> Option<ParamGather> {
         self.rank.as_ref()?.strategy.gather()
+    }
+
+    /// How forward passes watch the parameters of units (DDP's overlapped averaging), outside
+    /// `no_backward_sync`.
+    fn param_watch(&self) -> Option<ParamWatch> {
+        let rank = self.rank.as_ref()?;
+        rank.backward_sync.then(|| rank.strategy.watch())?
     }
 
     /// Casts a float input to the precision's compute dtype.

@@ -10,23 +10,30 @@
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
 use fabric_core::config::AutoWrap;
-use fabric_strategies::{ParamGather, gather_whole};
+use fabric_strategies::{ParamGather, ParamWatch, gather_whole};
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 thread_local! {
-    /// The forward pass running on this thread under FSDP.
+    /// The forward pass running on this thread under FSDP, or under DDP with overlapped
+    /// averaging.
     static PASS: RefCell<Option<Pass>> = const { RefCell::new(None) };
 }
 
-/// A forward pass under FSDP: how it gathers, and the flat shard (a boxed `Tensor<BT, 1>`)
-/// behind each lazy parameter of its view.
-struct Pass {
-    gather: ParamGather,
-    shards: HashMap<ParamId, Box<dyn Any>>,
+/// A forward pass of a strategy that does something with units.
+enum Pass {
+    /// FSDP: how it gathers, and the flat shard (a boxed `Tensor<BT, 1>`) behind each lazy
+    /// parameter of its view.
+    Gather {
+        gather: ParamGather,
+        shards: HashMap<ParamId, Box<dyn Any>>,
+    },
+    /// DDP: units' parameters are watched, their gradients averaged while backward goes on.
+    Watch(ParamWatch),
 }
 
 /// Makes `pass` the thread's current one until dropped, then restores the previous one.
@@ -63,11 +70,17 @@ pub(crate) fn forward_pass<BT: Backend, M: Module<BT>, R>(
     if let Some(root) = lazy.open.pop() {
         lazy.close(root);
     }
-    let _current = Current::set(Pass {
+    let _current = Current::set(Pass::Gather {
         gather: gather.clone(),
         shards: lazy.shards,
     });
     body(&view)
+}
+
+/// Runs `body` as a forward pass whose units watch their parameters (DDP).
+pub(crate) fn watched<R>(watch: ParamWatch, body: impl FnOnce() -> R) -> R {
+    let _current = Current::set(Pass::Watch(watch));
+    body()
 }
 
 /// Replaces each sharded parameter by a lazy one that gathers it on first use, and groups them
@@ -209,12 +222,14 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
     }
 }
 
-/// Runs `forward(module, input)` as one FSDP unit: under `fsdp`, inside `Fabric::forward`,
-/// `module`'s parameters are gathered together just before `forward` runs (and released after it
-/// under `full_shard` with a checkpointing autodiff backend), and their gradients are
-/// reduce-scattered as soon as the unit's backward is done, so that a rank holds the whole
-/// gradients of one unit at a time rather than of the whole model. Elsewhere (another strategy,
-/// or outside `Fabric::forward`) it is `forward(module, input)`.
+/// Runs `forward(module, input)` as one unit of the model: under `fsdp`, inside
+/// `Fabric::forward`, `module`'s parameters are gathered together just before `forward` runs
+/// (and released after it under `full_shard` with a checkpointing autodiff backend), and their
+/// gradients are reduce-scattered as soon as the unit's backward is done, so that a rank holds
+/// the whole gradients of one unit at a time rather than of the whole model. Under `ddp`
+/// (`*-true` precisions), the unit's gradients are averaged across ranks on a communication
+/// thread while the rest of backward runs. Elsewhere (another strategy, or outside
+/// `Fabric::forward`) it is `forward(module, input)`.
 ///
 /// Wrap each repeated block of a model (a transformer layer, a residual block) in its forward:
 ///
@@ -233,12 +248,15 @@ pub fn unit<BT: Backend, M: Module<BT>, const D: usize, R>(
 ) -> R {
     let gathered = PASS.with(|pass| {
         let pass = pass.borrow();
-        let pass = pass.as_ref()?;
-        let mut unit = Unit {
-            pass,
-            after: input.clone().into_primitive().tensor(),
-        };
-        Some(module.clone().map(&mut unit))
+        let after = input.clone().into_primitive().tensor();
+        match pass.as_ref()? {
+            Pass::Gather { gather, shards } => Some(module.clone().map(&mut Unit {
+                gather,
+                shards,
+                after,
+            })),
+            Pass::Watch(watch) => Some(module.clone().map(&mut Watch { watch, after })),
+        }
     });
     match gathered {
         Some(module) => forward(&module, input),
@@ -248,8 +266,9 @@ pub fn unit<BT: Backend, M: Module<BT>, const D: usize, R>(
 
 /// Gathers the lazy parameters of a unit's module, ordered after the unit's input.
 struct Unit<'a, BT: Backend> {
-    pass: &'a Pass,
-    after: burn::tensor::ops::FloatTensor<BT>,
+    gather: &'a ParamGather,
+    shards: &'a HashMap<ParamId, Box<dyn Any>>,
+    after: FloatTensor<BT>,
 }
 
 impl<BT: Backend> ModuleMapper<BT> for Unit<'_, BT> {
@@ -258,14 +277,37 @@ impl<BT: Backend> ModuleMapper<BT> for Unit<'_, BT> {
         if param.is_initialized() {
             return param;
         }
-        let shard = self.pass.shards.get(&param.id);
+        let shard = self.shards.get(&param.id);
         let shard = shard.and_then(|s| s.downcast_ref::<Tensor<BT, 1>>());
-        let (Some(shard), Some(shape)) = (shard, self.pass.gather.shapes.get(&param.id)) else {
+        let (Some(shard), Some(shape)) = (shard, self.gather.shapes.get(&param.id)) else {
             return param;
         };
         let after = Some(self.after.clone());
-        let whole = gather_whole::<BT, D>(&self.pass.gather, shard.clone(), shape, after);
+        let whole = gather_whole::<BT, D>(self.gather, shard.clone(), shape, after);
         Param::initialized(param.id, whole)
+    }
+}
+
+/// Watches the trainable parameters of a unit's module, ordered after the unit's input.
+struct Watch<'a, BT: Backend> {
+    watch: &'a ParamWatch,
+    after: FloatTensor<BT>,
+}
+
+impl<BT: Backend> ModuleMapper<BT> for Watch<'_, BT> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<BT, D>>) -> Param<Tensor<BT, D>> {
+        let value = param.val();
+        if !value.is_require_grad() || !self.watch.tracked.tracks::<BT>() {
+            return param;
+        }
+        let numel = value.shape().num_elements();
+        self.watch.sink.watch(param.id, numel, value.dtype());
+        let sink = self.watch.sink.clone().as_sink();
+        let watched = self
+            .watch
+            .tracked
+            .watch(value, self.after.clone(), &sink, param.id);
+        Param::initialized(param.id, watched)
     }
 }
 

@@ -12,6 +12,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{BackendDevices, Fabric, FabricError};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod report;
 use std::time::{Duration, Instant};
@@ -27,6 +28,10 @@ pub const WARMUP_STEPS: u64 = 3;
 pub struct Mlp<B: Backend> {
     layers: Vec<Linear<B>>,
 }
+
+/// Whether [`fabric_run`] turns on DDP's averaging overlapped with backward
+/// (`FabricBuilder::overlap_backward`; off by default, as in the product).
+pub static OVERLAP: AtomicBool = AtomicBool::new(false);
 
 /// Layer sizes of a benchmark model.
 #[derive(Debug, Clone, Copy)]
@@ -75,11 +80,13 @@ impl<B: Backend> Mlp<B> {
         Self { layers }
     }
 
-    /// Logits.
+    /// Logits. Each layer is a `burn_fabric::unit` (FSDP gathers it as a whole; DDP with
+    /// [`OVERLAP`] averages its gradients while backward goes on).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let layer = |layer: &Linear<B>, x| burn_fabric::unit(layer, x, |l, x| l.forward(x));
         let (last, hidden) = self.layers.split_last().expect("at least one layer");
-        let x = hidden.iter().fold(x, |x, layer| relu(layer.forward(x)));
-        last.forward(x)
+        let x = hidden.iter().fold(x, |x, l| relu(layer(l, x)));
+        layer(last, x)
     }
 }
 
@@ -212,6 +219,7 @@ where
         .devices(run.devices)
         .strategy(run.strategy)
         .precision(run.precision)
+        .overlap_backward(OVERLAP.load(Ordering::Relaxed))
         .build()?;
     let state_bytes = Mutex::new(vec![0; run.devices]);
     let times = fabric.launch(|fabric| {

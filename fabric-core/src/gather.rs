@@ -24,6 +24,9 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use crate::watch::GradSink;
+use burn::module::ParamId;
+
 /// The collectives behind a sharded parameter, on host data of one dimension.
 pub trait ShardExchange: Send + Sync {
     /// The whole flat parameter: every rank's `shard` concatenated in rank order (an
@@ -60,6 +63,19 @@ pub trait GatherParam: Backend {
         let _ = (after, release);
         gather_untracked(shard, exchange.as_ref())
     }
+
+    /// `param` unchanged; under autodiff its gradient from this use goes to `sink` (not to
+    /// `param`) right after the consumers of `after`, the input of the unit that uses it, are
+    /// done (see [`crate::watch`]). The identity elsewhere.
+    fn watch_param(
+        param: FloatTensor<Self>,
+        after: FloatTensor<Self>,
+        sink: Arc<dyn GradSink>,
+        id: ParamId,
+    ) -> FloatTensor<Self> {
+        let _ = (after, sink, id);
+        param
+    }
 }
 
 /// `exchange.gather(shard)` as a tensor of any backend, without a gradient.
@@ -79,10 +95,26 @@ pub fn gather_untracked<B: Backend>(
 pub struct TrackedGather {
     backend: TypeId,
     gather: ErasedGather,
+    watch: ErasedWatch,
 }
 
 type ErasedGather =
     fn(Box<dyn Any>, Option<Box<dyn Any>>, Arc<dyn ShardExchange>, bool) -> Option<Box<dyn Any>>;
+
+type ErasedWatch =
+    fn(Box<dyn Any>, Box<dyn Any>, Arc<dyn GradSink>, ParamId) -> Option<Box<dyn Any>>;
+
+/// `B::watch_param` on boxed `FloatTensor<B>`s.
+fn erased_watch<B: GatherParam>(
+    param: Box<dyn Any>,
+    after: Box<dyn Any>,
+    sink: Arc<dyn GradSink>,
+    id: ParamId,
+) -> Option<Box<dyn Any>> {
+    let param = param.downcast::<FloatTensor<B>>().ok()?;
+    let after = after.downcast::<FloatTensor<B>>().ok()?;
+    Some(Box::new(B::watch_param(*param, *after, sink, id)))
+}
 
 /// `B::gather_param` on boxed `Tensor<B, 1>` and `FloatTensor<B>`.
 fn erased<B: GatherParam>(
@@ -102,6 +134,33 @@ impl TrackedGather {
         Self {
             backend: TypeId::of::<B>(),
             gather: erased::<B>,
+            watch: erased_watch::<B>,
+        }
+    }
+
+    /// Whether `BT` is the training backend these operations track.
+    pub fn tracks<BT: Backend>(&self) -> bool {
+        TypeId::of::<BT>() == self.backend
+    }
+
+    /// The watch of `param` (see [`GatherParam::watch_param`]) when `BT` is the training
+    /// backend; `param` itself on any other backend.
+    pub fn watch<BT: Backend, const D: usize>(
+        &self,
+        param: Tensor<BT, D>,
+        after: FloatTensor<BT>,
+        sink: &Arc<dyn GradSink>,
+        id: ParamId,
+    ) -> Tensor<BT, D> {
+        if TypeId::of::<BT>() != self.backend {
+            return param;
+        }
+        let param = Box::new(param.into_primitive().tensor());
+        let watched = (self.watch)(param, Box::new(after), Arc::clone(sink), id);
+        match watched.and_then(|w| w.downcast::<FloatTensor<BT>>().ok()) {
+            Some(watched) => Tensor::from_primitive(TensorPrimitive::Float(*watched)),
+            // `BT` is the backend `watch` was made for, so both casts hold.
+            None => unreachable!("the tracked watch's backend is BT"),
         }
     }
 
@@ -193,6 +252,15 @@ impl<B: Backend> RetroForward for Regather<B> {
 }
 
 impl<B: Backend, C: CheckpointStrategy> GatherParam for Autodiff<B, C> {
+    fn watch_param(
+        param: FloatTensor<Self>,
+        after: FloatTensor<Self>,
+        sink: Arc<dyn GradSink>,
+        id: ParamId,
+    ) -> FloatTensor<Self> {
+        crate::watch::watch::<B, C>(param, after, sink, id)
+    }
+
     fn gather_param(
         shard: Tensor<Self, 1>,
         after: Option<FloatTensor<Self>>,

@@ -15,5 +15,6 @@ pub mod logger;
 pub mod rank;
 pub mod sampler;
 pub mod throughput;
+pub mod watch;
 
 pub use error::{CollectiveError, FabricError};

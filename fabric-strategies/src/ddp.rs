@@ -2,13 +2,17 @@
 //! are averaged across ranks after each synchronised backward pass, in buckets.
 
 use crate::bucket::{broadcast_buckets, reduce_buckets, reduce_buckets_on_device};
-use crate::module::FlatGrad;
+use crate::module::{FlatGrad, ModuleParams, ParamSlot};
+use crate::overlap::{Overlap, ParamWatch};
 use crate::rank_state::RankState;
 use crate::strategy::Strategy;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 use fabric_collective::DeviceCollective;
 use fabric_core::FabricError;
+use fabric_core::gather::{GatherParam, TrackedGather};
+use fabric_precision::PrecisionMode;
+use std::sync::Arc;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -17,18 +21,41 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 /// [`reduce_bucket`](crate::bucket::reduce_bucket) for parameters only some ranks used). With a
 /// device engine ([`with_engine`](Self::with_engine), NCCL on CUDA) the buckets are averaged in
 /// device memory instead of through the host collective.
+///
+/// The parameters of each `burn_fabric::unit` run inside `Fabric::forward` are averaged while
+/// backward goes on ([`Overlap`]), in buckets of their own; the rest after backward.
 pub struct Ddp<B: AutodiffBackend> {
     state: RankState<B>,
     engine: Option<Box<dyn DeviceCollective<Inner<B>>>>,
+    overlap: Arc<Overlap<Inner<B>>>,
+    tracked: Option<TrackedGather>,
 }
 
 impl<B: AutodiffBackend> Ddp<B> {
     /// DDP for the rank `state` describes.
     pub fn new(state: RankState<B>) -> Self {
+        let overlap = Arc::new(Overlap::new(
+            state.shared_collective(),
+            state.device().clone(),
+            state.bucket_bytes(),
+            state.shared_grads(),
+        ));
         Self {
             state,
             engine: None,
+            overlap,
+            tracked: None,
         }
+    }
+
+    /// Averages the gradients of units' parameters while backward goes on (see [`Overlap`]);
+    /// needs the training backend's autodiff operations.
+    pub fn overlapped(mut self) -> Self
+    where
+        B: GatherParam,
+    {
+        self.tracked = Some(TrackedGather::of::<B>());
+        self
     }
 
     /// Averages the gradient buckets through `engine` (on the devices) rather than the host
@@ -83,6 +110,47 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
             state.bucket_bytes(),
             None,
         )
+    }
+
+    fn watch(&self) -> Option<ParamWatch> {
+        let state = &self.state;
+        let overlaps = self.engine.is_none()
+            && state.collective().world_size() > 1
+            && state.precision().mode() != PrecisionMode::Mixed;
+        Some(ParamWatch {
+            sink: self.overlap.clone(),
+            tracked: self.tracked.filter(|_| overlaps)?,
+        })
+    }
+
+    /// [`Strategy::accumulate_gradients`], with the watched parameters' gradients averaged
+    /// during backward taken from [`Overlap::finish`] instead of averaged again.
+    fn accumulate_gradients(
+        &self,
+        module: &dyn ModuleParams<B>,
+        grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
+        let state = &self.state;
+        let layout = module.layout();
+        let mut new = state.precision().unscale_gradients(grads);
+        let averaged = self.overlap.finish(&layout, &mut new).transpose()?;
+        state.grads().accumulate(&layout, new);
+        let Some(averaged) = averaged else {
+            return crate::strategy::sync_stored(self, &layout, sync);
+        };
+        let rest: Vec<ParamSlot> = layout
+            .into_iter()
+            .filter(|slot| !averaged.contains_key(&slot.id))
+            .collect();
+        crate::strategy::sync_stored(self, &rest, true)?;
+        let mut grads = state.grads();
+        for (id, grad) in averaged.into_iter() {
+            if let Some(grad) = grad {
+                grads.set(id, grad);
+            }
+        }
+        Ok(())
     }
 
     fn sampler_shard(&self) -> Option<(usize, usize)> {

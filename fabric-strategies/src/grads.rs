@@ -59,6 +59,16 @@ impl<B: Backend> GradStore<B> {
         }
     }
 
+    /// Stores `grad` as parameter `id`'s gradient, in place of what was there.
+    pub fn set(&mut self, id: ParamId, grad: Tensor<B, 1>) {
+        self.grads.insert(id, grad);
+    }
+
+    /// Removes and returns parameter `id`'s gradient, if stored.
+    pub fn remove(&mut self, id: ParamId) -> Option<Tensor<B, 1>> {
+        self.grads.remove(&id)
+    }
+
     /// The gradient of parameter `id`, flattened, if stored.
     pub fn get(&self, id: ParamId) -> Option<Tensor<B, 1>> {
         self.grads.get(&id).cloned()

@@ -9,6 +9,7 @@ mod ddp;
 mod fsdp;
 mod grads;
 mod module;
+mod overlap;
 mod rank_state;
 mod sharded;
 mod single_device;
@@ -24,6 +25,7 @@ pub use module::{
     AssignParams, CollectParams, FlatGrad, GatherParams, ModuleParams, OptimizerStep, ParamSlot,
     Params, SetupParam, StepTarget, flatten_gradients, gather_whole, layout,
 };
+pub use overlap::{Overlap, ParamWatch, WatchSink};
 pub use rank_state::RankState;
 pub use sharded::Sharded;
 pub use single_device::SingleDevice;

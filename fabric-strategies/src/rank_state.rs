@@ -12,7 +12,7 @@ pub struct RankState<B: AutodiffBackend> {
     collective: Arc<dyn Collective>,
     device: B::Device,
     precision: PrecisionPlugin,
-    grads: Mutex<GradStore<B::InnerBackend>>,
+    grads: Arc<Mutex<GradStore<B::InnerBackend>>>,
     bucket_bytes: usize,
 }
 
@@ -29,7 +29,7 @@ impl<B: AutodiffBackend> RankState<B> {
             collective: Arc::from(collective),
             device,
             precision,
-            grads: Mutex::new(GradStore::default()),
+            grads: Arc::default(),
             bucket_bytes: bucket_bytes.max(1),
         }
     }
@@ -57,6 +57,11 @@ impl<B: AutodiffBackend> RankState<B> {
     /// The rank's gradients (only the rank's own thread takes this lock).
     pub fn grads(&self) -> MutexGuard<'_, GradStore<B::InnerBackend>> {
         self.grads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The rank's gradients, for work that outlives a borrow (DDP's overlapped averaging).
+    pub fn shared_grads(&self) -> Arc<Mutex<GradStore<B::InnerBackend>>> {
+        Arc::clone(&self.grads)
     }
 
     /// The bucket size cap in bytes.

@@ -8,7 +8,8 @@
 
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries};
 use crate::fsdp::ParamGather;
-use crate::module::{FlatGrad, ModuleParams, SetupParam, StepTarget};
+use crate::module::{FlatGrad, ModuleParams, ParamSlot, SetupParam, StepTarget};
+use crate::overlap::ParamWatch;
 use crate::rank_state::RankState;
 use burn::module::ParamId;
 use burn::tensor::Tensor;
@@ -48,6 +49,13 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
     /// How a forward pass sees whole parameters when this rank holds shards of them (FSDP);
     /// `None` when the module's parameters are whole.
     fn gather(&self) -> Option<ParamGather> {
+        None
+    }
+
+    /// How a forward pass lets backward hand over the gradients of each unit's parameters
+    /// as soon as they are computed (DDP's overlapped averaging); `None` when the strategy
+    /// averages after backward.
+    fn watch(&self) -> Option<ParamWatch> {
         None
     }
 
@@ -113,18 +121,10 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         grads: Vec<Option<Tensor<Inner<B>, 1>>>,
         sync: bool,
     ) -> Result<(), FabricError> {
-        let state = self.rank_state();
-        let precision = state.precision();
         let layout = module.layout();
-        let new = precision.unscale_gradients(grads);
-        state.grads().accumulate(&layout, new);
-        if !sync || self.collective().world_size() == 1 {
-            return Ok(());
-        }
-        let taken = state.grads().take(&layout);
-        let reduced = self.reduce_gradients(taken)?;
-        state.grads().put(&layout, reduced);
-        precision.agree_overflow(self.collective())
+        let new = self.precision().unscale_gradients(grads);
+        self.rank_state().grads().accumulate(&layout, new);
+        sync_stored(self, &layout, sync)
     }
 
     /// Steps `target`'s optimizer with the stored gradients of its module and clears them,
@@ -180,4 +180,21 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
     fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
         checkpoint_io::load_whole(self.rank_state(), path, apply)
     }
+}
+
+/// With `sync` (outside `no_backward_sync`, several ranks), averages the stored gradients of
+/// `layout`'s parameters across ranks and agrees on a loss-scale overflow.
+pub(crate) fn sync_stored<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
+    strategy: &S,
+    layout: &[ParamSlot],
+    sync: bool,
+) -> Result<(), FabricError> {
+    if !sync || strategy.collective().world_size() == 1 {
+        return Ok(());
+    }
+    let state = strategy.rank_state();
+    let taken = state.grads().take(layout);
+    let reduced = strategy.reduce_gradients(taken)?;
+    state.grads().put(layout, reduced);
+    strategy.precision().agree_overflow(strategy.collective())
 }

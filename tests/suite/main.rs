@@ -16,6 +16,7 @@ mod faults;
 mod fsdp;
 mod fused_adam;
 mod logging;
+mod overlap;
 mod precision;
 mod train_step;
 mod zero;

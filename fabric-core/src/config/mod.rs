@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub bucket_bytes: Option<usize>,
     /// FSDP's automatic units.
     pub auto_wrap: Option<AutoWrap>,
+    /// DDP: average units' gradients while backward runs.
+    pub overlap_backward: Option<bool>,
 }
 
 /// Resolved settings, before the backend picks devices.
@@ -71,6 +73,8 @@ pub struct FabricConfig {
     pub bucket_bytes: usize,
     /// FSDP's automatic units.
     pub auto_wrap: AutoWrap,
+    /// DDP: average units' gradients while backward runs (default off).
+    pub overlap_backward: bool,
 }
 
 impl RawConfig {
@@ -135,6 +139,7 @@ impl RawConfig {
             collective_timeout,
             bucket_bytes,
             auto_wrap: self.auto_wrap.unwrap_or_default(),
+            overlap_backward: self.overlap_backward.unwrap_or(false),
         })
     }
 }

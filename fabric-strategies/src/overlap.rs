@@ -1,0 +1,353 @@
+//! DDP's gradient averaging overlapped with the backward pass (PyTorch DDP's bucketed
+//! all-reduce started from gradient hooks).
+//!
+//! Inside `Fabric::forward`, each `burn_fabric::unit` watches its module's parameters
+//! ([`fabric_core::watch`]): backward hands each one's gradient here right after the unit's
+//! backward. The watched parameters are bucketed in the reverse of the order the forward pass
+//! watched them (the order backward finishes them, the same on every rank); a bucket whose
+//! gradients are all in is handed to the rank's communication thread, which averages it while
+//! backward goes on. The strategy collects the results when backward ends ([`Overlap::finish`]),
+//! with the rest of the gradients averaged as before.
+
+use crate::bucket::{plan_buckets, reduce_bucket, reduce_buckets};
+use crate::grads::GradStore;
+use crate::module::{FlatGrad, ParamSlot};
+use burn::module::ParamId;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use fabric_collective::{Collective, ReduceOp};
+use fabric_core::FabricError;
+use fabric_core::gather::TrackedGather;
+use fabric_core::watch::GradSink;
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// What a forward pass needs to watch parameters: where their gradients go and the training
+/// backend's watch operation.
+#[derive(Clone)]
+pub struct ParamWatch {
+    /// The rank's overlapped averaging.
+    pub sink: Arc<dyn WatchSink>,
+    /// The training backend's tracked operations.
+    pub tracked: TrackedGather,
+}
+
+/// A [`GradSink`] that is told which parameters a forward pass watches.
+pub trait WatchSink: GradSink {
+    /// A forward pass watches one use of parameter `id` (`numel` elements of `dtype`).
+    fn watch(&self, id: ParamId, numel: usize, dtype: DType);
+
+    /// This sink as a plain [`GradSink`], for the autodiff operation.
+    fn as_sink(self: Arc<Self>) -> Arc<dyn GradSink>;
+}
+
+/// One rank's overlapped averaging.
+pub struct Overlap<B: Backend> {
+    collective: Arc<dyn Collective>,
+    device: B::Device,
+    bucket_bytes: usize,
+    grads: Arc<Mutex<GradStore<B>>>,
+    state: Mutex<State<B>>,
+    worker: Mutex<Option<Worker<B>>>,
+}
+
+/// The watched parameters since the last [`Overlap::finish`] and the gradients come in.
+struct State<B: Backend> {
+    /// Watched parameters in the order the forward passes first watched them.
+    order: Vec<Watched>,
+    index: HashMap<ParamId, usize>,
+    /// The buckets (of positions in `order`, last watched first), planned at the first
+    /// gradient; the first `sent` of them are with the communication thread.
+    buckets: Vec<Vec<usize>>,
+    sent: usize,
+    grads: Vec<Option<Tensor<B, 1>>>,
+}
+
+struct Watched {
+    id: ParamId,
+    numel: usize,
+    dtype: DType,
+    /// Uses whose gradient has not come in yet.
+    waiting: usize,
+}
+
+/// The rank's communication thread: bucket `k`'s gradients in, bucket `k` averaged out.
+struct Worker<B: Backend> {
+    jobs: Sender<Job<B>>,
+    done: Receiver<(usize, Result<Vec<FlatGrad<B>>, FabricError>)>,
+}
+
+/// A bucket for the communication thread: its index, its gradients and their dtype.
+type Job<B> = (usize, Vec<FlatGrad<B>>, DType);
+
+/// Averaged gradients of the watched parameters, by id (`None`: no rank had one).
+pub type Averaged<B> = HashMap<ParamId, Option<Tensor<B, 1>>>;
+
+impl<B: Backend> Overlap<B> {
+    /// Overlapped averaging through `collective` in buckets of about `bucket_bytes`, adding the
+    /// gradients stored in `grads` (accumulated under `no_backward_sync`) to what it averages.
+    pub fn new(
+        collective: Arc<dyn Collective>,
+        device: B::Device,
+        bucket_bytes: usize,
+        grads: Arc<Mutex<GradStore<B>>>,
+    ) -> Self {
+        Self {
+            collective,
+            device,
+            bucket_bytes,
+            grads,
+            state: Mutex::new(State {
+                order: Vec::new(),
+                index: HashMap::new(),
+                buckets: Vec::new(),
+                sent: 0,
+                grads: Vec::new(),
+            }),
+            worker: Mutex::new(None),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<B>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands every bucket from `state.sent` on whose gradients are all in (every bucket with
+    /// `all`) to the communication thread, in order.
+    fn send_ready(&self, state: &mut State<B>, all: bool) {
+        while let Some(bucket) = state.buckets.get(state.sent) {
+            if !all && bucket.iter().any(|&i| state.order[i].waiting > 0) {
+                return;
+            }
+            let bucket = bucket.clone();
+            let mut grads = self.grads.lock().unwrap_or_else(PoisonError::into_inner);
+            let members = bucket
+                .iter()
+                .map(|&i| {
+                    let watched = &state.order[i];
+                    let grad = match (state.grads[i].take(), grads.remove(watched.id)) {
+                        (Some(a), Some(b)) => Some(a + b),
+                        (a, b) => a.or(b),
+                    };
+                    FlatGrad {
+                        numel: watched.numel,
+                        dtype: watched.dtype,
+                        grad,
+                    }
+                })
+                .collect();
+            drop(grads);
+            let dtype = state.order[bucket[0]].dtype;
+            let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+            let worker = worker.get_or_insert_with(|| self.start_worker());
+            // A stopped thread shows as a missing result in `finish`.
+            worker.jobs.send((state.sent, members, dtype)).ok();
+            state.sent += 1;
+        }
+    }
+
+    /// Starts the communication thread.
+    fn start_worker(&self) -> Worker<B> {
+        {
+            let (jobs, inbox) = channel::<Job<B>>();
+            let (outbox, done) = channel();
+            let (collective, device) = (Arc::clone(&self.collective), self.device.clone());
+            std::thread::Builder::new()
+                .name(format!("fabric-comm-{}", collective.rank()))
+                .spawn(move || {
+                    for (bucket, members, dtype) in inbox {
+                        let averaged = reduce_bucket(&*collective, &device, members, dtype, None);
+                        if outbox.send((bucket, averaged)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .ok();
+            Worker { jobs, done }
+        }
+    }
+
+    /// Ends a backward pass: sends the buckets still waiting (a parameter some use of which got
+    /// no gradient counts as it is), waits for every bucket, and averages what `grads` (the
+    /// backward pass's gradients in `layout` order) holds for the watched parameters — this
+    /// rank's gradient of a parameter also used outside its unit — which every rank settles
+    /// with one small all-reduce of presence flags first. Takes the watched parameters out of
+    /// `grads` and returns their averages. `None` when no parameter was watched.
+    pub fn finish(
+        &self,
+        layout: &[ParamSlot],
+        grads: &mut [Option<Tensor<B, 1>>],
+    ) -> Option<Result<Averaged<B>, FabricError>> {
+        let mut state = self.state();
+        if state.order.is_empty() {
+            return None;
+        }
+        let mut leftover = HashMap::new();
+        for (slot, grad) in layout.iter().zip(grads.iter_mut()) {
+            if state.index.contains_key(&slot.id)
+                && let Some(grad) = grad.take()
+            {
+                leftover.insert(slot.id, grad);
+            }
+        }
+        if state.buckets.is_empty() {
+            plan(&mut state, self.bucket_bytes);
+        }
+        self.send_ready(&mut state, true);
+        let order = std::mem::take(&mut state.order);
+        let buckets = std::mem::take(&mut state.buckets);
+        let sent = std::mem::replace(&mut state.sent, 0);
+        state.index.clear();
+        state.grads.clear();
+        drop(state);
+        let mut averaged = HashMap::new();
+        let mut first_error = None;
+        if let Some(worker) = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            for _ in 0..sent {
+                let Ok((bucket, result)) = worker.done.recv() else {
+                    first_error.get_or_insert(FabricError::Collective(
+                        fabric_core::CollectiveError::Engine {
+                            rank: self.collective.rank(),
+                            engine: "overlap",
+                            operation: "all_reduce",
+                            message: "the communication thread stopped".into(),
+                        },
+                    ));
+                    break;
+                };
+                match result {
+                    Ok(grads) => {
+                        for (&i, grad) in buckets[bucket].iter().zip(grads) {
+                            averaged.insert(order[i].id, grad.grad);
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            return Some(Err(error));
+        }
+        Some(self.settle_leftover(&order, &mut leftover, averaged))
+    }
+
+    /// Adds the average of the leftover gradients of the watched parameters (present on any
+    /// rank) to `averaged`.
+    fn settle_leftover(
+        &self,
+        order: &[Watched],
+        leftover: &mut HashMap<ParamId, Tensor<B, 1>>,
+        mut averaged: Averaged<B>,
+    ) -> Result<Averaged<B>, FabricError> {
+        let flags: Vec<f32> = order
+            .iter()
+            .map(|w| f32::from(u8::from(leftover.contains_key(&w.id))))
+            .collect();
+        let flags = self
+            .collective
+            .all_reduce(TensorData::new(flags, [order.len()]), ReduceOp::Sum)?;
+        let flags = flags.to_vec::<f32>().map_err(|e| FabricError::Data {
+            context: "gradient bucket",
+            message: format!("{e:?}"),
+        })?;
+        let extra: Vec<&Watched> = order
+            .iter()
+            .zip(flags)
+            .filter(|(_, f)| *f > 0.0)
+            .map(|(w, _)| w)
+            .collect();
+        if extra.is_empty() {
+            return Ok(averaged);
+        }
+        let grads = extra
+            .iter()
+            .map(|w| FlatGrad {
+                numel: w.numel,
+                dtype: w.dtype,
+                grad: leftover.remove(&w.id),
+            })
+            .collect();
+        let reduced = reduce_buckets(
+            &*self.collective,
+            &self.device,
+            grads,
+            self.bucket_bytes,
+            None,
+        )?;
+        for (w, grad) in extra.into_iter().zip(reduced) {
+            let sum = match (averaged.remove(&w.id).flatten(), grad.grad) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            averaged.insert(w.id, sum);
+        }
+        Ok(averaged)
+    }
+}
+
+/// Buckets the watched parameters, last watched first.
+fn plan<B: Backend>(state: &mut State<B>, bucket_bytes: usize) {
+    let reversed: Vec<usize> = (0..state.order.len()).rev().collect();
+    let sizes: Vec<(usize, DType)> = reversed
+        .iter()
+        .map(|&i| (state.order[i].numel, state.order[i].dtype))
+        .collect();
+    state.buckets = plan_buckets(&sizes, bucket_bytes)
+        .into_iter()
+        .map(|b| reversed[b.tensors].to_vec())
+        .collect();
+    state.grads = (0..state.order.len()).map(|_| None).collect();
+}
+
+impl<B: Backend> GradSink for Overlap<B> {
+    fn ready(&self, id: ParamId, grad: TensorData) {
+        let mut state = self.state();
+        let Some(&i) = state.index.get(&id) else {
+            return;
+        };
+        if state.buckets.is_empty() {
+            plan(&mut state, self.bucket_bytes);
+        }
+        let dtype = grad.dtype;
+        let grad = Tensor::<B, 1>::from_data(grad, (&self.device, dtype));
+        let sum = match state.grads[i].take() {
+            Some(old) => old + grad,
+            None => grad,
+        };
+        state.grads[i] = Some(sum);
+        let watched = &mut state.order[i];
+        watched.waiting = watched.waiting.saturating_sub(1);
+        self.send_ready(&mut state, false);
+    }
+}
+
+impl<B: Backend> WatchSink for Overlap<B> {
+    fn watch(&self, id: ParamId, numel: usize, dtype: DType) {
+        let mut state = self.state();
+        match state.index.get(&id) {
+            Some(&i) => state.order[i].waiting += 1,
+            None => {
+                let i = state.order.len();
+                state.order.push(Watched {
+                    id,
+                    numel,
+                    dtype,
+                    waiting: 1,
+                });
+                state.index.insert(id, i);
+            }
+        }
+    }
+
+    fn as_sink(self: Arc<Self>) -> Arc<dyn GradSink> {
+        self
+    }
+}
