@@ -15,7 +15,7 @@ use crate::module::{FlatGrad, ParamSlot};
 use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp};
+use fabric_collective::Collective;
 use fabric_core::FabricError;
 use fabric_core::gather::TrackedGather;
 use fabric_core::watch::GradSink;
@@ -75,8 +75,11 @@ struct Watched {
 /// The rank's communication thread: bucket `k`'s gradients in, bucket `k` averaged out.
 struct Worker<B: Backend> {
     jobs: Sender<Job<B>>,
-    done: Receiver<(usize, Result<Vec<FlatGrad<B>>, FabricError>)>,
+    done: Receiver<Done<B>>,
 }
+
+/// An averaged bucket from the communication thread: its index and its gradients.
+type Done<B> = (usize, Result<Vec<FlatGrad<B>>, FabricError>);
 
 /// A bucket for the communication thread: its index, its gradients and their dtype.
 type Job<B> = (usize, Vec<FlatGrad<B>>, DType);
@@ -114,37 +117,44 @@ impl<B: Backend> Overlap<B> {
     }
 
     /// Hands every bucket from `state.sent` on whose gradients are all in (every bucket with
-    /// `all`) to the communication thread, in order.
+    /// `all`) to the communication thread, in order — but never the last one, which
+    /// [`finish`](Self::finish) averages together with the leftover flags.
     fn send_ready(&self, state: &mut State<B>, all: bool) {
-        while let Some(bucket) = state.buckets.get(state.sent) {
+        while state.sent + 1 < state.buckets.len() {
+            let bucket = &state.buckets[state.sent];
             if !all && bucket.iter().any(|&i| state.order[i].waiting > 0) {
                 return;
             }
-            let bucket = bucket.clone();
-            let mut grads = self.grads.lock().unwrap_or_else(PoisonError::into_inner);
-            let members = bucket
-                .iter()
-                .map(|&i| {
-                    let watched = &state.order[i];
-                    let grad = match (state.grads[i].take(), grads.remove(watched.id)) {
-                        (Some(a), Some(b)) => Some(a + b),
-                        (a, b) => a.or(b),
-                    };
-                    FlatGrad {
-                        numel: watched.numel,
-                        dtype: watched.dtype,
-                        grad,
-                    }
-                })
-                .collect();
-            drop(grads);
-            let dtype = state.order[bucket[0]].dtype;
+            let (members, dtype) = self.members(state, state.sent);
             let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
             let worker = worker.get_or_insert_with(|| self.start_worker());
             // A stopped thread shows as a missing result in `finish`.
             worker.jobs.send((state.sent, members, dtype)).ok();
             state.sent += 1;
         }
+    }
+
+    /// Bucket `k`'s gradients: what backward handed over plus what `no_backward_sync` passes
+    /// stored; and their dtype.
+    fn members(&self, state: &mut State<B>, k: usize) -> (Vec<FlatGrad<B>>, DType) {
+        let mut stored = self.grads.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = &state.buckets[k];
+        let members = bucket
+            .iter()
+            .map(|&i| {
+                let watched = &state.order[i];
+                let grad = match (state.grads[i].take(), stored.remove(watched.id)) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                };
+                FlatGrad {
+                    numel: watched.numel,
+                    dtype: watched.dtype,
+                    grad,
+                }
+            })
+            .collect();
+        (members, state.order[bucket[0]].dtype)
     }
 
     /// Starts the communication thread.
@@ -195,6 +205,24 @@ impl<B: Backend> Overlap<B> {
             plan(&mut state, self.bucket_bytes);
         }
         self.send_ready(&mut state, true);
+        // The last bucket (the first unit's parameters, the last backward finishes) travels
+        // from here, with one flag per watched parameter: 1 where this rank has a leftover.
+        let last = state.buckets.len() - 1;
+        let (mut members, dtype) = self.members(&mut state, last);
+        let flags: Vec<f32> = state
+            .order
+            .iter()
+            .map(|w| f32::from(u8::from(leftover.contains_key(&w.id))))
+            .collect();
+        let count = flags.len();
+        members.push(FlatGrad {
+            numel: count,
+            dtype: DType::F32,
+            grad: Some(Tensor::from_data(
+                TensorData::new(flags, [count]),
+                (&self.device, DType::F32),
+            )),
+        });
         let order = std::mem::take(&mut state.order);
         let buckets = std::mem::take(&mut state.buckets);
         let sent = std::mem::replace(&mut state.sent, 0);
@@ -203,65 +231,68 @@ impl<B: Backend> Overlap<B> {
         drop(state);
         let mut averaged = HashMap::new();
         let mut first_error = None;
-        if let Some(worker) = self
-            .worker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
-            for _ in 0..sent {
-                let Ok((bucket, result)) = worker.done.recv() else {
-                    first_error.get_or_insert(FabricError::Collective(
-                        fabric_core::CollectiveError::Engine {
-                            rank: self.collective.rank(),
-                            engine: "overlap",
-                            operation: "all_reduce",
-                            message: "the communication thread stopped".into(),
-                        },
-                    ));
+        let mut keep = |bucket: usize, result: Result<Vec<FlatGrad<B>>, FabricError>| match result {
+            Ok(grads) => {
+                for (&i, grad) in buckets[bucket].iter().zip(grads) {
+                    averaged.insert(order[i].id, grad.grad);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        };
+        let worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        for _ in 0..sent {
+            match worker.as_ref().map(|w| w.done.recv()) {
+                Some(Ok((bucket, result))) => keep(bucket, result),
+                _ => {
+                    keep(0, Err(self.stopped()));
                     break;
-                };
-                match result {
-                    Ok(grads) => {
-                        for (&i, grad) in buckets[bucket].iter().zip(grads) {
-                            averaged.insert(order[i].id, grad.grad);
-                        }
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
                 }
             }
         }
+        drop(worker);
+        // Every bucket before it is averaged: this rank's collective is free again.
+        let mut last_grads = reduce_bucket(&*self.collective, &self.device, members, dtype, None);
+        let flags = match &mut last_grads {
+            Ok(grads) => grads.pop().and_then(|f| f.grad),
+            Err(_) => None,
+        };
+        keep(last, last_grads);
         if let Some(error) = first_error {
             return Some(Err(error));
         }
-        Some(self.settle_leftover(&order, &mut leftover, averaged))
+        let flags = flags.map(|f| f.into_data().convert::<f32>().to_vec::<f32>());
+        let flags = match flags {
+            Some(Ok(flags)) => flags,
+            _ => return Some(Err(self.stopped())),
+        };
+        Some(self.settle_leftover(&order, &flags, &mut leftover, averaged))
     }
 
-    /// Adds the average of the leftover gradients of the watched parameters (present on any
-    /// rank) to `averaged`.
+    /// The error of a communication thread that stopped (or of flags that did not come back).
+    fn stopped(&self) -> FabricError {
+        FabricError::Collective(fabric_core::CollectiveError::Engine {
+            rank: self.collective.rank(),
+            engine: "overlap",
+            operation: "all_reduce",
+            message: "the communication thread stopped".into(),
+        })
+    }
+
+    /// Adds the average of the leftover gradients of the watched parameters that some rank
+    /// has (`flags`, averaged over the ranks: above zero where any rank has one) to `averaged`.
     fn settle_leftover(
         &self,
         order: &[Watched],
+        flags: &[f32],
         leftover: &mut HashMap<ParamId, Tensor<B, 1>>,
         mut averaged: Averaged<B>,
     ) -> Result<Averaged<B>, FabricError> {
-        let flags: Vec<f32> = order
-            .iter()
-            .map(|w| f32::from(u8::from(leftover.contains_key(&w.id))))
-            .collect();
-        let flags = self
-            .collective
-            .all_reduce(TensorData::new(flags, [order.len()]), ReduceOp::Sum)?;
-        let flags = flags.to_vec::<f32>().map_err(|e| FabricError::Data {
-            context: "gradient bucket",
-            message: format!("{e:?}"),
-        })?;
         let extra: Vec<&Watched> = order
             .iter()
             .zip(flags)
-            .filter(|(_, f)| *f > 0.0)
+            .filter(|(_, f)| **f > 0.0)
             .map(|(w, _)| w)
             .collect();
         if extra.is_empty() {
