@@ -30,24 +30,9 @@ impl<B: Backend> Mlp<B> {
 
     /// Same values on every call and every rank.
     pub fn deterministic(device: &B::Device) -> Self {
-        let param = |rows: usize, cols: usize, salt: f32| -> Vec<f32> {
-            (0..rows * cols)
-                .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
-                .collect()
-        };
-        let linear = |din: usize, dout: usize, salt: f32| Linear {
-            weight: Param::from_tensor(Tensor::from_data(
-                TensorData::new(param(din, dout, salt), [din, dout]),
-                device,
-            )),
-            bias: Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(param(1, dout, salt + 1.0), [dout]),
-                device,
-            ))),
-        };
         Self {
-            l1: linear(D_IN, D_HIDDEN, 0.0),
-            l2: linear(D_HIDDEN, D_OUT, 2.0),
+            l1: linear(D_IN, D_HIDDEN, 0.0, device),
+            l2: linear(D_HIDDEN, D_OUT, 2.0, device),
         }
     }
 
@@ -57,6 +42,26 @@ impl<B: Backend> Mlp<B> {
             l1: LinearConfig::new(D_IN, D_HIDDEN).init(device),
             l2: LinearConfig::new(D_HIDDEN, D_OUT).init(device),
         }
+    }
+}
+
+/// A `din → dout` linear layer with the same values on every call and every rank (`salt`
+/// shifts them).
+pub fn linear<B: Backend>(din: usize, dout: usize, salt: f32, device: &B::Device) -> Linear<B> {
+    let values = |n: usize, salt: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
+            .collect()
+    };
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(values(din * dout, salt), [din, dout]),
+            device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(values(dout, salt + 1.0), [dout]),
+            device,
+        ))),
     }
 }
 

@@ -425,23 +425,7 @@ struct Stack<B: burn::tensor::backend::Backend> {
 
 impl<B: burn::tensor::backend::Backend> Stack<B> {
     fn deterministic(device: &B::Device) -> Self {
-        let linear = |din: usize, dout: usize, salt: f32| {
-            let values = |n: usize, salt: f32| -> Vec<f32> {
-                (0..n)
-                    .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
-                    .collect()
-            };
-            burn::nn::Linear {
-                weight: Param::from_tensor(Tensor::from_data(
-                    burn::tensor::TensorData::new(values(din * dout, salt), [din, dout]),
-                    device,
-                )),
-                bias: Some(Param::from_tensor(Tensor::from_data(
-                    burn::tensor::TensorData::new(values(dout, salt + 1.0), [dout]),
-                    device,
-                ))),
-            }
-        };
+        let linear = |din, dout, salt| common::linear(din, dout, salt, device);
         Stack {
             blocks: vec![linear(8, 7, 0.0), linear(7, 7, 1.0), linear(7, 5, 2.0)],
             head: linear(5, 3, 3.0),

@@ -9,11 +9,11 @@
 
 use crate::common;
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::Linear;
 use burn::optim::AdamConfig;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use burn_fabric::{Fabric, FabricError};
 use common::{B, batch, worst_ratio};
 
@@ -28,23 +28,7 @@ struct Tower<B: Backend> {
 
 impl<B: Backend> Tower<B> {
     fn deterministic(device: &B::Device) -> Self {
-        let linear = |din: usize, dout: usize, salt: f32| {
-            let values = |n: usize, salt: f32| -> Vec<f32> {
-                (0..n)
-                    .map(|i| 0.3 * ((i as f32) * 0.731 + salt).sin())
-                    .collect()
-            };
-            Linear {
-                weight: Param::from_tensor(Tensor::from_data(
-                    TensorData::new(values(din * dout, salt), [din, dout]),
-                    device,
-                )),
-                bias: Some(Param::from_tensor(Tensor::from_data(
-                    TensorData::new(values(dout, salt + 1.0), [dout]),
-                    device,
-                ))),
-            }
-        };
+        let linear = |din, dout, salt| common::linear(din, dout, salt, device);
         Tower {
             blocks: vec![linear(8, 7, 0.0), linear(7, 7, 1.0), linear(7, 5, 2.0)],
             head: linear(5, 3, 3.0),
