@@ -12,8 +12,8 @@ use crate::common;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::optim::AdamConfig;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use burn_fabric::{Fabric, FabricError};
 use common::{B, batch, worst_ratio};
 
