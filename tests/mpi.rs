@@ -14,6 +14,7 @@ use burn::optim::momentum::MomentumConfig;
 use burn::optim::{AdamConfig, SgdConfig};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::{Fabric, FabricError, ReduceOp};
+use common::tower::train_tower;
 use common::{B, train, train_on, worst_ratio};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -108,6 +109,38 @@ fn ddp_equivalence_across_processes() {
         ratio <= 1.0,
         "adam with no_backward_sync across {world} ranks: {ratio} x tolerance"
     );
+}
+
+#[test]
+fn overlapped_ddp_across_processes() {
+    if !child() {
+        succeeds("overlapped_ddp_across_processes", 2, 1);
+        succeeds("overlapped_ddp_across_processes", 2, 2);
+        return;
+    }
+    // Each rank's communication thread averages the units' buckets over MPI (initialised with
+    // MPI_THREAD_MULTIPLE) while backward runs: the DDP tolerance again, with accumulation.
+    let reference = Fabric::<B>::builder()
+        .devices(1)
+        .env(burn_fabric::EnvVars::default())
+        .build()
+        .unwrap();
+    let (single, _) = train_tower(reference, 1).unwrap();
+    for micro in [1, 2] {
+        let fabric = Fabric::<B>::builder()
+            .bucket_bytes(200)
+            .overlap_backward(true)
+            .build()
+            .unwrap();
+        let world = fabric.world_size();
+        let (ddp, overlapped) = train_tower(fabric, micro).unwrap();
+        let ratio = worst_ratio(&ddp, &single, 1e-5, 1e-6);
+        assert!(
+            ratio <= 1.0,
+            "overlapped ddp across {world} ranks, {micro} micro-batches: {ratio} x tolerance"
+        );
+        assert!(overlapped, "no communication thread ran");
+    }
 }
 
 #[test]

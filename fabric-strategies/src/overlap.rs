@@ -159,31 +159,30 @@ impl<B: Backend> Overlap<B> {
 
     /// Starts the communication thread.
     fn start_worker(&self) -> Worker<B> {
-        {
-            let (jobs, inbox) = channel::<Job<B>>();
-            let (outbox, done) = channel();
-            let (collective, device) = (Arc::clone(&self.collective), self.device.clone());
-            std::thread::Builder::new()
-                .name(format!("fabric-comm-{}", collective.rank()))
-                .spawn(move || {
-                    for (bucket, members, dtype) in inbox {
-                        let averaged = reduce_bucket(&*collective, &device, members, dtype, None);
-                        if outbox.send((bucket, averaged)).is_err() {
-                            return;
-                        }
+        let (jobs, inbox) = channel::<Job<B>>();
+        let (outbox, done) = channel();
+        let (collective, device) = (Arc::clone(&self.collective), self.device.clone());
+        std::thread::Builder::new()
+            .name(format!("fabric-comm-{}", collective.rank()))
+            .spawn(move || {
+                for (bucket, members, dtype) in inbox {
+                    let averaged = reduce_bucket(&*collective, &device, members, dtype, None);
+                    if outbox.send((bucket, averaged)).is_err() {
+                        return;
                     }
-                })
-                .ok();
-            Worker { jobs, done }
-        }
+                }
+            })
+            .ok();
+        Worker { jobs, done }
     }
 
     /// Ends a backward pass: sends the buckets still waiting (a parameter some use of which got
-    /// no gradient counts as it is), waits for every bucket, and averages what `grads` (the
-    /// backward pass's gradients in `layout` order) holds for the watched parameters — this
-    /// rank's gradient of a parameter also used outside its unit — which every rank settles
-    /// with one small all-reduce of presence flags first. Takes the watched parameters out of
-    /// `grads` and returns their averages. `None` when no parameter was watched.
+    /// no gradient counts as it is), waits for them, averages the last bucket here, and then
+    /// what `grads` (the backward pass's gradients in `layout` order) holds for the watched
+    /// parameters — this rank's gradient of a parameter also used outside its unit — where
+    /// any rank has some (presence flags travel with the last bucket). Takes the watched
+    /// parameters out of `grads` and returns their averages. `None` when no parameter was
+    /// watched.
     pub fn finish(
         &self,
         layout: &[ParamSlot],

@@ -10,6 +10,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::fabric_strategies::CollectParams;
 use burn_fabric::{Fabric, FabricError};
 
+pub mod tower;
+
 pub type B = burn::backend::Autodiff<burn::backend::Flex>;
 
 pub const D_IN: usize = 8;
