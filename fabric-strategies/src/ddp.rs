@@ -22,29 +22,23 @@ type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 /// device engine ([`with_engine`](Self::with_engine), NCCL on CUDA) the buckets are averaged in
 /// device memory instead of through the host collective.
 ///
-/// The parameters of each `burn_fabric::unit` run inside `Fabric::forward` are averaged while
-/// backward goes on ([`Overlap`]), in buckets of their own; the rest after backward.
+/// [`overlapped`](Self::overlapped): the parameters of each `burn_fabric::unit` run inside
+/// `Fabric::forward` are averaged while backward goes on ([`Overlap`]), in buckets of their own;
+/// the rest after backward.
 pub struct Ddp<B: AutodiffBackend> {
     state: RankState<B>,
     engine: Option<Box<dyn DeviceCollective<Inner<B>>>>,
-    overlap: Arc<Overlap<Inner<B>>>,
-    tracked: Option<TrackedGather>,
+    /// The overlapped averaging and the training backend's watch, when turned on.
+    overlap: Option<(Arc<Overlap<Inner<B>>>, TrackedGather)>,
 }
 
 impl<B: AutodiffBackend> Ddp<B> {
     /// DDP for the rank `state` describes.
     pub fn new(state: RankState<B>) -> Self {
-        let overlap = Arc::new(Overlap::new(
-            state.shared_collective(),
-            state.device().clone(),
-            state.bucket_bytes(),
-            state.shared_grads(),
-        ));
         Self {
             state,
             engine: None,
-            overlap,
-            tracked: None,
+            overlap: None,
         }
     }
 
@@ -54,7 +48,14 @@ impl<B: AutodiffBackend> Ddp<B> {
     where
         B: GatherParam,
     {
-        self.tracked = Some(TrackedGather::of::<B>());
+        let state = &self.state;
+        let overlap = Arc::new(Overlap::new(
+            state.shared_collective(),
+            state.device().clone(),
+            state.bucket_bytes(),
+            state.shared_grads(),
+        ));
+        self.overlap = Some((overlap, TrackedGather::of::<B>()));
         self
     }
 
@@ -114,12 +115,13 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
 
     fn watch(&self) -> Option<ParamWatch> {
         let state = &self.state;
+        let (overlap, tracked) = self.overlap.as_ref()?;
         let overlaps = self.engine.is_none()
             && state.collective().world_size() > 1
             && state.precision().mode() != PrecisionMode::Mixed;
-        Some(ParamWatch {
-            sink: self.overlap.clone(),
-            tracked: self.tracked.filter(|_| overlaps)?,
+        overlaps.then(|| ParamWatch {
+            sink: overlap.clone(),
+            tracked: *tracked,
         })
     }
 
@@ -134,7 +136,10 @@ impl<B: AutodiffBackend> Strategy<B> for Ddp<B> {
         let state = &self.state;
         let layout = module.layout();
         let mut new = state.precision().unscale_gradients(grads);
-        let averaged = self.overlap.finish(&layout, &mut new).transpose()?;
+        let averaged = match &self.overlap {
+            Some((overlap, _)) => overlap.finish(&layout, &mut new).transpose()?,
+            None => None,
+        };
         state.grads().accumulate(&layout, new);
         let Some(averaged) = averaged else {
             return crate::strategy::sync_stored(self, &layout, sync);
