@@ -20,8 +20,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp, slice_flat};
 use fabric_core::checkpoint::{
-    Entry, FSDP_SHARDS_KEY, RowShards, cut_rows, error, read_consolidated, reshard_rows,
-    shard_file_name, shard_files, shard_row_range, shard_rows, shard_shape,
+    Entry, RowShards, cut_rows, error, read_consolidated, reshard_rows, shard_file_name,
+    shard_files, shard_row_range, shard_rows, shard_shape,
 };
 use fabric_core::config::{AutoWrap, ShardingStrategy};
 use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
@@ -297,11 +297,7 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
             let mut entries = read_file(file)?;
             match RowShards::take(file, &mut entries)? {
                 Some(layout) if layout == saved => Ok(entries),
-                _ => Err(error(
-                    file,
-                    Some(FSDP_SHARDS_KEY),
-                    "does not belong with rank 0's shard (another FSDP layout, or a ZeRO shard)",
-                )),
+                _ => Err(RowShards::foreign(file)),
             }
         };
         reshard_rows(&saved, rank, world, read_shard, dir).map(Some)

@@ -42,6 +42,15 @@ impl RowShards {
         }
     }
 
+    /// The error for the shard file `path` whose marker is not rank 0's.
+    pub fn foreign(path: &Path) -> FabricError {
+        error(
+            path,
+            Some(FSDP_SHARDS_KEY),
+            "does not belong with rank 0's shard (another FSDP layout, or a ZeRO shard)",
+        )
+    }
+
     /// Removes the marker from `entries` and returns it; `None` when there is none (a whole
     /// checkpoint, or a ZeRO shard).
     pub fn take(path: &Path, entries: &mut Vec<Entry>) -> Result<Option<Self>, FabricError> {

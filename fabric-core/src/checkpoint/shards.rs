@@ -84,11 +84,7 @@ pub fn read_consolidated(dir: &Path) -> Result<Vec<Entry>, FabricError> {
     }
     if let Some(layout) = layouts.first().cloned().flatten() {
         if let Some(at) = layouts.iter().position(|l| l.as_ref() != Some(&layout)) {
-            return Err(error(
-                &files[at],
-                Some(FSDP_SHARDS_KEY),
-                "does not belong with rank 0's shard (another FSDP layout, or a ZeRO shard)",
-            ));
+            return Err(RowShards::foreign(&files[at]));
         }
         let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
         return merge_rows(shards, &layout, &paths);
