@@ -143,10 +143,7 @@ impl<B: Backend> Overlap<B> {
             .iter()
             .map(|&i| {
                 let watched = &state.order[i];
-                let grad = match (state.grads[i].take(), stored.remove(watched.id)) {
-                    (Some(a), Some(b)) => Some(a + b),
-                    (a, b) => a.or(b),
-                };
+                let grad = sum(state.grads[i].take(), stored.remove(watched.id));
                 FlatGrad {
                     numel: watched.numel,
                     dtype: watched.dtype,
@@ -313,13 +310,18 @@ impl<B: Backend> Overlap<B> {
             None,
         )?;
         for (w, grad) in extra.into_iter().zip(reduced) {
-            let sum = match (averaged.remove(&w.id).flatten(), grad.grad) {
-                (Some(a), Some(b)) => Some(a + b),
-                (a, b) => a.or(b),
-            };
-            averaged.insert(w.id, sum);
+            let total = sum(averaged.remove(&w.id).flatten(), grad.grad);
+            averaged.insert(w.id, total);
         }
         Ok(averaged)
+    }
+}
+
+/// `a + b`, either alone when the other is absent.
+fn sum<B: Backend>(a: Option<Tensor<B, 1>>, b: Option<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a + b),
+        (a, b) => a.or(b),
     }
 }
 
@@ -348,11 +350,7 @@ impl<B: Backend> GradSink for Overlap<B> {
         }
         let dtype = grad.dtype;
         let grad = Tensor::<B, 1>::from_data(grad, (&self.device, dtype));
-        let sum = match state.grads[i].take() {
-            Some(old) => old + grad,
-            None => grad,
-        };
-        state.grads[i] = Some(sum);
+        state.grads[i] = sum(state.grads[i].take(), Some(grad));
         let watched = &mut state.order[i];
         watched.waiting = watched.waiting.saturating_sub(1);
         self.send_ready(&mut state, false);
