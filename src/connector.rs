@@ -151,7 +151,8 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             StrategyChoice::Zero1 => Arc::new(Zero::new(state, ZeroStage::One)),
             StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
             StrategyChoice::Fsdp(sharding) => {
-                Arc::new(Fsdp::new(state, sharding, self.config.auto_wrap.clone()))
+                let fsdp = Fsdp::new(state, sharding, self.config.auto_wrap.clone());
+                Arc::new(fsdp.forward_prefetch(self.config.forward_prefetch))
             }
         })
     }

@@ -133,6 +133,16 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         self
     }
 
+    /// Under FSDP, starts the gathers of the next [`unit`](crate::unit) when a unit starts, so
+    /// that they travel while the unit computes (PyTorch FSDP's `forward_prefetch`; on by
+    /// default, as FSDP2 does). The next unit is the one that followed in the latest forward
+    /// pass; a rank then holds two units' whole parameters at a time instead of one. Other
+    /// strategies ignore it.
+    pub fn forward_prefetch(mut self, enabled: bool) -> Self {
+        self.raw.forward_prefetch = Some(enabled);
+        self
+    }
+
     /// Under FSDP, which submodules are gathered as one unit without the model's forward
     /// calling [`unit`](crate::unit) (Lightning's `FSDPStrategy(auto_wrap_policy=...)`):
     /// `AutoWrap::module_types(["Block"])`, or `AutoWrap::MinParams(1_000_000)`. Other

@@ -7,12 +7,13 @@
 //! module runs, ordered after the unit's input, so that backward reduce-scatters their
 //! gradients as soon as the unit's backward is done.
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use fabric_core::config::AutoWrap;
-use fabric_strategies::{ParamGather, ParamWatch, gather_whole};
+use fabric_core::gather::{Prefetched, Started};
+use fabric_strategies::{ParamGather, ParamWatch, UnitOrder, gather_whole};
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ enum Pass {
     Gather {
         gather: ParamGather,
         shards: HashMap<ParamId, Box<dyn Any>>,
+        ahead: Option<Ahead>,
     },
     /// DDP: units' parameters are watched, their gradients averaged while backward goes on.
     Watch(ParamWatch),
@@ -70,11 +72,78 @@ pub(crate) fn forward_pass<BT: Backend, M: Module<BT>, R>(
     if let Some(root) = lazy.open.pop() {
         lazy.close(root);
     }
+    // The first unit's gathers travel while the pass maps and runs what comes before it.
+    let ahead = gather.prefetch.as_ref().map(|order| {
+        let mut ahead = Ahead {
+            order: Arc::clone(order),
+            previous: None,
+            started: HashMap::new(),
+        };
+        ahead.start::<BT>(&order.first(), gather, &lazy.shards);
+        ahead
+    });
     let _current = Current::set(Pass::Gather {
         gather: gather.clone(),
         shards: lazy.shards,
+        ahead,
     });
     body(&view)
+}
+
+/// A pass's gathers started ahead of their unit (FSDP's forward prefetch).
+struct Ahead {
+    order: Arc<UnitOrder>,
+    /// The key of the unit the pass entered last.
+    previous: Option<ParamId>,
+    /// Gathers started and not used yet, by parameter.
+    started: HashMap<ParamId, Started>,
+}
+
+impl Ahead {
+    /// Starts the gathers of the parameters `ids` that have a shard in `shards` and none under
+    /// way, in the order given (the same on every rank).
+    fn start<BT: Backend>(
+        &mut self,
+        ids: &[ParamId],
+        gather: &ParamGather,
+        shards: &HashMap<ParamId, Box<dyn Any>>,
+    ) {
+        for id in ids {
+            let shard = shards
+                .get(id)
+                .and_then(|s| s.downcast_ref::<Tensor<BT, 1>>());
+            if let Some(shard) = shard.filter(|_| !self.started.contains_key(id)) {
+                let started = gather.exchange.start_gather(shard.clone().into_data());
+                self.started.insert(*id, started);
+            }
+        }
+    }
+
+    /// A unit of the sharded parameters `ids` starts: their gathers and then the next unit's
+    /// are started (those not under way already), and the unit's order is remembered.
+    fn enter<BT: Backend>(
+        &mut self,
+        ids: &[ParamId],
+        gather: &ParamGather,
+        shards: &HashMap<ParamId, Box<dyn Any>>,
+    ) {
+        self.start::<BT>(ids, gather, shards);
+        let next = self.order.entered(self.previous, ids);
+        if let Some(&key) = ids.first() {
+            self.previous = Some(key);
+        }
+        self.start::<BT>(&next, gather, shards);
+    }
+}
+
+impl Drop for Ahead {
+    /// Waits for the gathers nobody used, so that the rank's collective is free when the pass
+    /// ends (their errors are kept for the strategy like any other).
+    fn drop(&mut self) {
+        for (_, started) in self.started.drain() {
+            started();
+        }
+    }
 }
 
 /// Runs `body` as a forward pass whose units watch their parameters (DDP).
@@ -247,14 +316,29 @@ pub fn unit<BT: Backend, M: Module<BT>, const D: usize, R>(
     forward: impl FnOnce(&M, Tensor<BT, D>) -> R,
 ) -> R {
     let gathered = PASS.with(|pass| {
-        let pass = pass.borrow();
+        let mut pass = pass.borrow_mut();
         let after = input.clone().into_primitive().tensor();
-        match pass.as_ref()? {
-            Pass::Gather { gather, shards } => Some(module.clone().map(&mut Unit {
+        match pass.as_mut()? {
+            Pass::Gather {
                 gather,
                 shards,
-                after,
-            })),
+                ahead,
+            } => {
+                if let Some(ahead) = ahead.as_mut() {
+                    let mut lazy = LazyIds {
+                        shards,
+                        ids: Vec::new(),
+                    };
+                    module.visit(&mut lazy);
+                    ahead.enter::<BT>(&lazy.ids, gather, shards);
+                }
+                Some(module.clone().map(&mut Unit {
+                    gather,
+                    shards,
+                    started: ahead.as_mut().map(|a| &mut a.started),
+                    after,
+                }))
+            }
             Pass::Watch(watch) => Some(module.clone().map(&mut Watch { watch, after })),
         }
     });
@@ -264,10 +348,26 @@ pub fn unit<BT: Backend, M: Module<BT>, const D: usize, R>(
     }
 }
 
-/// Gathers the lazy parameters of a unit's module, ordered after the unit's input.
+/// The ids of a module's lazy parameters that have shards, in visit order.
+struct LazyIds<'a> {
+    shards: &'a HashMap<ParamId, Box<dyn Any>>,
+    ids: Vec<ParamId>,
+}
+
+impl<BT: Backend> ModuleVisitor<BT> for LazyIds<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<BT, D>>) {
+        if !param.is_initialized() && self.shards.contains_key(&param.id) {
+            self.ids.push(param.id);
+        }
+    }
+}
+
+/// Gathers the lazy parameters of a unit's module, ordered after the unit's input (waiting for
+/// the gathers already started).
 struct Unit<'a, BT: Backend> {
     gather: &'a ParamGather,
     shards: &'a HashMap<ParamId, Box<dyn Any>>,
+    started: Option<&'a mut HashMap<ParamId, Started>>,
     after: FloatTensor<BT>,
 }
 
@@ -283,7 +383,18 @@ impl<BT: Backend> ModuleMapper<BT> for Unit<'_, BT> {
             return param;
         };
         let after = Some(self.after.clone());
-        let whole = gather_whole::<BT, D>(self.gather, shard.clone(), shape, after);
+        let started = self.started.as_mut().and_then(|s| s.remove(&param.id));
+        let whole = match started {
+            Some(started) => {
+                let exchange = Prefetched::new(started, Arc::clone(&self.gather.exchange));
+                let gather = ParamGather {
+                    exchange: Arc::new(exchange),
+                    ..self.gather.clone()
+                };
+                gather_whole::<BT, D>(&gather, shard.clone(), shape, after)
+            }
+            None => gather_whole::<BT, D>(self.gather, shard.clone(), shape, after),
+        };
         Param::initialized(param.id, whole)
     }
 }
@@ -341,6 +452,29 @@ mod tests {
         }
     }
 
+    /// What a forward pass over `model` needs to gather its parameters through `exchange`.
+    fn param_gather<M: Module<B>>(
+        model: &M,
+        exchange: Arc<dyn ShardExchange>,
+        auto_wrap: AutoWrap,
+        prefetch: bool,
+    ) -> ParamGather {
+        let mut shapes = HashMap::new();
+        let mut collect = fabric_strategies::CollectParams::<B>::default();
+        model.visit(&mut collect);
+        for (id, shape) in collect.ids.iter().zip(&collect.shapes) {
+            shapes.insert(*id, shape.clone());
+        }
+        ParamGather {
+            shapes: Arc::new(shapes),
+            exchange,
+            tracked: TrackedGather::of::<B>(),
+            release: false,
+            auto_wrap: Arc::new(auto_wrap),
+            prefetch: prefetch.then(Arc::default),
+        }
+    }
+
     /// The lengths gathered, in order, by a pass that uses `l2.weight`, then all of `l1`,
     /// then `l2.bias`.
     fn gathers(auto_wrap: AutoWrap) -> Vec<usize> {
@@ -349,20 +483,8 @@ mod tests {
             l1: LinearConfig::new(2, 3).init(&device),
             l2: LinearConfig::new(3, 5).init(&device),
         };
-        let mut shapes = HashMap::new();
-        let mut collect = fabric_strategies::CollectParams::<B>::default();
-        model.visit(&mut collect);
-        for (id, shape) in collect.ids.iter().zip(&collect.shapes) {
-            shapes.insert(*id, shape.clone());
-        }
         let exchange = Arc::new(Recording::default());
-        let gather = ParamGather {
-            shapes: Arc::new(shapes),
-            exchange: exchange.clone(),
-            tracked: TrackedGather::of::<B>(),
-            release: false,
-            auto_wrap: Arc::new(auto_wrap),
-        };
+        let gather = param_gather(&model, exchange.clone(), auto_wrap, false);
         forward_pass(&gather, &model, |m| {
             let _ = m.l2.weight.val();
             let _ = m.l1.forward(Tensor::<B, 2>::ones([1, 2], &device));
@@ -381,5 +503,120 @@ mod tests {
         assert_eq!(gathers(AutoWrap::MinParams(10)), [15, 5, 6, 3]);
         // The root (29 parameters) is one unit: everything at the first use.
         assert_eq!(gathers(AutoWrap::MinParams(29)), [15, 6, 3, 5]);
+    }
+
+    #[derive(Module, Debug)]
+    struct Three<B: Backend> {
+        l1: Linear<B>,
+        l2: Linear<B>,
+        l3: Linear<B>,
+    }
+
+    /// One rank's exchange that logs when a gather starts (`start N`, N its length), when a
+    /// started one is waited for (`wait N`) and a gather run on the spot (`gather N`).
+    struct Timeline(Arc<Mutex<Vec<String>>>);
+
+    impl ShardExchange for Timeline {
+        fn gather(&self, shard: TensorData) -> TensorData {
+            let entry = format!("gather {}", shard.num_elements());
+            self.0.lock().unwrap().push(entry);
+            shard
+        }
+        fn scatter(&self, grad: TensorData) -> TensorData {
+            grad
+        }
+        fn start_gather(&self, shard: TensorData) -> Started {
+            let len = shard.num_elements();
+            self.0.lock().unwrap().push(format!("start {len}"));
+            let log = Arc::clone(&self.0);
+            Box::new(move || {
+                log.lock().unwrap().push(format!("wait {len}"));
+                shard
+            })
+        }
+    }
+
+    /// The logs of three passes through the units `l1`, `l2`, `l3` (the third skips `l2`),
+    /// each forward logging `forward lK`.
+    fn timeline(prefetch: bool) -> Vec<Vec<String>> {
+        let device = Default::default();
+        let model = Three::<B> {
+            l1: LinearConfig::new(2, 3).init(&device),
+            l2: LinearConfig::new(3, 4).init(&device),
+            l3: LinearConfig::new(4, 5).init(&device),
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let exchange = Arc::new(Timeline(log.clone()));
+        let gather = param_gather(&model, exchange, AutoWrap::Off, prefetch);
+        let run = |name: &'static str, layer: &Linear<B>, x: Tensor<B, 2>| {
+            crate::unit(layer, x, |layer, x| {
+                log.lock().unwrap().push(format!("forward {name}"));
+                layer.forward(x)
+            })
+        };
+        let mut passes = Vec::new();
+        for skip in [false, false, true] {
+            forward_pass(&gather, &model, |m| {
+                let x = run("l1", &m.l1, Tensor::ones([1, 2], &device));
+                let x = match skip {
+                    true => Tensor::ones([1, 4], &device),
+                    false => run("l2", &m.l2, x),
+                };
+                run("l3", &m.l3, x)
+            });
+            passes.push(std::mem::take(&mut *log.lock().unwrap()));
+        }
+        passes
+    }
+
+    #[test]
+    fn a_unit_starts_the_next_units_gathers_before_it_runs() {
+        let passes = timeline(true);
+        let at = |pass: &[String], entry: &str| pass.iter().position(|e| e == entry).unwrap();
+        // First pass: the order is not known yet; each unit starts its own gathers together.
+        assert_eq!(
+            passes[0][..5],
+            ["start 6", "start 3", "wait 6", "wait 3", "forward l1"]
+        );
+        assert!(at(&passes[0], "start 12") > at(&passes[0], "forward l1"));
+        // Second pass: l1's gathers start with the pass, l2's before l1 runs, l3's before l2.
+        let second = &passes[1];
+        assert_eq!(second[..2], ["start 6", "start 3"]);
+        assert!(
+            at(second, "start 12") < at(second, "forward l1"),
+            "{second:?}"
+        );
+        assert!(
+            at(second, "start 4") < at(second, "forward l1"),
+            "{second:?}"
+        );
+        assert!(
+            at(second, "start 20") < at(second, "forward l2"),
+            "{second:?}"
+        );
+        assert!(
+            !second.iter().any(|e| e.starts_with("gather")),
+            "{second:?}"
+        );
+        // Third pass skips l2: its gathers, started before l1 ran, are waited for by the end
+        // of the pass all the same, and l3's run.
+        let third = &passes[2];
+        for len in [6, 3, 12, 4, 20, 5] {
+            let (start, wait) = (format!("start {len}"), format!("wait {len}"));
+            assert!(at(third, &start) < at(third, &wait), "{third:?}");
+        }
+        assert!(at(third, "wait 12") > at(third, "forward l3"), "{third:?}");
+    }
+
+    #[test]
+    fn without_prefetch_each_parameter_is_gathered_when_its_unit_runs() {
+        let passes = timeline(false);
+        let second = &passes[1];
+        assert_eq!(
+            second[..3],
+            ["gather 6", "gather 3", "forward l1"],
+            "{second:?}"
+        );
+        assert!(!second.iter().any(|e| e.starts_with("start")), "{second:?}");
     }
 }

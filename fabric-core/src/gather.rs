@@ -36,6 +36,59 @@ pub trait ShardExchange: Send + Sync {
     /// This rank's part of `grad` (the whole flat parameter's gradient) averaged over the ranks
     /// (a reduce-scatter). On failure: zeros of the shard's length, the error kept.
     fn scatter(&self, grad: TensorData) -> TensorData;
+
+    /// Starts [`gather`](Self::gather) of `shard` and returns the wait for its result, so that
+    /// the caller computes while it travels (FSDP's prefetch of the next unit). The exchange
+    /// runs what was started and the later calls in the order they were made. By default the
+    /// gather runs now and the wait returns it.
+    fn start_gather(&self, shard: TensorData) -> Started {
+        let whole = self.gather(shard);
+        Box::new(move || whole)
+    }
+}
+
+/// A gather under way ([`ShardExchange::start_gather`]): call it to wait for the whole flat
+/// parameter.
+pub type Started = Box<dyn FnOnce() -> TensorData + Send>;
+
+/// An exchange whose first gather was started ahead ([`ShardExchange::start_gather`]): that
+/// gather waits for the started one; later gathers (backward's, when the forward's result was
+/// released) and scatters go to the exchange.
+pub struct Prefetched {
+    started: std::sync::Mutex<Option<Started>>,
+    exchange: Arc<dyn ShardExchange>,
+}
+
+impl Prefetched {
+    /// `started`, a gather of `exchange`, as the first gather of the returned exchange.
+    pub fn new(started: Started, exchange: Arc<dyn ShardExchange>) -> Self {
+        Self {
+            started: std::sync::Mutex::new(Some(started)),
+            exchange,
+        }
+    }
+}
+
+impl ShardExchange for Prefetched {
+    fn gather(&self, shard: TensorData) -> TensorData {
+        let started = self
+            .started
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match started {
+            Some(started) => started(),
+            None => self.exchange.gather(shard),
+        }
+    }
+
+    fn scatter(&self, grad: TensorData) -> TensorData {
+        self.exchange.scatter(grad)
+    }
+
+    fn start_gather(&self, shard: TensorData) -> Started {
+        self.exchange.start_gather(shard)
+    }
 }
 
 /// A backend on which a forward pass can gather whole parameters from shards.

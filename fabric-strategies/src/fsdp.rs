@@ -11,8 +11,10 @@
 //! gradient into the shard's, averaged over the ranks.
 
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
+use crate::comm_thread::CommThread;
 use crate::ddp::Ddp;
 use crate::module::{FlatGrad, ModuleParams, SetupParam};
+use crate::prefetch::UnitOrder;
 use crate::rank_state::RankState;
 use crate::strategy::Strategy;
 use burn::module::{ModuleMapper, Param, ParamId};
@@ -24,7 +26,7 @@ use fabric_core::checkpoint::{
     shard_files, shard_row_range, shard_rows, shard_shape,
 };
 use fabric_core::config::{AutoWrap, ShardingStrategy};
-use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
+use fabric_core::gather::{GatherParam, ShardExchange, Started, TrackedGather};
 use fabric_core::{CollectiveError, FabricError};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,9 @@ pub struct ParamGather {
     pub release: bool,
     /// Which submodules are gathered as one unit.
     pub auto_wrap: Arc<AutoWrap>,
+    /// The order of the units in earlier passes, when a unit starts the gathers of the next
+    /// one before it runs (prefetch).
+    pub prefetch: Option<Arc<UnitOrder>>,
 }
 
 /// Lightning's `FSDPStrategy` with `full_shard` or `shard_grad_op`.
@@ -59,6 +64,7 @@ pub struct Fsdp<B: AutodiffBackend> {
     auto_wrap: Arc<AutoWrap>,
     exchange: Arc<CollectiveExchange>,
     shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
+    prefetch: Option<Arc<UnitOrder>>,
 }
 
 impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
@@ -68,7 +74,8 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
         let exchange = Arc::new(CollectiveExchange {
             collective: state.shared_collective(),
             hybrid: sharding == ShardingStrategy::HybridShard,
-            error: Mutex::new(None),
+            comm: CommThread::new(state.collective().rank()),
+            error: Arc::default(),
         });
         Self {
             ddp: Ddp::new(state),
@@ -76,7 +83,15 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
             auto_wrap: Arc::new(auto_wrap),
             exchange,
             shapes: Mutex::new(Arc::default()),
+            prefetch: Some(Arc::default()),
         }
+    }
+
+    /// Whether a unit starts the gathers of the unit that followed it in the latest forward
+    /// pass before it runs (on by default).
+    pub fn forward_prefetch(mut self, enabled: bool) -> Self {
+        self.prefetch = enabled.then(Arc::default);
+        self
     }
 }
 
@@ -160,6 +175,7 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             tracked: TrackedGather::of::<B>(),
             release: self.sharding != ShardingStrategy::ShardGradOp,
             auto_wrap: self.auto_wrap.clone(),
+            prefetch: self.prefetch.clone(),
         })
     }
 
@@ -334,22 +350,18 @@ fn shard_group(world: &dyn Collective, hybrid: bool) -> &dyn Collective {
     }
 }
 
-/// The rank's collective as a [`ShardExchange`], keeping the first error.
+/// The rank's collective as a [`ShardExchange`], keeping the first error. Its gathers and
+/// scatters run on the rank's communication thread, in the order they are asked for, so that a
+/// gather started ahead ([`ShardExchange::start_gather`]) travels while the rank computes.
 struct CollectiveExchange {
     collective: Arc<dyn Collective>,
     /// `hybrid_shard`: gather within the process, average over every rank.
     hybrid: bool,
-    error: Mutex<Option<CollectiveError>>,
+    comm: CommThread,
+    error: Arc<Mutex<Option<CollectiveError>>>,
 }
 
 impl CollectiveExchange {
-    /// Keeps `error` (unless one is kept already) and returns `len` zeros of `dtype`.
-    fn fail(&self, error: CollectiveError, len: usize, dtype: DType) -> TensorData {
-        let mut kept = self.error.lock().unwrap_or_else(PoisonError::into_inner);
-        kept.get_or_insert(error);
-        TensorData::zeros::<f32, _>([len]).convert_dtype(dtype)
-    }
-
     fn take_error(&self) -> Option<CollectiveError> {
         self.error
             .lock()
@@ -357,33 +369,71 @@ impl CollectiveExchange {
             .take()
     }
 
-    /// The averaged gradient's part for this rank's shard: a reduce-scatter over every rank,
-    /// or under `hybrid_shard` across processes an all-reduce over every rank and this rank's
-    /// block of its process's cut.
-    fn average(&self, grad: TensorData) -> Result<TensorData, CollectiveError> {
-        let world = &*self.collective;
-        let Some(group) = world.within_process().filter(|_| self.hybrid) else {
-            return world.reduce_scatter(grad, ReduceOp::Mean);
-        };
-        let len = grad.num_elements() / group.world_size().max(1);
-        let start = group.rank() * len;
-        let whole = world.all_reduce(grad, ReduceOp::Mean)?;
-        slice_flat(&whole, start..start + len).ok_or_else(|| CollectiveError::InvalidShape {
-            rank: world.rank(),
-            operation: "reduce_scatter",
-            shape: whole.shape.to_vec(),
-            valid: format!("a length that divides into {} shards", group.world_size()),
+    /// Runs `op` on the communication thread and returns the wait for its result: `len` zeros
+    /// of `dtype` when it fails, the error kept (unless one is kept already).
+    fn start(
+        &self,
+        operation: &'static str,
+        len: usize,
+        dtype: DType,
+        op: impl FnOnce(&dyn Collective, bool) -> Result<TensorData, CollectiveError> + Send + 'static,
+    ) -> Started {
+        let (collective, hybrid) = (Arc::clone(&self.collective), self.hybrid);
+        let rank = collective.rank();
+        let result = self.comm.run(move || op(&*collective, hybrid));
+        let kept = Arc::clone(&self.error);
+        Box::new(move || {
+            let error = match result.recv() {
+                Ok(Ok(data)) => return data,
+                Ok(Err(error)) => error,
+                Err(_) => CollectiveError::Engine {
+                    rank,
+                    engine: "fsdp",
+                    operation,
+                    message: "the communication thread stopped".into(),
+                },
+            };
+            kept.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(error);
+            TensorData::zeros::<f32, _>([len]).convert_dtype(dtype)
         })
     }
 }
 
+/// The averaged gradient's part for this rank's shard: a reduce-scatter over every rank, or
+/// under `hybrid_shard` across processes an all-reduce over every rank and this rank's block of
+/// its process's cut.
+fn average(
+    world: &dyn Collective,
+    hybrid: bool,
+    grad: TensorData,
+) -> Result<TensorData, CollectiveError> {
+    let Some(group) = world.within_process().filter(|_| hybrid) else {
+        return world.reduce_scatter(grad, ReduceOp::Mean);
+    };
+    let len = grad.num_elements() / group.world_size().max(1);
+    let start = group.rank() * len;
+    let whole = world.all_reduce(grad, ReduceOp::Mean)?;
+    slice_flat(&whole, start..start + len).ok_or_else(|| CollectiveError::InvalidShape {
+        rank: world.rank(),
+        operation: "reduce_scatter",
+        shape: whole.shape.to_vec(),
+        valid: format!("a length that divides into {} shards", group.world_size()),
+    })
+}
+
 impl ShardExchange for CollectiveExchange {
     fn gather(&self, shard: TensorData) -> TensorData {
+        self.start_gather(shard)()
+    }
+
+    fn start_gather(&self, shard: TensorData) -> Started {
         let (len, dtype) = (shard.num_elements(), shard.dtype);
-        let group = shard_group(&*self.collective, self.hybrid);
-        group
-            .all_gather_flat(shard)
-            .unwrap_or_else(|e| self.fail(e, len * group.world_size(), dtype))
+        let parts = shard_group(&*self.collective, self.hybrid).world_size();
+        self.start("all_gather", len * parts, dtype, move |world, hybrid| {
+            shard_group(world, hybrid).all_gather_flat(shard)
+        })
     }
 
     /// Reduces in f32 whatever the gradient's dtype (half-precision gradients of `*-mixed`).
@@ -396,11 +446,19 @@ impl ShardExchange for CollectiveExchange {
             DType::F32 | DType::F64 => grad,
             _ => grad.convert::<f32>(),
         };
-        match self.average(grad) {
-            Ok(shard) if shard.dtype == dtype => shard,
-            Ok(shard) => shard.convert_dtype(dtype),
-            Err(e) => self.fail(e, len / parts, dtype),
-        }
+        let started = self.start(
+            "reduce_scatter",
+            len / parts,
+            dtype,
+            move |world, hybrid| {
+                let shard = average(world, hybrid, grad)?;
+                Ok(match shard.dtype == dtype {
+                    true => shard,
+                    false => shard.convert_dtype(dtype),
+                })
+            },
+        );
+        started()
     }
 }
 

@@ -5,11 +5,13 @@
 
 mod bucket;
 mod checkpoint_io;
+mod comm_thread;
 mod ddp;
 mod fsdp;
 mod grads;
 mod module;
 mod overlap;
+mod prefetch;
 mod rank_state;
 mod sharded;
 mod single_device;
@@ -18,6 +20,7 @@ mod zero;
 
 pub use bucket::{Bucket, broadcast_buckets, plan_buckets, reduce_bucket, reduce_buckets};
 pub use checkpoint_io::{ApplyEntries, EncodeEntries, agree, read, read_file};
+pub use comm_thread::CommThread;
 pub use ddp::Ddp;
 pub use fsdp::{Fsdp, ParamGather, PlaceShards, shard_of};
 pub use grads::{GradStore, clip_norm, clip_value};
@@ -26,6 +29,7 @@ pub use module::{
     Params, SetupParam, StepTarget, flatten_gradients, gather_whole, layout,
 };
 pub use overlap::{Overlap, ParamWatch, WatchSink};
+pub use prefetch::UnitOrder;
 pub use rank_state::RankState;
 pub use sharded::Sharded;
 pub use single_device::SingleDevice;

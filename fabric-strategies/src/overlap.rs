@@ -10,6 +10,7 @@
 //! with the rest of the gradients averaged as before.
 
 use crate::bucket::{plan_buckets, reduce_bucket, reduce_buckets};
+use crate::comm_thread::CommThread;
 use crate::grads::GradStore;
 use crate::module::{FlatGrad, ParamSlot};
 use burn::module::ParamId;
@@ -20,7 +21,7 @@ use fabric_core::FabricError;
 use fabric_core::gather::TrackedGather;
 use fabric_core::watch::GradSink;
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// What a forward pass needs to watch parameters: where their gradients go and the training
@@ -49,7 +50,7 @@ pub struct Overlap<B: Backend> {
     bucket_bytes: usize,
     grads: Arc<Mutex<GradStore<B>>>,
     state: Mutex<State<B>>,
-    worker: Mutex<Option<Worker<B>>>,
+    comm: CommThread,
 }
 
 /// The watched parameters since the last [`Overlap::finish`] and the gradients come in.
@@ -58,9 +59,10 @@ struct State<B: Backend> {
     order: Vec<Watched>,
     index: HashMap<ParamId, usize>,
     /// The buckets (of positions in `order`, last watched first), planned at the first
-    /// gradient; the first `sent` of them are with the communication thread.
+    /// gradient; the first of them are with the communication thread, whose averages of them
+    /// `sent` awaits.
     buckets: Vec<Vec<usize>>,
-    sent: usize,
+    sent: Vec<Receiver<Averaging<B>>>,
     grads: Vec<Option<Tensor<B, 1>>>,
 }
 
@@ -72,17 +74,8 @@ struct Watched {
     waiting: usize,
 }
 
-/// The rank's communication thread: bucket `k`'s gradients in, bucket `k` averaged out.
-struct Worker<B: Backend> {
-    jobs: Sender<Job<B>>,
-    done: Receiver<Done<B>>,
-}
-
-/// An averaged bucket from the communication thread: its index and its gradients.
-type Done<B> = (usize, Result<Vec<FlatGrad<B>>, FabricError>);
-
-/// A bucket for the communication thread: its index, its gradients and their dtype.
-type Job<B> = (usize, Vec<FlatGrad<B>>, DType);
+/// A bucket's averaged gradients from the communication thread.
+type Averaging<B> = Result<Vec<FlatGrad<B>>, FabricError>;
 
 /// Averaged gradients of the watched parameters, by id (`None`: no rank had one).
 pub type Averaged<B> = HashMap<ParamId, Option<Tensor<B, 1>>>;
@@ -97,6 +90,7 @@ impl<B: Backend> Overlap<B> {
         grads: Arc<Mutex<GradStore<B>>>,
     ) -> Self {
         Self {
+            comm: CommThread::new(collective.rank()),
             collective,
             device,
             bucket_bytes,
@@ -105,10 +99,9 @@ impl<B: Backend> Overlap<B> {
                 order: Vec::new(),
                 index: HashMap::new(),
                 buckets: Vec::new(),
-                sent: 0,
+                sent: Vec::new(),
                 grads: Vec::new(),
             }),
-            worker: Mutex::new(None),
         }
     }
 
@@ -120,17 +113,18 @@ impl<B: Backend> Overlap<B> {
     /// `all`) to the communication thread, in order — but never the last one, which
     /// [`finish`](Self::finish) averages together with the leftover flags.
     fn send_ready(&self, state: &mut State<B>, all: bool) {
-        while state.sent + 1 < state.buckets.len() {
-            let bucket = &state.buckets[state.sent];
+        while state.sent.len() + 1 < state.buckets.len() {
+            let k = state.sent.len();
+            let bucket = &state.buckets[k];
             if !all && bucket.iter().any(|&i| state.order[i].waiting > 0) {
                 return;
             }
-            let (members, dtype) = self.members(state, state.sent);
-            let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
-            let worker = worker.get_or_insert_with(|| self.start_worker());
-            // A stopped thread shows as a missing result in `finish`.
-            worker.jobs.send((state.sent, members, dtype)).ok();
-            state.sent += 1;
+            let (members, dtype) = self.members(state, k);
+            let (collective, device) = (Arc::clone(&self.collective), self.device.clone());
+            let averaged = self
+                .comm
+                .run(move || reduce_bucket(&*collective, &device, members, dtype, None));
+            state.sent.push(averaged);
         }
     }
 
@@ -152,25 +146,6 @@ impl<B: Backend> Overlap<B> {
             })
             .collect();
         (members, state.order[bucket[0]].dtype)
-    }
-
-    /// Starts the communication thread.
-    fn start_worker(&self) -> Worker<B> {
-        let (jobs, inbox) = channel::<Job<B>>();
-        let (outbox, done) = channel();
-        let (collective, device) = (Arc::clone(&self.collective), self.device.clone());
-        std::thread::Builder::new()
-            .name(format!("fabric-comm-{}", collective.rank()))
-            .spawn(move || {
-                for (bucket, members, dtype) in inbox {
-                    let averaged = reduce_bucket(&*collective, &device, members, dtype, None);
-                    if outbox.send((bucket, averaged)).is_err() {
-                        return;
-                    }
-                }
-            })
-            .ok();
-        Worker { jobs, done }
     }
 
     /// Ends a backward pass: sends the buckets still waiting (a parameter some use of which got
@@ -221,7 +196,7 @@ impl<B: Backend> Overlap<B> {
         });
         let order = std::mem::take(&mut state.order);
         let buckets = std::mem::take(&mut state.buckets);
-        let sent = std::mem::replace(&mut state.sent, 0);
+        let sent = std::mem::take(&mut state.sent);
         state.index.clear();
         state.grads.clear();
         drop(state);
@@ -237,17 +212,13 @@ impl<B: Backend> Overlap<B> {
                 first_error.get_or_insert(e);
             }
         };
-        let worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
-        for _ in 0..sent {
-            match worker.as_ref().map(|w| w.done.recv()) {
-                Some(Ok((bucket, result))) => keep(bucket, result),
-                _ => {
-                    keep(0, Err(self.stopped()));
-                    break;
-                }
-            }
+        for (bucket, averaged) in sent.into_iter().enumerate() {
+            // A stopped thread dropped the bucket.
+            keep(
+                bucket,
+                averaged.recv().unwrap_or_else(|_| Err(self.stopped())),
+            );
         }
-        drop(worker);
         // Every bucket before it is averaged: this rank's collective is free again.
         let mut last_grads = reduce_bucket(&*self.collective, &self.device, members, dtype, None);
         let flags = match &mut last_grads {

@@ -1,4 +1,4 @@
-//! A model of units for DDP's overlapped averaging, and its training loop.
+//! A model of units for DDP's overlapped averaging and FSDP's prefetch, and its training loop.
 //!
 //! It covers the awkward cases: a block used by two units (two gradients for one parameter), a
 //! bias also used outside its unit (part of its gradient reaches it after backward), a head
@@ -54,9 +54,9 @@ impl<B: Backend> Tower<B> {
     }
 }
 
-/// Rank 0's parameters after `STEPS` Adam steps of the ranks of `fabric`, each step over
+/// Rank 0's whole parameters after `STEPS` Adam steps of the ranks of `fabric`, each step over
 /// `micro` micro-batches of `BATCH / world size` samples per rank; whether the rank's
-/// communication thread (DDP's overlapped averaging) ran.
+/// communication thread (DDP's overlapped averaging, FSDP's gathers) ran.
 pub fn train_tower(
     mut fabric: Fabric<B>,
     micro: usize,
@@ -78,7 +78,8 @@ pub fn train_tower(
             model = optimizer.step(0.01, model)?;
         }
         let thread = format!("fabric-comm-{}", fabric.global_rank());
-        Ok((params(&model), comm_thread_named(&thread)))
+        let ran = comm_thread_named(&thread);
+        Ok((params(&fabric.gathered(&model)?), ran))
     })
 }
 

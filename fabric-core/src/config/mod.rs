@@ -52,6 +52,8 @@ pub struct RawConfig {
     pub auto_wrap: Option<AutoWrap>,
     /// DDP: average units' gradients while backward runs.
     pub overlap_backward: Option<bool>,
+    /// FSDP: start the next unit's gathers while a unit runs.
+    pub forward_prefetch: Option<bool>,
 }
 
 /// Resolved settings, before the backend picks devices.
@@ -75,6 +77,8 @@ pub struct FabricConfig {
     pub auto_wrap: AutoWrap,
     /// DDP: average units' gradients while backward runs (default off).
     pub overlap_backward: bool,
+    /// FSDP: start the next unit's gathers while a unit runs (default on).
+    pub forward_prefetch: bool,
 }
 
 impl RawConfig {
@@ -140,6 +144,7 @@ impl RawConfig {
             bucket_bytes,
             auto_wrap: self.auto_wrap.unwrap_or_default(),
             overlap_backward: self.overlap_backward.unwrap_or(false),
+            forward_prefetch: self.forward_prefetch.unwrap_or(true),
         })
     }
 }
