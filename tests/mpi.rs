@@ -112,10 +112,10 @@ fn ddp_equivalence_across_processes() {
 }
 
 #[test]
-fn overlapped_ddp_across_processes() {
+fn communication_threads_across_processes() {
     if !child() {
-        succeeds("overlapped_ddp_across_processes", 2, 1);
-        succeeds("overlapped_ddp_across_processes", 2, 2);
+        succeeds("communication_threads_across_processes", 2, 1);
+        succeeds("communication_threads_across_processes", 2, 2);
         return;
     }
     // Each rank's communication thread averages the units' buckets over MPI (initialised with
@@ -140,6 +140,19 @@ fn overlapped_ddp_across_processes() {
             "overlapped ddp across {world} ranks, {micro} micro-batches: {ratio} x tolerance"
         );
         assert!(overlapped, "no communication thread ran");
+    }
+    // FSDP on the same units: each unit's gathers start while the one before it computes, all
+    // of a rank's gathers and scatters going over MPI from its communication thread.
+    for strategy in ["fsdp", "fsdp_hybrid_shard"] {
+        let fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
+        let world = fabric.world_size();
+        let (fsdp, threaded) = train_tower(fabric, 2).unwrap();
+        let ratio = worst_ratio(&fsdp, &single, 1e-5, 1e-6);
+        assert!(
+            ratio <= 1.0,
+            "prefetching {strategy} across {world} ranks: {ratio} x tolerance"
+        );
+        assert!(threaded, "{strategy}: no communication thread ran");
     }
 }
 
