@@ -12,7 +12,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use fabric_core::config::AutoWrap;
-use fabric_core::gather::{Prefetched, Started};
+use fabric_core::gather::Started;
 use fabric_strategies::{ParamGather, ParamWatch, UnitOrder, gather_whole};
 use std::any::Any;
 use std::cell::RefCell;
@@ -260,7 +260,7 @@ impl<BT: Backend> ModuleMapper<BT> for Lazy<'_> {
         self.shards.insert(id, Box::new(shard.clone()));
         let gather = {
             let (gather, shape, shard) = (self.gather.clone(), shape.clone(), shard.clone());
-            move || gather_whole::<BT, D>(&gather, shard.clone(), &shape, None)
+            move || gather_whole::<BT, D>(&gather, id, shard.clone(), &shape, None, None)
         };
         // Without a policy no parameter joins a unit: nothing to record.
         if *self.gather.auto_wrap != AutoWrap::Off {
@@ -384,17 +384,8 @@ impl<BT: Backend> ModuleMapper<BT> for Unit<'_, BT> {
         };
         let after = Some(self.after.clone());
         let started = self.started.as_mut().and_then(|s| s.remove(&param.id));
-        let whole = match started {
-            Some(started) => {
-                let exchange = Prefetched::new(started, Arc::clone(&self.gather.exchange));
-                let gather = ParamGather {
-                    exchange: Arc::new(exchange),
-                    ..self.gather.clone()
-                };
-                gather_whole::<BT, D>(&gather, shard.clone(), shape, after)
-            }
-            None => gather_whole::<BT, D>(self.gather, shard.clone(), shape, after),
-        };
+        let whole =
+            gather_whole::<BT, D>(self.gather, param.id, shard.clone(), shape, after, started);
         Param::initialized(param.id, whole)
     }
 }
@@ -447,8 +438,8 @@ mod tests {
             self.0.lock().unwrap().push(shard.num_elements());
             shard
         }
-        fn scatter(&self, grad: TensorData) -> TensorData {
-            grad
+        fn scatter(&self, _: ParamId, grad: TensorData) -> Option<TensorData> {
+            Some(grad)
         }
     }
 
@@ -522,8 +513,8 @@ mod tests {
             self.0.lock().unwrap().push(entry);
             shard
         }
-        fn scatter(&self, grad: TensorData) -> TensorData {
-            grad
+        fn scatter(&self, _: ParamId, grad: TensorData) -> Option<TensorData> {
+            Some(grad)
         }
         fn start_gather(&self, shard: TensorData) -> Started {
             let len = shard.num_elements();

@@ -1,13 +1,17 @@
 //! FSDP against DDP, step time at 2 ranks measured side by side (rounds of DDP, `fsdp` and
 //! `fsdp_shard_grad_op` back to back, rotating which goes first). Goal: fsdp ≤ 1.3 × DDP (FSDP
 //! moves 1.5× DDP's bytes: an all-gather of the parameters and a reduce-scatter of the
-//! gradients, where DDP all-reduces). The memory rows are `cargo xtask bench`'s, measured on
-//! processes.
+//! gradients, where DDP all-reduces). Then fsdp with forward prefetch (the default: a unit
+//! starts the next unit's gathers before it runs) ÷ fsdp without, side by side. The memory rows
+//! are `cargo xtask bench`'s, measured on processes.
 //!
 //! `cargo bench -p fabric-benches --bench fsdp [-- --quick]`
 
-use fabric_benches::report::{self, Goal};
-use fabric_benches::{DEEP_MLP, MNIST_MLP, step_time_ratios};
+use fabric_benches::report::{self, Goal, Row};
+use fabric_benches::{
+    DEEP_MLP, MNIST_MLP, PREFETCH, Shape, fabric_with, median, rotate_rounds, step_time_ratios,
+    switched,
+};
 
 const STRATEGIES: [&str; 3] = ["ddp", "fsdp", "fsdp_shard_grad_op"];
 
@@ -27,5 +31,33 @@ fn main() {
     };
     let mut rows = measure("MLP 784-1024-1024-10", MNIST_MLP);
     rows.extend(measure("MLP 256-512x9-10", DEEP_MLP));
+    rows.push(prefetch("MLP 784-1024-1024-10", MNIST_MLP, steps, rounds));
+    rows.push(prefetch("MLP 256-512x9-10", DEEP_MLP, steps, rounds));
     report::record("fsdp", &rows);
+}
+
+/// fsdp's step time with forward prefetch ÷ without, 2 thread ranks, rounds alternating.
+fn prefetch(label: &str, shape: Shape, steps: u64, rounds: usize) -> Row {
+    const GLOBAL_BATCH: usize = 64;
+    let fsdp = |on: bool| {
+        let measured = switched(&PREFETCH, on, || {
+            fabric_with(shape, GLOBAL_BATCH, 2, steps, "fsdp").expect("fsdp")
+        });
+        median(&measured.times).as_secs_f64()
+    };
+    let (with, without) = (|| fsdp(true), || fsdp(false));
+    let results = rotate_rounds(rounds, [&with, &without]);
+    let ratios: Vec<f64> = results.iter().map(|t| t[0] / t[1]).collect();
+    let note = format!(
+        "2 thread ranks, Adam, global batch {GLOBAL_BATCH}, median of {steps} steps × {rounds} rounds"
+    );
+    let row = Row::from_rounds(
+        "FSDP speed",
+        &format!("{label}: fsdp with forward prefetch ÷ without, step time"),
+        &ratios,
+        None,
+        note,
+    );
+    report::print_table(std::slice::from_ref(&row));
+    row
 }

@@ -9,9 +9,8 @@ use burn_fabric::FusedAdamConfig;
 use fabric_benches::report::{self, Goal, Row};
 use fabric_benches::{
     B, DIGITS_MLP, MNIST_MLP, Mlp, OVERLAP, Run, Shape, fabric, fabric_run, median, plain_burn,
-    rotate_rounds,
+    rotate_rounds, switched,
 };
-use std::sync::atomic::Ordering;
 
 const GLOBAL_BATCH: usize = 128;
 
@@ -35,12 +34,7 @@ fn measure(label: &str, shape: Shape, steps: u64, rounds: usize) -> Vec<Row> {
     };
     let (fused1, fused2) = (|| fused(1), || fused(2));
     // DDP averaging each layer's gradients while backward goes on.
-    let ddp2_overlap = || {
-        OVERLAP.store(true, Ordering::Relaxed);
-        let t = ddp2();
-        OVERLAP.store(false, Ordering::Relaxed);
-        t
-    };
+    let ddp2_overlap = || switched(&OVERLAP, true, ddp2);
     let results = rotate_rounds(
         rounds,
         [&plain, &fabric1, &ddp2, &fused1, &fused2, &ddp2_overlap],

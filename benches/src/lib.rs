@@ -33,6 +33,18 @@ pub struct Mlp<B: Backend> {
 /// (`FabricBuilder::overlap_backward`; off by default, as in the product).
 pub static OVERLAP: AtomicBool = AtomicBool::new(false);
 
+/// Whether [`fabric_run`] lets FSDP units start the next unit's gathers before they run
+/// (`FabricBuilder::forward_prefetch`; on by default, as in the product).
+pub static PREFETCH: AtomicBool = AtomicBool::new(true);
+
+/// Runs `f` with `switch` ([`OVERLAP`], [`PREFETCH`]) set to `on`, then sets it back.
+pub fn switched<T>(switch: &AtomicBool, on: bool, f: impl FnOnce() -> T) -> T {
+    let before = switch.swap(on, Ordering::Relaxed);
+    let result = f();
+    switch.store(before, Ordering::Relaxed);
+    result
+}
+
 /// Layer sizes of a benchmark model.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -220,6 +232,7 @@ where
         .strategy(run.strategy)
         .precision(run.precision)
         .overlap_backward(OVERLAP.load(Ordering::Relaxed))
+        .forward_prefetch(PREFETCH.load(Ordering::Relaxed))
         .build()?;
     let state_bytes = Mutex::new(vec![0; run.devices]);
     let times = fabric.launch(|fabric| {

@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use std::any::{Any, TypeId};
 use std::fmt;
 use std::marker::PhantomData;
@@ -33,9 +33,12 @@ pub trait ShardExchange: Send + Sync {
     /// all-gather). On failure: zeros of that length, the error kept for the strategy.
     fn gather(&self, shard: TensorData) -> TensorData;
 
-    /// This rank's part of `grad` (the whole flat parameter's gradient) averaged over the ranks
-    /// (a reduce-scatter). On failure: zeros of the shard's length, the error kept.
-    fn scatter(&self, grad: TensorData) -> TensorData;
+    /// This rank's part of `grad` (the whole gradient of parameter `id`, flat) averaged over
+    /// the ranks (a reduce-scatter), for backward to add to the shard's gradient. On failure:
+    /// zeros of the shard's length, the error kept. `None` when the exchange delivers that
+    /// part itself, later (its strategy adds it to the gradient of `id` when backward ends),
+    /// so that backward goes on while it travels.
+    fn scatter(&self, id: ParamId, grad: TensorData) -> Option<TensorData>;
 
     /// Starts [`gather`](Self::gather) of `shard` and returns the wait for its result, so that
     /// the caller computes while it travels (FSDP's prefetch of the next unit). The exchange
@@ -82,8 +85,8 @@ impl ShardExchange for Prefetched {
         }
     }
 
-    fn scatter(&self, grad: TensorData) -> TensorData {
-        self.exchange.scatter(grad)
+    fn scatter(&self, id: ParamId, grad: TensorData) -> Option<TensorData> {
+        self.exchange.scatter(id, grad)
     }
 
     fn start_gather(&self, shard: TensorData) -> Started {
@@ -97,7 +100,8 @@ impl ShardExchange for Prefetched {
 /// overrides it with the operation of this module.
 pub trait GatherParam: Backend {
     /// `exchange.gather(shard)` as a tensor on `shard`'s device. Under autodiff the result is
-    /// tracked: its gradient reaches `shard` as `exchange.scatter` of the whole gradient.
+    /// tracked: its gradient reaches `shard` as `exchange.scatter` of the whole gradient (of
+    /// parameter `id`, whose shard `shard` is).
     ///
     /// `after`, the input of the unit that uses the parameter, orders the backward pass: the
     /// reduce-scatter then runs as soon as the unit's backward is done (and the whole gradient
@@ -109,11 +113,12 @@ pub trait GatherParam: Backend {
     /// memory-bound operations, `Autodiff<_, BalancedCheckpointing>`; the default keeps it).
     fn gather_param(
         shard: Tensor<Self, 1>,
+        id: ParamId,
         after: Option<FloatTensor<Self>>,
         exchange: Arc<dyn ShardExchange>,
         release: bool,
     ) -> Tensor<Self, 1> {
-        let _ = (after, release);
+        let _ = (id, after, release);
         gather_untracked(shard, exchange.as_ref())
     }
 
@@ -151,8 +156,13 @@ pub struct TrackedGather {
     watch: ErasedWatch,
 }
 
-type ErasedGather =
-    fn(Box<dyn Any>, Option<Box<dyn Any>>, Arc<dyn ShardExchange>, bool) -> Option<Box<dyn Any>>;
+type ErasedGather = fn(
+    Box<dyn Any>,
+    ParamId,
+    Option<Box<dyn Any>>,
+    Arc<dyn ShardExchange>,
+    bool,
+) -> Option<Box<dyn Any>>;
 
 type ErasedWatch =
     fn(Box<dyn Any>, Box<dyn Any>, Arc<dyn GradSink>, ParamId) -> Option<Box<dyn Any>>;
@@ -172,13 +182,16 @@ fn erased_watch<B: GatherParam>(
 /// `B::gather_param` on boxed `Tensor<B, 1>` and `FloatTensor<B>`.
 fn erased<B: GatherParam>(
     shard: Box<dyn Any>,
+    id: ParamId,
     after: Option<Box<dyn Any>>,
     exchange: Arc<dyn ShardExchange>,
     release: bool,
 ) -> Option<Box<dyn Any>> {
     let shard = shard.downcast::<Tensor<B, 1>>().ok()?;
     let after = after.and_then(|t| t.downcast::<FloatTensor<B>>().ok().map(|t| *t));
-    Some(Box::new(B::gather_param(*shard, after, exchange, release)))
+    Some(Box::new(B::gather_param(
+        *shard, id, after, exchange, release,
+    )))
 }
 
 impl TrackedGather {
@@ -217,10 +230,12 @@ impl TrackedGather {
         }
     }
 
-    /// The gather of `shard` (see [`GatherParam::gather_param`] for `after` and `release`).
+    /// The gather of `shard`, parameter `id`'s (see [`GatherParam::gather_param`] for `after`
+    /// and `release`).
     pub fn gather<BT: Backend>(
         &self,
         shard: Tensor<BT, 1>,
+        id: ParamId,
         after: Option<FloatTensor<BT>>,
         exchange: &Arc<dyn ShardExchange>,
         release: bool,
@@ -229,7 +244,7 @@ impl TrackedGather {
             return gather_untracked(shard, exchange.as_ref());
         }
         let after = after.map(|t| Box::new(t) as Box<dyn Any>);
-        let whole = (self.gather)(Box::new(shard), after, Arc::clone(exchange), release);
+        let whole = (self.gather)(Box::new(shard), id, after, Arc::clone(exchange), release);
         match whole.and_then(|w| w.downcast::<Tensor<BT, 1>>().ok()) {
             Some(whole) => *whole,
             // `BT` is the backend `gather` was made for, so both casts hold.
@@ -238,9 +253,10 @@ impl TrackedGather {
     }
 }
 
-/// The exchange, carried through the autodiff graph as the operation's state.
+/// The exchange, the parameter it gathers and the length of the shard, carried through the
+/// autodiff graph as the operation's state.
 #[derive(Clone)]
-struct Exchange(Arc<dyn ShardExchange>);
+struct Exchange(Arc<dyn ShardExchange>, ParamId, usize);
 
 impl fmt::Debug for Exchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -271,8 +287,16 @@ impl<B: Backend> Backward<B, 2> for Scatter {
         // The sum over every use of the gathered parameter: all its consumers ran before this.
         let grad = grads.consume::<B>(&ops.node);
         if let Some(shard) = shard {
-            let exchange = ops.state.0;
-            grads.register::<B>(shard.id, through_host::<B>(grad, |g| exchange.scatter(g)));
+            let Exchange(exchange, id, len) = ops.state;
+            let (device, dtype) = (B::float_device(&grad), grad.dtype());
+            let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad)).into_data();
+            let part = match exchange.scatter(id, grad) {
+                Some(part) => B::float_from_data(part, &device),
+                // The exchange delivers the part after backward; the operations between the
+                // parameter and its shard (a reshape, a cast) still need a gradient to pass on.
+                None => B::float_zeros([len].into(), &device, dtype.into()),
+            };
+            grads.register::<B>(shard.id, part);
         }
     }
 }
@@ -316,12 +340,14 @@ impl<B: Backend, C: CheckpointStrategy> GatherParam for Autodiff<B, C> {
 
     fn gather_param(
         shard: Tensor<Self, 1>,
+        id: ParamId,
         after: Option<FloatTensor<Self>>,
         exchange: Arc<dyn ShardExchange>,
         release: bool,
     ) -> Tensor<Self, 1> {
         let shard = shard.into_primitive().tensor();
-        let exchange = Exchange(exchange);
+        let len = shard.primitive.shape().num_elements();
+        let exchange = Exchange(exchange, id, len);
         let whole = through_host::<B>(shard.primitive.clone(), |s| exchange.0.gather(s));
         let release = release && shard.is_tracked();
         // Without a unit's input the shard orders itself: no effect on when the step runs.
@@ -376,12 +402,12 @@ mod tests {
             shard
         }
 
-        fn scatter(&self, grad: TensorData) -> TensorData {
+        fn scatter(&self, _: ParamId, grad: TensorData) -> Option<TensorData> {
             self.log
                 .lock()
                 .unwrap()
                 .push(format!("scatter {}", self.name));
-            grad
+            Some(grad)
         }
     }
 
@@ -408,12 +434,18 @@ mod tests {
             .require_grad();
         let w2 =
             Tensor::<B, 1>::from_data(TensorData::new(values(8, 0.3), [8]), &device).require_grad();
-        let g1 = B::gather_param(w1.clone(), None, exchange("w1"), release);
+        let g1 = B::gather_param(w1.clone(), ParamId::new(), None, exchange("w1"), release);
         let y1 = burn::tensor::activation::relu(x.matmul(g1.reshape([3, 4])));
-        let hooked = B::gather_param(y1.reshape([8]), None, exchange("unit 2's input"), false)
-            .reshape([2, 4]);
+        let hooked = B::gather_param(
+            y1.reshape([8]),
+            ParamId::new(),
+            None,
+            exchange("unit 2's input"),
+            false,
+        )
+        .reshape([2, 4]);
         let after = ordered.then(|| hooked.clone().into_primitive().tensor());
-        let g2 = B::gather_param(w2.clone(), after, exchange("w2"), release);
+        let g2 = B::gather_param(w2.clone(), ParamId::new(), after, exchange("w2"), release);
         let loss = hooked.matmul(g2.reshape([4, 2])).sum();
         let grads = loss.backward();
         let grad = |w: &Tensor<B, 1>| -> Vec<f32> {
@@ -439,6 +471,37 @@ mod tests {
         let (log, unordered) = two_units::<B>(false, false);
         assert_eq!(scatters(&log)[0], "unit 2's input", "{log:?}");
         assert_eq!(ordered, unordered, "the order changes when, not what");
+    }
+
+    /// Keeps each scattered gradient to deliver later.
+    #[derive(Default)]
+    struct Later(Mutex<Vec<(ParamId, Vec<f32>)>>);
+
+    impl ShardExchange for Later {
+        fn gather(&self, shard: TensorData) -> TensorData {
+            shard
+        }
+        fn scatter(&self, id: ParamId, grad: TensorData) -> Option<TensorData> {
+            self.0.lock().unwrap().push((id, grad.to_vec().unwrap()));
+            None
+        }
+    }
+
+    #[test]
+    fn a_scatter_delivered_later_leaves_backward_a_zero_gradient_to_pass_on() {
+        type B = Autodiff<Flex>;
+        let device = Default::default();
+        let later = Arc::new(Later::default());
+        // A [2, 3] parameter whose shard reaches the gather through a reshape (as FSDP's do).
+        let param =
+            Tensor::<B, 2>::from_floats([[1., 2., 3.], [4., 5., 6.]], &device).require_grad();
+        let id = ParamId::new();
+        let whole = B::gather_param(param.clone().reshape([6]), id, None, later.clone(), false);
+        let grads = (whole.clone() * whole).sum().backward();
+        let kept = later.0.lock().unwrap().clone();
+        assert_eq!(kept, [(id, vec![2., 4., 6., 8., 10., 12.])]);
+        let passed: Vec<f32> = param.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(passed, [0.; 6]);
     }
 
     #[test]

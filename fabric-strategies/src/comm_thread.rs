@@ -4,10 +4,11 @@
 //!
 //! Every rank hands over the same collectives in the same order, so the threads of the ranks
 //! meet in the same sequence; a rank must not run a collective of its own while the thread
-//! still has work from it (wait for what it handed over first).
+//! still has work from it (wait for what it handed over first, or use [`CommThread::call`]).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// One job for the thread.
 type Job = Box<dyn FnOnce() + Send>;
@@ -16,6 +17,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct CommThread {
     rank: usize,
     jobs: Mutex<Option<Sender<Job>>>,
+    /// Jobs handed over and not finished.
+    busy: Arc<AtomicUsize>,
 }
 
 impl CommThread {
@@ -24,6 +27,7 @@ impl CommThread {
         Self {
             rank,
             jobs: Mutex::new(None),
+            busy: Arc::default(),
         }
     }
 
@@ -31,17 +35,44 @@ impl CommThread {
     /// result. A thread that could not start or stopped drops the job: the receiver then gets
     /// an error.
     pub fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Receiver<T> {
-        let (result, receiver) = sync_channel(1);
-        let job: Job = Box::new(move || {
-            // The waiter may have given up: nothing to tell then.
-            result.send(job()).ok();
-        });
         let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        self.hand_over(&mut jobs, job)
+    }
+
+    /// `job`'s result, after the jobs handed over before it: run here and now when the thread
+    /// has none (no hand-over to pay), otherwise on the thread after them. `None` when the
+    /// thread stopped before running it.
+    pub fn call<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.busy.load(Ordering::Acquire) == 0 {
+            // Nothing can be handed over while the lock is held: the job runs alone.
+            return Some(job());
+        }
+        let result = self.hand_over(&mut jobs, job);
+        drop(jobs);
+        result.recv().ok()
+    }
+
+    fn hand_over<T: Send + 'static>(
+        &self,
+        jobs: &mut Option<Sender<Job>>,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Receiver<T> {
+        let (result, receiver) = sync_channel(1);
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        // Counts the job finished when it is dropped: run, panicked or never run.
+        let pending = Pending(Arc::clone(&self.busy));
+        let job: Job = Box::new(move || {
+            let done = job();
+            drop(pending);
+            // The waiter may have given up: nothing to tell then.
+            result.send(done).ok();
+        });
         let sender = jobs.get_or_insert_with(|| self.start());
-        if let Err(returned) = sender.send(job) {
-            // The thread is gone; the next job starts another.
+        if sender.send(job).is_err() {
+            // The thread is gone (the job came back and was dropped); the next one starts
+            // another.
             *jobs = None;
-            drop(returned);
         }
         receiver
     }
@@ -58,6 +89,15 @@ impl CommThread {
             })
             .ok();
         jobs
+    }
+}
+
+/// A job handed over and not finished yet.
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -83,6 +123,48 @@ mod tests {
             assert_eq!(wait.recv().unwrap().as_deref(), Some("fabric-comm-3"));
         }
         assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_call_runs_here_when_the_thread_is_idle_and_after_its_jobs_otherwise() {
+        let comm = Arc::new(CommThread::new(1));
+        let here = std::thread::current().id();
+        assert_eq!(
+            comm.call(move || std::thread::current().id() == here),
+            Some(true)
+        );
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let first = {
+            let log = log.clone();
+            comm.run(move || {
+                gate.recv().ok();
+                log.lock().unwrap().push("first");
+            })
+        };
+        let waiter = {
+            let (log, comm) = (log.clone(), comm.clone());
+            std::thread::spawn(move || {
+                comm.call(move || {
+                    log.lock().unwrap().push("call");
+                    std::thread::current().name().map(str::to_owned)
+                })
+            })
+        };
+        // The call is queued behind the blocked job before that job is let go.
+        while comm.busy.load(Ordering::Acquire) < 2 {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        first.recv().unwrap();
+        let ran_on = waiter.join().unwrap();
+        assert_eq!(ran_on.flatten().as_deref(), Some("fabric-comm-1"));
+        assert_eq!(*log.lock().unwrap(), ["first", "call"]);
+        // Idle again: back to running here.
+        assert_eq!(
+            comm.call(move || std::thread::current().id() == here),
+            Some(true)
+        );
     }
 
     #[test]

@@ -11,8 +11,8 @@
 //! gradient into the shard's, averaged over the ranks.
 
 use crate::checkpoint_io::{self, ApplyEntries, EncodeEntries, read_file};
-use crate::comm_thread::CommThread;
 use crate::ddp::Ddp;
+use crate::exchange::CollectiveExchange;
 use crate::module::{FlatGrad, ModuleParams, SetupParam};
 use crate::prefetch::UnitOrder;
 use crate::rank_state::RankState;
@@ -20,14 +20,14 @@ use crate::strategy::Strategy;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp, slice_flat};
+use fabric_collective::Collective;
+use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     Entry, RowShards, cut_rows, error, read_consolidated, reshard_rows, shard_file_name,
     shard_files, shard_row_range, shard_rows, shard_shape,
 };
 use fabric_core::config::{AutoWrap, ShardingStrategy};
-use fabric_core::gather::{GatherParam, ShardExchange, Started, TrackedGather};
-use fabric_core::{CollectiveError, FabricError};
+use fabric_core::gather::{GatherParam, ShardExchange, TrackedGather};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -71,12 +71,8 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) and the
     /// automatic units `auto_wrap` for the rank `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
-        let exchange = Arc::new(CollectiveExchange {
-            collective: state.shared_collective(),
-            hybrid: sharding == ShardingStrategy::HybridShard,
-            comm: CommThread::new(state.collective().rank()),
-            error: Arc::default(),
-        });
+        let hybrid = sharding == ShardingStrategy::HybridShard;
+        let exchange = Arc::new(CollectiveExchange::new(state.shared_collective(), hybrid));
         Self {
             ddp: Ddp::new(state),
             sharding,
@@ -184,6 +180,20 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             Some(error) => Err(error.into()),
             None => Ok(()),
         }
+    }
+
+    /// Backward handed each unit's reduce-scatter to the communication thread as the unit
+    /// finished; their results (this rank's parts, averaged) join `grads` here.
+    fn accumulate_gradients(
+        &self,
+        module: &dyn ModuleParams<B>,
+        mut grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
+        let layout = module.layout();
+        self.exchange.deliver(&layout, &mut grads, self.device());
+        self.pass_result()?;
+        crate::strategy::store_gradients(self, &layout, grads, sync)
     }
 
     /// The gradients arrive reduce-scattered and averaged by the backward pass itself.
@@ -343,122 +353,10 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
 
 /// The ranks one copy of the parameters is cut among: the process's under `hybrid`, when the
 /// job spans several processes; every rank otherwise.
-fn shard_group(world: &dyn Collective, hybrid: bool) -> &dyn Collective {
+pub(crate) fn shard_group(world: &dyn Collective, hybrid: bool) -> &dyn Collective {
     match hybrid {
         true => world.within_process().unwrap_or(world),
         false => world,
-    }
-}
-
-/// The rank's collective as a [`ShardExchange`], keeping the first error. Its gathers and
-/// scatters run on the rank's communication thread, in the order they are asked for, so that a
-/// gather started ahead ([`ShardExchange::start_gather`]) travels while the rank computes.
-struct CollectiveExchange {
-    collective: Arc<dyn Collective>,
-    /// `hybrid_shard`: gather within the process, average over every rank.
-    hybrid: bool,
-    comm: CommThread,
-    error: Arc<Mutex<Option<CollectiveError>>>,
-}
-
-impl CollectiveExchange {
-    fn take_error(&self) -> Option<CollectiveError> {
-        self.error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
-
-    /// Runs `op` on the communication thread and returns the wait for its result: `len` zeros
-    /// of `dtype` when it fails, the error kept (unless one is kept already).
-    fn start(
-        &self,
-        operation: &'static str,
-        len: usize,
-        dtype: DType,
-        op: impl FnOnce(&dyn Collective, bool) -> Result<TensorData, CollectiveError> + Send + 'static,
-    ) -> Started {
-        let (collective, hybrid) = (Arc::clone(&self.collective), self.hybrid);
-        let rank = collective.rank();
-        let result = self.comm.run(move || op(&*collective, hybrid));
-        let kept = Arc::clone(&self.error);
-        Box::new(move || {
-            let error = match result.recv() {
-                Ok(Ok(data)) => return data,
-                Ok(Err(error)) => error,
-                Err(_) => CollectiveError::Engine {
-                    rank,
-                    engine: "fsdp",
-                    operation,
-                    message: "the communication thread stopped".into(),
-                },
-            };
-            kept.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert(error);
-            TensorData::zeros::<f32, _>([len]).convert_dtype(dtype)
-        })
-    }
-}
-
-/// The averaged gradient's part for this rank's shard: a reduce-scatter over every rank, or
-/// under `hybrid_shard` across processes an all-reduce over every rank and this rank's block of
-/// its process's cut.
-fn average(
-    world: &dyn Collective,
-    hybrid: bool,
-    grad: TensorData,
-) -> Result<TensorData, CollectiveError> {
-    let Some(group) = world.within_process().filter(|_| hybrid) else {
-        return world.reduce_scatter(grad, ReduceOp::Mean);
-    };
-    let len = grad.num_elements() / group.world_size().max(1);
-    let start = group.rank() * len;
-    let whole = world.all_reduce(grad, ReduceOp::Mean)?;
-    slice_flat(&whole, start..start + len).ok_or_else(|| CollectiveError::InvalidShape {
-        rank: world.rank(),
-        operation: "reduce_scatter",
-        shape: whole.shape.to_vec(),
-        valid: format!("a length that divides into {} shards", group.world_size()),
-    })
-}
-
-impl ShardExchange for CollectiveExchange {
-    fn gather(&self, shard: TensorData) -> TensorData {
-        self.start_gather(shard)()
-    }
-
-    fn start_gather(&self, shard: TensorData) -> Started {
-        let (len, dtype) = (shard.num_elements(), shard.dtype);
-        let parts = shard_group(&*self.collective, self.hybrid).world_size();
-        self.start("all_gather", len * parts, dtype, move |world, hybrid| {
-            shard_group(world, hybrid).all_gather_flat(shard)
-        })
-    }
-
-    /// Reduces in f32 whatever the gradient's dtype (half-precision gradients of `*-mixed`).
-    fn scatter(&self, grad: TensorData) -> TensorData {
-        let (len, dtype) = (grad.num_elements(), grad.dtype);
-        let parts = shard_group(&*self.collective, self.hybrid)
-            .world_size()
-            .max(1);
-        let grad = match dtype {
-            DType::F32 | DType::F64 => grad,
-            _ => grad.convert::<f32>(),
-        };
-        let started = self.start(
-            "reduce_scatter",
-            len / parts,
-            dtype,
-            move |world, hybrid| {
-                let shard = average(world, hybrid, grad)?;
-                Ok(match shard.dtype == dtype {
-                    true => shard,
-                    false => shard.convert_dtype(dtype),
-                })
-            },
-        );
-        started()
     }
 }
 

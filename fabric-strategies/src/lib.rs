@@ -7,6 +7,7 @@ mod bucket;
 mod checkpoint_io;
 mod comm_thread;
 mod ddp;
+mod exchange;
 mod fsdp;
 mod grads;
 mod module;

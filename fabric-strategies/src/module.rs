@@ -11,9 +11,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 use fabric_core::checkpoint::{Settings, decode_record, encode_record, retain_record};
-use fabric_core::gather::gather_untracked;
+use fabric_core::gather::{Prefetched, Started, gather_untracked};
 use std::collections::BTreeSet;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
@@ -391,17 +392,24 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for CollectParams<B> {
     }
 }
 
-/// The whole parameter of `shape` from this rank's flat `shard` (see
-/// [`TrackedGather::gather`](fabric_core::gather::TrackedGather::gather) for `after`).
+/// The whole parameter `id` of `shape` from this rank's flat `shard` (see
+/// [`TrackedGather::gather`](fabric_core::gather::TrackedGather::gather) for `after`); when
+/// its gather was `started` ahead ([`ShardExchange::start_gather`]), its result.
 pub fn gather_whole<BT: Backend, const D: usize>(
     gather: &ParamGather,
+    id: ParamId,
     shard: Tensor<BT, 1>,
     shape: &[usize],
     after: Option<FloatTensor<BT>>,
+    started: Option<Started>,
 ) -> Tensor<BT, D> {
+    let exchange = match started {
+        Some(started) => Arc::new(Prefetched::new(started, Arc::clone(&gather.exchange))),
+        None => Arc::clone(&gather.exchange),
+    };
     let whole = gather
         .tracked
-        .gather(shard, after, &gather.exchange, gather.release);
+        .gather(shard, id, after, &exchange, gather.release);
     unpad(whole, shape)
 }
 

@@ -121,10 +121,7 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         grads: Vec<Option<Tensor<Inner<B>, 1>>>,
         sync: bool,
     ) -> Result<(), FabricError> {
-        let layout = module.layout();
-        let new = self.precision().unscale_gradients(grads);
-        self.rank_state().grads().accumulate(&layout, new);
-        sync_stored(self, &layout, sync)
+        store_gradients(self, &module.layout(), grads, sync)
     }
 
     /// Steps `target`'s optimizer with the stored gradients of its module and clears them,
@@ -180,6 +177,19 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
     fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
         checkpoint_io::load_whole(self.rank_state(), path, apply)
     }
+}
+
+/// Unscales `grads` (in `layout` order), adds them to the stored ones and with `sync` averages
+/// those (the provided [`Strategy::accumulate_gradients`]).
+pub(crate) fn store_gradients<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
+    strategy: &S,
+    layout: &[ParamSlot],
+    grads: Vec<Option<Tensor<Inner<B>, 1>>>,
+    sync: bool,
+) -> Result<(), FabricError> {
+    let new = strategy.precision().unscale_gradients(grads);
+    strategy.rank_state().grads().accumulate(layout, new);
+    sync_stored(strategy, layout, sync)
 }
 
 /// With `sync` (outside `no_backward_sync`, several ranks), averages the stored gradients of
