@@ -152,7 +152,8 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
             StrategyChoice::Fsdp(sharding) => {
                 let fsdp = Fsdp::new(state, sharding, self.config.auto_wrap.clone());
-                Arc::new(fsdp.forward_prefetch(self.config.forward_prefetch))
+                let fsdp = fsdp.forward_prefetch(self.config.forward_prefetch);
+                Arc::new(fsdp.overlap_backward(self.config.overlap_backward))
             }
         })
     }

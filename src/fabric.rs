@@ -121,23 +121,25 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         self
     }
 
-    /// Under DDP, averages the gradients of each [`unit`](crate::unit) run inside
-    /// [`Fabric::forward`] on a communication thread while the rest of backward runs (PyTorch
-    /// DDP's overlapped buckets), instead of all gradients after backward. Off by default: it
-    /// pays off when communication has hardware of its own (a network between processes);
-    /// thread ranks sharing a CPU's cores measured no gain on a 2-core machine (`cargo xtask
-    /// bench`, DDP rows). Needs a `*-true` precision and the host collective; otherwise
-    /// ignored.
+    /// Communicates each [`unit`](crate::unit)'s gradients on the rank's communication thread
+    /// while the rest of backward runs, instead of after backward: under DDP its gradients are
+    /// averaged in buckets (PyTorch DDP's overlapped buckets; needs a `*-true` precision and
+    /// the host collective, otherwise ignored), under FSDP its reduce-scatter travels (PyTorch
+    /// FSDP's reduce-scatter stream). Off by default: it pays off when communication has
+    /// hardware of its own (a network, a GPU's copy engines); on a 2-core machine where the
+    /// communication is memory copies on the same cores, it measured no gain for thread ranks
+    /// and a loss for processes (`cargo xtask bench`, DDP and FSDP rows).
     pub fn overlap_backward(mut self, enabled: bool) -> Self {
         self.raw.overlap_backward = Some(enabled);
         self
     }
 
-    /// Under FSDP, starts the gathers of the next [`unit`](crate::unit) when a unit starts, so
-    /// that they travel while the unit computes (PyTorch FSDP's `forward_prefetch`; on by
-    /// default, as FSDP2 does). The next unit is the one that followed in the latest forward
-    /// pass; a rank then holds two units' whole parameters at a time instead of one. Other
-    /// strategies ignore it.
+    /// Under FSDP, starts the gathers of the next [`unit`](crate::unit) on the rank's
+    /// communication thread when a unit starts, so that they travel while the unit computes
+    /// (PyTorch FSDP's `forward_prefetch`, off by default there too). The next unit is the one
+    /// that followed in the latest forward pass; a rank then holds two units' whole
+    /// parameters at a time instead of one. Off by default for the reason
+    /// [`overlap_backward`](Self::overlap_backward) gives. Other strategies ignore it.
     pub fn forward_prefetch(mut self, enabled: bool) -> Self {
         self.raw.forward_prefetch = Some(enabled);
         self

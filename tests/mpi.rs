@@ -141,10 +141,16 @@ fn communication_threads_across_processes() {
         );
         assert!(overlapped, "no communication thread ran");
     }
-    // FSDP on the same units: each unit's gathers start while the one before it computes, all
-    // of a rank's gathers and scatters going over MPI from its communication thread.
+    // FSDP on the same units: each unit's gathers start while the one before it computes and
+    // its reduce-scatter travels while backward goes on, over MPI from the rank's
+    // communication thread.
     for strategy in ["fsdp", "fsdp_hybrid_shard"] {
-        let fabric = Fabric::<B>::builder().strategy(strategy).build().unwrap();
+        let fabric = Fabric::<B>::builder()
+            .strategy(strategy)
+            .forward_prefetch(true)
+            .overlap_backward(true)
+            .build()
+            .unwrap();
         let world = fabric.world_size();
         let (fsdp, threaded) = train_tower(fabric, 2).unwrap();
         let ratio = worst_ratio(&fsdp, &single, 1e-5, 1e-6);

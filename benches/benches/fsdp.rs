@@ -1,16 +1,17 @@
 //! FSDP against DDP, step time at 2 ranks measured side by side (rounds of DDP, `fsdp` and
 //! `fsdp_shard_grad_op` back to back, rotating which goes first). Goal: fsdp ≤ 1.3 × DDP (FSDP
 //! moves 1.5× DDP's bytes: an all-gather of the parameters and a reduce-scatter of the
-//! gradients, where DDP all-reduces). Then fsdp with forward prefetch (the default: a unit
-//! starts the next unit's gathers before it runs) ÷ fsdp without, side by side. The memory rows
+//! gradients, where DDP all-reduces). Then fsdp overlapping its communication (forward prefetch:
+//! a unit starts the next unit's gathers before it runs; overlapped backward: a unit's
+//! reduce-scatter travels while backward goes on) ÷ fsdp without, side by side. The memory rows
 //! are `cargo xtask bench`'s, measured on processes.
 //!
 //! `cargo bench -p fabric-benches --bench fsdp [-- --quick]`
 
 use fabric_benches::report::{self, Goal, Row};
 use fabric_benches::{
-    DEEP_MLP, MNIST_MLP, PREFETCH, Shape, fabric_with, median, rotate_rounds, step_time_ratios,
-    switched,
+    DEEP_MLP, MNIST_MLP, OVERLAP, PREFETCH, Shape, fabric_with, median, rotate_rounds,
+    step_time_ratios, switched,
 };
 
 const STRATEGIES: [&str; 3] = ["ddp", "fsdp", "fsdp_shard_grad_op"];
@@ -36,12 +37,15 @@ fn main() {
     report::record("fsdp", &rows);
 }
 
-/// fsdp's step time with forward prefetch ÷ without, 2 thread ranks, rounds alternating.
+/// fsdp's step time with forward prefetch and overlapped backward ÷ without, 2 thread ranks,
+/// rounds alternating.
 fn prefetch(label: &str, shape: Shape, steps: u64, rounds: usize) -> Row {
     const GLOBAL_BATCH: usize = 64;
     let fsdp = |on: bool| {
         let measured = switched(&PREFETCH, on, || {
-            fabric_with(shape, GLOBAL_BATCH, 2, steps, "fsdp").expect("fsdp")
+            switched(&OVERLAP, on, || {
+                fabric_with(shape, GLOBAL_BATCH, 2, steps, "fsdp").expect("fsdp")
+            })
         });
         median(&measured.times).as_secs_f64()
     };
@@ -53,7 +57,7 @@ fn prefetch(label: &str, shape: Shape, steps: u64, rounds: usize) -> Row {
     );
     let row = Row::from_rounds(
         "FSDP speed",
-        &format!("{label}: fsdp with forward prefetch ÷ without, step time"),
+        &format!("{label}: fsdp overlapping gathers and scatters ÷ not, step time"),
         &ratios,
         None,
         note,

@@ -29,13 +29,13 @@ pub struct Mlp<B: Backend> {
     layers: Vec<Linear<B>>,
 }
 
-/// Whether [`fabric_run`] turns on DDP's averaging overlapped with backward
-/// (`FabricBuilder::overlap_backward`; off by default, as in the product).
+/// Whether [`fabric_run`] turns on DDP's averaging and FSDP's reduce-scatters overlapped with
+/// backward (`FabricBuilder::overlap_backward`; off by default, as in the product).
 pub static OVERLAP: AtomicBool = AtomicBool::new(false);
 
 /// Whether [`fabric_run`] lets FSDP units start the next unit's gathers before they run
-/// (`FabricBuilder::forward_prefetch`; on by default, as in the product).
-pub static PREFETCH: AtomicBool = AtomicBool::new(true);
+/// (`FabricBuilder::forward_prefetch`; off by default, as in the product).
+pub static PREFETCH: AtomicBool = AtomicBool::new(false);
 
 /// Runs `f` with `switch` ([`OVERLAP`], [`PREFETCH`]) set to `on`, then sets it back.
 pub fn switched<T>(switch: &AtomicBool, on: bool, f: impl FnOnce() -> T) -> T {

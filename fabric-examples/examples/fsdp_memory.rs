@@ -50,6 +50,10 @@ pub struct Args {
     /// each unit's forward under `fsdp`)
     #[arg(long)]
     pub release_gathered: bool,
+    /// Overlap communication with compute: a unit starts the next unit's gathers before it
+    /// runs, and its reduce-scatter travels while backward goes on
+    #[arg(long)]
+    pub overlap: bool,
 }
 
 /// Equal layers, each an FSDP unit.
@@ -90,7 +94,10 @@ fn peak_mib() -> Option<f64> {
 pub fn train<B: AutodiffBackend + BackendDevices>(
     args: &Args,
 ) -> Result<(usize, usize), FabricError> {
-    let mut builder = Fabric::<B>::builder().strategy(args.strategy.as_str());
+    let mut builder = Fabric::<B>::builder()
+        .strategy(args.strategy.as_str())
+        .forward_prefetch(args.overlap)
+        .overlap_backward(args.overlap);
     match (args.devices, std::env::var_os("LT_DEVICES")) {
         (Some(devices), _) => builder = builder.devices(devices),
         (None, None) => builder = builder.devices(2),

@@ -28,6 +28,8 @@ pub(crate) struct CollectiveExchange {
     hybrid: bool,
     comm: CommThread,
     error: Arc<Mutex<Option<CollectiveError>>>,
+    /// Whether backward hands its reduce-scatters over and goes on.
+    overlap: bool,
     /// Reduce-scatters handed over, by parameter, in the order backward finished them.
     scattered: Mutex<Vec<(ParamId, Started)>>,
 }
@@ -36,13 +38,15 @@ pub(crate) struct CollectiveExchange {
 type Op = Box<dyn FnOnce(&dyn Collective, bool) -> Result<TensorData, CollectiveError> + Send>;
 
 impl CollectiveExchange {
-    /// The exchange over `collective` (cutting parameters within each process under `hybrid`).
-    pub(crate) fn new(collective: Arc<dyn Collective>, hybrid: bool) -> Self {
+    /// The exchange over `collective` (cutting parameters within each process under `hybrid`);
+    /// with `overlap`, backward's reduce-scatters travel while it goes on.
+    pub(crate) fn new(collective: Arc<dyn Collective>, hybrid: bool, overlap: bool) -> Self {
         Self {
             comm: CommThread::new(collective.rank()),
             collective,
             hybrid,
             error: Arc::default(),
+            overlap,
             scattered: Mutex::default(),
         }
     }
@@ -186,9 +190,10 @@ impl ShardExchange for CollectiveExchange {
         self.start("all_gather", len, dtype, op)
     }
 
-    /// Hands the reduce-scatter to the communication thread and lets backward go on (`None`):
-    /// [`deliver`](CollectiveExchange::deliver) adds the result. Reduces in f32 whatever the
-    /// gradient's dtype (half-precision gradients of `*-mixed`).
+    /// With `overlap`, hands the reduce-scatter to the communication thread and lets backward
+    /// go on (`None`): [`deliver`](CollectiveExchange::deliver) adds the result; otherwise
+    /// returns it. Reduces in f32 whatever the gradient's dtype (half-precision gradients of
+    /// `*-mixed`).
     fn scatter(&self, id: ParamId, grad: TensorData) -> Option<TensorData> {
         let (len, dtype) = (grad.num_elements(), grad.dtype);
         let parts = shard_group(&*self.collective, self.hybrid)
@@ -205,6 +210,9 @@ impl ShardExchange for CollectiveExchange {
                 false => shard.convert_dtype(dtype),
             })
         });
+        if !self.overlap {
+            return Some(self.call("reduce_scatter", len / parts, dtype, op));
+        }
         let started = self.start("reduce_scatter", len / parts, dtype, op);
         self.lock_scattered().push((id, started));
         None
@@ -239,7 +247,7 @@ mod tests {
                 let go = if rank == 1 { go.take() } else { None };
                 let handed = handed.clone();
                 std::thread::spawn(move || {
-                    let exchange = CollectiveExchange::new(member, false);
+                    let exchange = CollectiveExchange::new(member, false, true);
                     if let Some(go) = go {
                         go.recv().unwrap();
                     }

@@ -72,21 +72,31 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// automatic units `auto_wrap` for the rank `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
         let hybrid = sharding == ShardingStrategy::HybridShard;
-        let exchange = Arc::new(CollectiveExchange::new(state.shared_collective(), hybrid));
+        let exchange = CollectiveExchange::new(state.shared_collective(), hybrid, false);
+        let exchange = Arc::new(exchange);
         Self {
             ddp: Ddp::new(state),
             sharding,
             auto_wrap: Arc::new(auto_wrap),
             exchange,
             shapes: Mutex::new(Arc::default()),
-            prefetch: Some(Arc::default()),
+            prefetch: None,
         }
     }
 
     /// Whether a unit starts the gathers of the unit that followed it in the latest forward
-    /// pass before it runs (on by default).
+    /// pass before it runs (off by default).
     pub fn forward_prefetch(mut self, enabled: bool) -> Self {
         self.prefetch = enabled.then(Arc::default);
+        self
+    }
+
+    /// Whether backward hands each unit's reduce-scatter to the rank's communication thread
+    /// and goes on, the results joining the gradients when it ends (off by default).
+    pub fn overlap_backward(mut self, enabled: bool) -> Self {
+        let collective = self.rank_state().shared_collective();
+        let hybrid = self.sharding == ShardingStrategy::HybridShard;
+        self.exchange = Arc::new(CollectiveExchange::new(collective, hybrid, enabled));
         self
     }
 }

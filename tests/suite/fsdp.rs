@@ -418,14 +418,16 @@ fn streamed_safetensors_export_equals_the_gathered_models() {
 
 /// Three blocks, each an FSDP unit, and a head outside any unit.
 /// Trains [`Tower`] (units, one of them run twice, a bias also used outside its unit) with
-/// `micro` micro-batches per step.
-fn train_tower(strategy: &str, devices: usize, micro: usize, prefetch: bool) -> Vec<Vec<f32>> {
+/// `micro` micro-batches per step; with `overlap`, forward prefetch and backward's
+/// reduce-scatters on the communication thread.
+fn train_tower(strategy: &str, devices: usize, micro: usize, overlap: bool) -> Vec<Vec<f32>> {
     let fabric = builder(strategy, devices)
-        .forward_prefetch(prefetch)
+        .forward_prefetch(overlap)
+        .overlap_backward(overlap)
         .build()
         .unwrap();
     let (params, comm_thread) = common::tower::train_tower(fabric, micro).unwrap();
-    if cfg!(target_os = "linux") && strategy.starts_with("fsdp") {
+    if cfg!(target_os = "linux") && strategy.starts_with("fsdp") && overlap {
         assert!(comm_thread, "{strategy}: no communication thread ran");
     }
     params
@@ -442,9 +444,9 @@ fn units_gather_and_reduce_scatter_block_by_block_and_train_like_one_rank() {
                 ratio <= 1.0,
                 "{strategy} {devices} ranks, {micro} micro-batches: {ratio:.3} x the tolerance"
             );
-            // The next unit's gathers travel earlier; the arithmetic is the same.
-            let unprefetched = train_tower(strategy, devices, micro, false);
-            assert_eq!(fsdp, unprefetched, "{strategy} {devices} ranks");
+            // The communication travels earlier; the arithmetic is the same.
+            let waiting = train_tower(strategy, devices, micro, false);
+            assert_eq!(fsdp, waiting, "{strategy} {devices} ranks");
         }
     }
 }

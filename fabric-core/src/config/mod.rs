@@ -50,7 +50,7 @@ pub struct RawConfig {
     pub bucket_bytes: Option<usize>,
     /// FSDP's automatic units.
     pub auto_wrap: Option<AutoWrap>,
-    /// DDP: average units' gradients while backward runs.
+    /// DDP and FSDP: average units' gradients while backward runs.
     pub overlap_backward: Option<bool>,
     /// FSDP: start the next unit's gathers while a unit runs.
     pub forward_prefetch: Option<bool>,
@@ -75,9 +75,9 @@ pub struct FabricConfig {
     pub bucket_bytes: usize,
     /// FSDP's automatic units.
     pub auto_wrap: AutoWrap,
-    /// DDP: average units' gradients while backward runs (default off).
+    /// DDP and FSDP: average units' gradients while backward runs (default off).
     pub overlap_backward: bool,
-    /// FSDP: start the next unit's gathers while a unit runs (default on).
+    /// FSDP: start the next unit's gathers while a unit runs (default off).
     pub forward_prefetch: bool,
 }
 
@@ -144,7 +144,7 @@ impl RawConfig {
             bucket_bytes,
             auto_wrap: self.auto_wrap.unwrap_or_default(),
             overlap_backward: self.overlap_backward.unwrap_or(false),
-            forward_prefetch: self.forward_prefetch.unwrap_or(true),
+            forward_prefetch: self.forward_prefetch.unwrap_or(false),
         })
     }
 }
