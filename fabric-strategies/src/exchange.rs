@@ -18,7 +18,7 @@ use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use fabric_collective::{Collective, ReduceOp, slice_flat};
 use fabric_core::CollectiveError;
 use fabric_core::gather::{ShardExchange, Started};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// The rank's collective as a [`ShardExchange`].
@@ -30,8 +30,20 @@ pub(crate) struct CollectiveExchange {
     error: Arc<Mutex<Option<CollectiveError>>>,
     /// Whether backward hands its reduce-scatters over and goes on.
     overlap: bool,
-    /// Reduce-scatters handed over, by parameter, in the order backward finished them.
-    scattered: Mutex<Vec<(ParamId, Started)>>,
+    /// Reduce-scatters handed over, by parameter.
+    scattered: Mutex<Scatters>,
+}
+
+/// Reduce-scatters that may travel at once: each holds a unit's whole gradient until it is
+/// done, so a backward that outruns the communication waits for the oldest rather than piling
+/// them up (PyTorch's FSDP bounds them alike).
+const IN_FLIGHT: usize = 2;
+
+/// The reduce-scatters handed over since the last delivery, oldest first.
+#[derive(Default)]
+struct Scatters {
+    travelling: VecDeque<(ParamId, Started)>,
+    arrived: Vec<(ParamId, TensorData)>,
 }
 
 /// A collective of the exchange, run with the rank's collective and the `hybrid` flag.
@@ -68,8 +80,11 @@ impl CollectiveExchange {
         grads: &mut [Option<Tensor<IB, 1>>],
         device: &IB::Device,
     ) {
-        let scattered = std::mem::take(&mut *self.lock_scattered());
-        if scattered.is_empty() {
+        let Scatters {
+            travelling,
+            arrived,
+        } = std::mem::take(&mut *self.lock_scattered());
+        if travelling.is_empty() && arrived.is_empty() {
             return;
         }
         let index: HashMap<ParamId, usize> = layout
@@ -77,8 +92,8 @@ impl CollectiveExchange {
             .enumerate()
             .map(|(i, slot)| (slot.id, i))
             .collect();
-        for (id, started) in scattered {
-            let part = started();
+        let travelled = travelling.into_iter().map(|(id, started)| (id, started()));
+        for (id, part) in arrived.into_iter().chain(travelled) {
             // A parameter of another module (its backward was not Fabric's): waited for only.
             let Some(&i) = index.get(&id) else {
                 continue;
@@ -96,7 +111,7 @@ impl CollectiveExchange {
         }
     }
 
-    fn lock_scattered(&self) -> std::sync::MutexGuard<'_, Vec<(ParamId, Started)>> {
+    fn lock_scattered(&self) -> std::sync::MutexGuard<'_, Scatters> {
         self.scattered
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -214,7 +229,13 @@ impl ShardExchange for CollectiveExchange {
             return Some(self.call("reduce_scatter", len / parts, dtype, op));
         }
         let started = self.start("reduce_scatter", len / parts, dtype, op);
-        self.lock_scattered().push((id, started));
+        let mut scattered = self.lock_scattered();
+        scattered.travelling.push_back((id, started));
+        while scattered.travelling.len() > IN_FLIGHT {
+            if let Some((id, started)) = scattered.travelling.pop_front() {
+                scattered.arrived.push((id, started()));
+            }
+        }
         None
     }
 }
