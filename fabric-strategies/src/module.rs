@@ -417,7 +417,7 @@ pub fn gather_whole<BT: Backend, const D: usize>(
 fn unpad<BT: Backend, const D: usize>(whole: Tensor<BT, 1>, shape: &[usize]) -> Tensor<BT, D> {
     let numel = shape.iter().product::<usize>();
     whole
-        .slice([0..numel])
+        .slice(0..numel)
         .reshape(burn::tensor::Shape::from(shape.to_vec()))
 }
 

@@ -70,7 +70,7 @@ fn stale(dir: &Path, name: &str, this_host: &str) -> bool {
     let Ok(pid) = pid.parse::<libc::pid_t>() else {
         return false;
     };
-    !(host == this_host && alive(pid)) && !locked(&dir.join(name))
+    (host != this_host || !alive(pid)) && !locked(&dir.join(name))
 }
 
 /// Removes the stale temporaries (see [`stale`]) in `dir` itself; returns how many, and the

@@ -498,12 +498,15 @@ impl Merge<'_> {
     }
 }
 
+/// What [`walk_in_step`] calls on a value and the same value of every rank's record.
+type VisitInStep<'a> = dyn FnMut(&mut Value, &[Value]) -> Result<(), String> + 'a;
+
 /// Calls `visit` on each child of `value` with the same child of every record in `ranks`
 /// (matched by key in maps, by position in arrays).
 fn walk_in_step(
     value: &mut Value,
     ranks: &[Value],
-    visit: &mut dyn FnMut(&mut Value, &[Value]) -> Result<(), String>,
+    visit: &mut VisitInStep<'_>,
 ) -> Result<(), String> {
     match value {
         Value::Map(fields) => {
