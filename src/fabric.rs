@@ -121,11 +121,12 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
         self
     }
 
-    /// Communicates each [`unit`](crate::unit)'s gradients on the rank's communication thread
-    /// while the rest of backward runs, instead of after backward: under DDP its gradients are
-    /// averaged in buckets (PyTorch DDP's overlapped buckets; needs a `*-true` precision and
-    /// the host collective, otherwise ignored), under FSDP its reduce-scatter travels (PyTorch
-    /// FSDP's reduce-scatter stream). Off by default: it pays off when communication has
+    /// Communicates gradients on the rank's communication thread while the rest of backward
+    /// runs, instead of after backward: under DDP the gradients of each [`unit`](crate::unit)
+    /// are averaged in buckets (PyTorch DDP's overlapped buckets; needs a `*-true` precision
+    /// and the host collective, otherwise ignored); under FSDP each gathered parameter's
+    /// reduce-scatter travels (PyTorch FSDP's reduce-scatter stream), those travelling holding
+    /// at most `bucket_bytes` of whole gradients. Off by default: it pays off when communication has
     /// hardware of its own (a network, a GPU's copy engines); on a 2-core machine where the
     /// communication is memory copies on the same cores, it measured no gain for thread ranks
     /// and a loss for processes (`cargo xtask bench`, DDP and FSDP rows).
@@ -138,7 +139,8 @@ impl<B: AutodiffBackend + BackendDevices> FabricBuilder<B> {
     /// communication thread when a unit starts, so that they travel while the unit computes
     /// (PyTorch FSDP's `forward_prefetch`, off by default there too). The next unit is the one
     /// that followed in the latest forward pass; a rank then holds two units' whole
-    /// parameters at a time instead of one. Off by default for the reason
+    /// parameters at a time instead of one. Only units run through `unit` are prefetched
+    /// (automatic units gather at their first use). Off by default for the reason
     /// [`overlap_backward`](Self::overlap_backward) gives. Other strategies ignore it.
     pub fn forward_prefetch(mut self, enabled: bool) -> Self {
         self.raw.forward_prefetch = Some(enabled);

@@ -30,19 +30,21 @@ pub(crate) struct CollectiveExchange {
     error: Arc<Mutex<Option<CollectiveError>>>,
     /// Whether backward hands its reduce-scatters over and goes on.
     overlap: bool,
+    /// Bytes of whole gradients the travelling reduce-scatters may hold at once.
+    in_flight_bytes: usize,
     /// Reduce-scatters handed over, by parameter.
     scattered: Mutex<Scatters>,
 }
 
-/// Reduce-scatters that may travel at once: each holds a unit's whole gradient until it is
-/// done, so a backward that outruns the communication waits for the oldest rather than piling
-/// them up (PyTorch's FSDP bounds them alike).
-const IN_FLIGHT: usize = 2;
-
-/// The reduce-scatters handed over since the last delivery, oldest first.
+/// The reduce-scatters handed over since the last delivery, oldest first. Each travelling one
+/// holds its parameter's whole gradient until it is done, so a backward that outruns the
+/// communication waits for the oldest rather than piling them up (PyTorch's FSDP bounds them
+/// alike).
 #[derive(Default)]
 struct Scatters {
-    travelling: VecDeque<(ParamId, Started)>,
+    /// Parameter, the wait, the bytes of its whole gradient.
+    travelling: VecDeque<(ParamId, Started, usize)>,
+    travelling_bytes: usize,
     arrived: Vec<(ParamId, TensorData)>,
 }
 
@@ -51,14 +53,21 @@ type Op = Box<dyn FnOnce(&dyn Collective, bool) -> Result<TensorData, Collective
 
 impl CollectiveExchange {
     /// The exchange over `collective` (cutting parameters within each process under `hybrid`);
-    /// with `overlap`, backward's reduce-scatters travel while it goes on.
-    pub(crate) fn new(collective: Arc<dyn Collective>, hybrid: bool, overlap: bool) -> Self {
+    /// with `overlap`, backward's reduce-scatters travel while it goes on, holding at most
+    /// `in_flight_bytes` of whole gradients (or one gradient) at once.
+    pub(crate) fn new(
+        collective: Arc<dyn Collective>,
+        hybrid: bool,
+        overlap: bool,
+        in_flight_bytes: usize,
+    ) -> Self {
         Self {
             comm: CommThread::new(collective.rank()),
             collective,
             hybrid,
             error: Arc::default(),
             overlap,
+            in_flight_bytes,
             scattered: Mutex::default(),
         }
     }
@@ -83,6 +92,7 @@ impl CollectiveExchange {
         let Scatters {
             travelling,
             arrived,
+            ..
         } = std::mem::take(&mut *self.lock_scattered());
         if travelling.is_empty() && arrived.is_empty() {
             return;
@@ -92,7 +102,9 @@ impl CollectiveExchange {
             .enumerate()
             .map(|(i, slot)| (slot.id, i))
             .collect();
-        let travelled = travelling.into_iter().map(|(id, started)| (id, started()));
+        let travelled = travelling
+            .into_iter()
+            .map(|(id, started, _)| (id, started()));
         for (id, part) in arrived.into_iter().chain(travelled) {
             // A parameter of another module (its backward was not Fabric's): waited for only.
             let Some(&i) = index.get(&id) else {
@@ -109,6 +121,21 @@ impl CollectiveExchange {
                 None => part,
             });
         }
+    }
+
+    /// Waits for the reduce-scatters of a backward pass whose gradients will not be delivered
+    /// (it failed, or ran outside the strategy) and drops them.
+    pub(crate) fn discard(&self) {
+        let Scatters { travelling, .. } = std::mem::take(&mut *self.lock_scattered());
+        for (_, started, _) in travelling {
+            started();
+        }
+    }
+
+    /// Returns once the communication thread has run everything handed to it (prefetched
+    /// gathers, travelling reduce-scatters), so that the rank may run collectives of its own.
+    pub(crate) fn wait_idle(&self) {
+        self.comm.wait_idle();
     }
 
     fn lock_scattered(&self) -> std::sync::MutexGuard<'_, Scatters> {
@@ -229,11 +256,14 @@ impl ShardExchange for CollectiveExchange {
             return Some(self.call("reduce_scatter", len / parts, dtype, op));
         }
         let started = self.start("reduce_scatter", len / parts, dtype, op);
+        let bytes = len * dtype.size();
         let mut scattered = self.lock_scattered();
-        scattered.travelling.push_back((id, started));
-        while scattered.travelling.len() > IN_FLIGHT {
-            if let Some((id, started)) = scattered.travelling.pop_front() {
+        scattered.travelling.push_back((id, started, bytes));
+        scattered.travelling_bytes += bytes;
+        while scattered.travelling_bytes > self.in_flight_bytes && scattered.travelling.len() > 1 {
+            if let Some((id, started, bytes)) = scattered.travelling.pop_front() {
                 scattered.arrived.push((id, started()));
+                scattered.travelling_bytes -= bytes;
             }
         }
         None
@@ -268,7 +298,7 @@ mod tests {
                 let go = if rank == 1 { go.take() } else { None };
                 let handed = handed.clone();
                 std::thread::spawn(move || {
-                    let exchange = CollectiveExchange::new(member, false, true);
+                    let exchange = CollectiveExchange::new(member, false, true, 1 << 20);
                     if let Some(go) = go {
                         go.recv().unwrap();
                     }

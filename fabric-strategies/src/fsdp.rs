@@ -72,7 +72,7 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// automatic units `auto_wrap` for the rank `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
         let hybrid = sharding == ShardingStrategy::HybridShard;
-        let exchange = CollectiveExchange::new(state.shared_collective(), hybrid, false);
+        let exchange = CollectiveExchange::new(state.shared_collective(), hybrid, false, 0);
         let exchange = Arc::new(exchange);
         Self {
             ddp: Ddp::new(state),
@@ -91,12 +91,15 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
         self
     }
 
-    /// Whether backward hands each unit's reduce-scatter to the rank's communication thread
-    /// and goes on, the results joining the gradients when it ends (off by default).
+    /// Whether backward hands each parameter's reduce-scatter to the rank's communication
+    /// thread and goes on, the results joining the gradients when it ends (off by default).
+    /// The travelling ones hold at most `bucket_bytes` of whole gradients (or one gradient).
     pub fn overlap_backward(mut self, enabled: bool) -> Self {
-        let collective = self.rank_state().shared_collective();
+        let state = self.rank_state();
+        let (collective, in_flight) = (state.shared_collective(), state.bucket_bytes());
         let hybrid = self.sharding == ShardingStrategy::HybridShard;
-        self.exchange = Arc::new(CollectiveExchange::new(collective, hybrid, enabled));
+        let exchange = CollectiveExchange::new(collective, hybrid, enabled, in_flight);
+        self.exchange = Arc::new(exchange);
         self
     }
 }
@@ -185,9 +188,33 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
         })
     }
 
+    /// The rank's collective, once the communication thread has run what it was handed
+    /// (prefetched gathers), so that the caller's collectives meet the other ranks' in order.
+    fn collective(&self) -> &dyn Collective {
+        self.exchange.wait_idle();
+        self.rank_state().collective()
+    }
+
+    /// Reduce-scatters left by a backward pass whose gradients never reached the strategy (it
+    /// failed, or ran outside it: `loss.backward()` by hand) are not this pass's: dropped.
+    fn backward(
+        &self,
+        loss: Tensor<B, 1>,
+        module: &dyn ModuleParams<B>,
+        sync: bool,
+    ) -> Result<(), FabricError> {
+        self.exchange.discard();
+        crate::strategy::run_backward(self, loss, module, sync)
+    }
+
+    /// A failed pass leaves no communication behind.
     fn pass_result(&self) -> Result<(), FabricError> {
         match self.exchange.take_error() {
-            Some(error) => Err(error.into()),
+            Some(error) => {
+                self.exchange.discard();
+                self.exchange.wait_idle();
+                Err(error.into())
+            }
             None => Ok(()),
         }
     }

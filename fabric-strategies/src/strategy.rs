@@ -102,12 +102,7 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
         module: &dyn ModuleParams<B>,
         sync: bool,
     ) -> Result<(), FabricError> {
-        // The forward pass's collectives may have failed already, the backward pass's too.
-        self.pass_result()?;
-        let mut grads = self.precision().scale_loss(loss)?.backward();
-        self.pass_result()?;
-        let new = module.gradients(&mut grads);
-        self.accumulate_gradients(module, new, sync)
+        run_backward(self, loss, module, sync)
     }
 
     /// Stores `grads` (flattened, in `module`'s layout order; scaled by the loss scale when
@@ -177,6 +172,21 @@ pub trait Strategy<B: AutodiffBackend>: Send + Sync {
     fn load_checkpoint(&self, path: &Path, apply: ApplyEntries<'_>) -> Result<(), FabricError> {
         checkpoint_io::load_whole(self.rank_state(), path, apply)
     }
+}
+
+/// The provided [`Strategy::backward`].
+pub(crate) fn run_backward<B: AutodiffBackend, S: Strategy<B> + ?Sized>(
+    strategy: &S,
+    loss: Tensor<B, 1>,
+    module: &dyn ModuleParams<B>,
+    sync: bool,
+) -> Result<(), FabricError> {
+    // The forward pass's collectives may have failed already, the backward pass's too.
+    strategy.pass_result()?;
+    let mut grads = strategy.precision().scale_loss(loss)?.backward();
+    strategy.pass_result()?;
+    let new = module.gradients(&mut grads);
+    strategy.accumulate_gradients(module, new, sync)
 }
 
 /// Unscales `grads` (in `layout` order), adds them to the stored ones and with `sync` averages

@@ -426,10 +426,10 @@ fn train_tower(strategy: &str, devices: usize, micro: usize, overlap: bool) -> V
         .overlap_backward(overlap)
         .build()
         .unwrap();
-    let (params, comm_thread) = common::tower::train_tower(fabric, micro).unwrap();
-    if cfg!(target_os = "linux") && strategy.starts_with("fsdp") && overlap {
-        assert!(comm_thread, "{strategy}: no communication thread ran");
-    }
+    // Whether a communication thread ran cannot be told here: the suite's other tests run
+    // theirs in this process at the same time (fabric-strategies' unit tests show the
+    // hand-over).
+    let (params, _) = common::tower::train_tower(fabric, micro).unwrap();
     params
 }
 
