@@ -7,7 +7,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, run};
+use example::Args;
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 #[test]
 fn three_epochs_on_two_ranks_write_grids_and_learn() {

@@ -27,8 +27,10 @@ fn a_small_stack_trains_under_every_strategy() {
             "--steps",
             "2",
         ]);
-        assert_eq!(train::<Autodiff<Flex>>(&args).unwrap(), (3 * (64 + 8), 0));
-        let released = train::<Autodiff<Flex, BalancedCheckpointing>>(&args).unwrap();
+        let plain = crate::exclusive(|| train::<Autodiff<Flex>>(&args));
+        assert_eq!(plain.unwrap(), (3 * (64 + 8), 0));
+        let released = crate::exclusive(|| train::<Autodiff<Flex, BalancedCheckpointing>>(&args));
+        let released = released.unwrap();
         assert_eq!(released, (3 * (64 + 8), 0), "{strategy}");
     }
 }

@@ -6,7 +6,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, run};
+use example::Args;
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 fn args(extra: &[&str]) -> Args {
     Args::parse_from(["image_classifier"].iter().chain(extra))

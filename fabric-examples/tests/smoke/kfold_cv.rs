@@ -6,7 +6,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, run, split};
+use example::{Args, split};
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 #[test]
 fn folds_partition_the_data_evenly() {

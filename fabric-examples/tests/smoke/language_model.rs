@@ -7,7 +7,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, Report, run};
+use example::{Args, Report};
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 /// Two ranks, the tiny preset, short epochs and a short validation; no sample unless asked.
 fn run_with(extra: &[&str]) -> Report {

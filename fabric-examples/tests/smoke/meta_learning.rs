@@ -6,7 +6,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, Pool, run};
+use example::{Args, Pool};
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 use fabric_examples::digits;
 
 #[test]

@@ -6,7 +6,12 @@
 mod example;
 
 use clap::Parser;
-use example::{Args, CartPole, discounted_returns, run};
+use example::{Args, CartPole, discounted_returns};
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 #[test]
 fn one_push_from_rest_matches_gym() {

@@ -7,7 +7,12 @@ mod example;
 
 use burn_fabric::fabric_core::checkpoint::Newest;
 use clap::Parser;
-use example::{Args, run};
+use example::Args;
+
+/// The example's `run`, alone in this binary (see [`crate::exclusive`]).
+fn run(args: &Args) -> Result<example::Report, Box<dyn std::error::Error>> {
+    crate::exclusive(|| example::run(args))
+}
 
 fn args(extra: &[&str]) -> Args {
     let base = [
