@@ -6,6 +6,7 @@
 //! meet in the same sequence; a rank must not run a collective of its own while the thread
 //! still has work from it (wait for what it handed over first, or use [`CommThread::call`]).
 
+use fabric_core::CollectiveError;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -95,6 +96,21 @@ impl CommThread {
             })
             .ok();
         jobs
+    }
+}
+
+/// The error of a collective `operation` of `engine` on `rank` that a communication thread
+/// dropped (it stopped, or could not start).
+pub(crate) fn stopped(
+    rank: usize,
+    engine: &'static str,
+    operation: &'static str,
+) -> CollectiveError {
+    CollectiveError::Engine {
+        rank,
+        engine,
+        operation,
+        message: "the communication thread stopped".into(),
     }
 }
 

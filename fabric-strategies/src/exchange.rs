@@ -9,7 +9,7 @@
 //! Errors cannot be returned from inside module mapping and autodiff: the first is kept for
 //! the strategy, and the failed collective answers with zeros.
 
-use crate::comm_thread::CommThread;
+use crate::comm_thread::{CommThread, stopped};
 use crate::fsdp::shard_group;
 use crate::module::ParamSlot;
 use burn::module::ParamId;
@@ -44,7 +44,6 @@ pub(crate) struct CollectiveExchange {
 struct Scatters {
     /// Parameter, the wait, the bytes of its whole gradient.
     travelling: VecDeque<(ParamId, Started, usize)>,
-    travelling_bytes: usize,
     arrived: Vec<(ParamId, TensorData)>,
 }
 
@@ -186,12 +185,7 @@ fn settle(
     let error = match result {
         Some(Ok(data)) => return data,
         Some(Err(error)) => error,
-        None => CollectiveError::Engine {
-            rank,
-            engine: "fsdp",
-            operation,
-            message: "the communication thread stopped".into(),
-        },
+        None => stopped(rank, "fsdp", operation),
     };
     kept.lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -259,11 +253,15 @@ impl ShardExchange for CollectiveExchange {
         let bytes = len * dtype.size();
         let mut scattered = self.lock_scattered();
         scattered.travelling.push_back((id, started, bytes));
-        scattered.travelling_bytes += bytes;
-        while scattered.travelling_bytes > self.in_flight_bytes && scattered.travelling.len() > 1 {
-            if let Some((id, started, bytes)) = scattered.travelling.pop_front() {
+        let held = |s: &Scatters| {
+            s.travelling
+                .iter()
+                .map(|(_, _, bytes)| bytes)
+                .sum::<usize>()
+        };
+        while held(&scattered) > self.in_flight_bytes && scattered.travelling.len() > 1 {
+            if let Some((id, started, _)) = scattered.travelling.pop_front() {
                 scattered.arrived.push((id, started()));
-                scattered.travelling_bytes -= bytes;
             }
         }
         None

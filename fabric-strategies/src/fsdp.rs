@@ -71,9 +71,7 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) and the
     /// automatic units `auto_wrap` for the rank `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
-        let hybrid = sharding == ShardingStrategy::HybridShard;
-        let exchange = CollectiveExchange::new(state.shared_collective(), hybrid, false, 0);
-        let exchange = Arc::new(exchange);
+        let exchange = exchange(&state, sharding, false);
         Self {
             ddp: Ddp::new(state),
             sharding,
@@ -95,13 +93,23 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// thread and goes on, the results joining the gradients when it ends (off by default).
     /// The travelling ones hold at most `bucket_bytes` of whole gradients (or one gradient).
     pub fn overlap_backward(mut self, enabled: bool) -> Self {
-        let state = self.rank_state();
-        let (collective, in_flight) = (state.shared_collective(), state.bucket_bytes());
-        let hybrid = self.sharding == ShardingStrategy::HybridShard;
-        let exchange = CollectiveExchange::new(collective, hybrid, enabled, in_flight);
-        self.exchange = Arc::new(exchange);
+        self.exchange = exchange(self.rank_state(), self.sharding, enabled);
         self
     }
+}
+
+/// The exchange behind the gathers of the rank `state` describes, under `sharding`, with
+/// backward's reduce-scatters overlapped or not.
+fn exchange<B: AutodiffBackend>(
+    state: &RankState<B>,
+    sharding: ShardingStrategy,
+    overlap: bool,
+) -> Arc<CollectiveExchange> {
+    let hybrid = sharding == ShardingStrategy::HybridShard;
+    let (collective, in_flight) = (state.shared_collective(), state.bucket_bytes());
+    Arc::new(CollectiveExchange::new(
+        collective, hybrid, overlap, in_flight,
+    ))
 }
 
 /// Rank `rank`'s shard of the flat parameter `value` of `shape`: its block of rows, padded with

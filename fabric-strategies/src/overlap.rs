@@ -10,7 +10,7 @@
 //! with the rest of the gradients averaged as before.
 
 use crate::bucket::{plan_buckets, reduce_bucket, reduce_buckets};
-use crate::comm_thread::CommThread;
+use crate::comm_thread::{CommThread, stopped};
 use crate::grads::GradStore;
 use crate::module::{FlatGrad, ParamSlot};
 use burn::module::ParamId;
@@ -239,12 +239,7 @@ impl<B: Backend> Overlap<B> {
 
     /// The error of a communication thread that stopped (or of flags that did not come back).
     fn stopped(&self) -> FabricError {
-        FabricError::Collective(fabric_core::CollectiveError::Engine {
-            rank: self.collective.rank(),
-            engine: "overlap",
-            operation: "all_reduce",
-            message: "the communication thread stopped".into(),
-        })
+        FabricError::Collective(stopped(self.collective.rank(), "overlap", "all_reduce"))
     }
 
     /// Adds the average of the leftover gradients of the watched parameters that some rank

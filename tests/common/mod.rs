@@ -2,13 +2,13 @@
 #![allow(dead_code)]
 
 use burn::data::dataloader::batcher::Batcher;
-use burn::module::{Module, Param};
+use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::Optimizer;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_fabric::fabric_strategies::CollectParams;
-use burn_fabric::{Fabric, FabricError};
+use burn_fabric::{Fabric, FabricError, FabricOptimizer};
 
 pub mod tower;
 
@@ -125,6 +125,51 @@ where
     train_on(fabric, micro, steps, batch_rows, lr, make_optimizer)
 }
 
+/// How [`fit`] trains: `steps` optimizer steps on global batches of `batch_rows` rows (from
+/// row 0), each rank's share split into `micro` micro-batches, at learning rate `lr`.
+pub struct Schedule {
+    pub steps: usize,
+    pub batch_rows: usize,
+    pub micro: usize,
+    pub lr: f64,
+}
+
+/// Trains this rank's `model` as `schedule` says: the mean squared error of `forward` on
+/// [`batch`]'s rows, micro-batches accumulated under `no_backward_sync`.
+pub fn fit<M, O>(
+    fabric: &mut Fabric<B>,
+    mut model: M,
+    optimizer: &mut FabricOptimizer<B, M, O>,
+    forward: impl Fn(&M, Tensor<B, 2>) -> Tensor<B, 2>,
+    schedule: Schedule,
+) -> Result<M, FabricError>
+where
+    M: AutodiffModule<B>,
+    O: Optimizer<M, B>,
+{
+    let device = *fabric.device();
+    let Schedule {
+        steps,
+        batch_rows,
+        micro,
+        lr,
+    } = schedule;
+    let per_rank = batch_rows / fabric.world_size();
+    let per_micro = per_rank / micro;
+    for step in 0..steps {
+        for m in 0..micro {
+            let start = step * batch_rows + fabric.global_rank() * per_rank + m * per_micro;
+            let (x, y) = batch::<B>(start, per_micro, &device);
+            let out = fabric.forward(&model, x, |m, x| forward(m, x));
+            let loss = (out - y).powi_scalar(2).mean().div_scalar(micro as f64);
+            let accumulating = m + 1 < micro;
+            fabric.no_backward_sync(accumulating, |f| f.backward(loss, &model))?;
+        }
+        model = optimizer.step(lr, model)?;
+    }
+    Ok(model)
+}
+
 /// [`train`] on a given Fabric (for example one configured by `fabric run`).
 pub fn train_on<O, F>(
     mut fabric: Fabric<B>,
@@ -145,20 +190,14 @@ where
         } else {
             Mlp::random(&device)
         };
-        let (mut model, mut optimizer) = fabric.setup(model, make_optimizer())?;
-        let per_rank = batch_rows / fabric.world_size();
-        let per_micro = per_rank / micro;
-        for step in 0..steps {
-            for m in 0..micro {
-                let start = step * batch_rows + fabric.global_rank() * per_rank + m * per_micro;
-                let (x, y) = batch::<B>(start, per_micro, &device);
-                let out = fabric.forward(&model, x, |m, x| m.forward(x));
-                let loss = (out - y).powi_scalar(2).mean().div_scalar(micro as f64);
-                let accumulating = m + 1 < micro;
-                fabric.no_backward_sync(accumulating, |f| f.backward(loss, &model))?;
-            }
-            model = optimizer.step(lr, model)?;
-        }
+        let (model, mut optimizer) = fabric.setup(model, make_optimizer())?;
+        let schedule = Schedule {
+            steps,
+            batch_rows,
+            micro,
+            lr,
+        };
+        let model = fit(fabric, model, &mut optimizer, Mlp::forward, schedule)?;
         // Whole parameters (gathered from the shards under FSDP).
         let mine = params(&fabric.gathered(&model)?);
         let flat: Tensor<burn::backend::Flex, 1> = Tensor::from_data(

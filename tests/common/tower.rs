@@ -4,7 +4,7 @@
 //! bias also used outside its unit (part of its gradient reaches it after backward), a head
 //! outside any unit.
 
-use super::{B, batch, params};
+use super::{B, Schedule, fit, params};
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::optim::AdamConfig;
@@ -63,20 +63,15 @@ pub fn train_tower(
 ) -> Result<(Vec<Vec<f32>>, bool), FabricError> {
     fabric.launch(|fabric| -> Result<(Vec<Vec<f32>>, bool), FabricError> {
         let device = *fabric.device();
-        let (mut model, mut optimizer) =
+        let (model, mut optimizer) =
             fabric.setup(Tower::deterministic(&device), AdamConfig::new().init())?;
-        let per_rank = BATCH / fabric.world_size();
-        let per_micro = per_rank / micro;
-        for step in 0..STEPS {
-            for m in 0..micro {
-                let start = step * BATCH + fabric.global_rank() * per_rank + m * per_micro;
-                let (x, y) = batch::<B>(start, per_micro, &device);
-                let out = fabric.forward(&model, x, |m, x| m.forward(x));
-                let loss = (out - y).powi_scalar(2).mean().div_scalar(micro as f64);
-                fabric.no_backward_sync(m + 1 < micro, |f| f.backward(loss, &model))?;
-            }
-            model = optimizer.step(0.01, model)?;
-        }
+        let schedule = Schedule {
+            steps: STEPS,
+            batch_rows: BATCH,
+            micro,
+            lr: 0.01,
+        };
+        let model = fit(fabric, model, &mut optimizer, Tower::forward, schedule)?;
         let thread = format!("fabric-comm-{}", fabric.global_rank());
         let ran = comm_thread_named(&thread);
         Ok((params(&fabric.gathered(&model)?), ran))
