@@ -33,9 +33,9 @@ pub(crate) struct Connector<B: AutodiffBackend + BackendDevices> {
     pub log_calls: AtomicU64,
     /// Makes each rank's callbacks.
     pub callbacks: Option<CallbackFactory>,
-    /// DDP's device engine for gradient buckets (NCCL when the ranks are distinct CUDA devices
-    /// of one process, the fused kernel when they share one CubeCL device), or `None` for the
-    /// host collective.
+    /// The device engine for DDP's gradient buckets and FSDP's shards (NCCL when the ranks are
+    /// distinct CUDA devices of one process, the fused kernel when they share one CubeCL
+    /// device), or `None` for the host collective.
     pub engine: Option<DeviceEngine<B::InnerBackend>>,
     /// How many times the launcher restarted the job before this attempt.
     pub restart_count: usize,
@@ -88,10 +88,17 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             }
             other => other,
         };
-        // Gradients stay on the GPUs when every rank is a device of this process.
-        let engine = match (strategy, &processes) {
-            (StrategyChoice::Ddp, None) => device_engine::<B::InnerBackend>(&placement.devices)?,
-            _ => None,
+        // Gradients (and FSDP's shards) stay on the devices when the ranks that exchange them
+        // are devices of this process: every rank of a one-process job, or the ranks that
+        // `hybrid_shard` gathers within.
+        let on_device = match (strategy, &processes) {
+            (StrategyChoice::Ddp | StrategyChoice::Fsdp(_), None) => true,
+            (StrategyChoice::Fsdp(ShardingStrategy::HybridShard), Some(_)) => true,
+            _ => false,
+        };
+        let engine = match on_device {
+            true => device_engine::<B::InnerBackend>(&placement.devices)?,
+            false => None,
         };
         Ok(Self {
             config,
@@ -151,9 +158,13 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
             StrategyChoice::Zero1 => Arc::new(Zero::new(state, ZeroStage::One)),
             StrategyChoice::Zero2 => Arc::new(Zero::new(state, ZeroStage::Two)),
             StrategyChoice::Fsdp(sharding) => {
-                let fsdp = Fsdp::new(state, sharding, self.config.auto_wrap.clone());
-                let fsdp = fsdp.forward_prefetch(self.config.forward_prefetch);
-                Arc::new(fsdp.overlap_backward(self.config.overlap_backward))
+                let fsdp = Fsdp::new(state, sharding, self.config.auto_wrap.clone())
+                    .forward_prefetch(self.config.forward_prefetch)
+                    .overlap_backward(self.config.overlap_backward);
+                match &self.engine {
+                    Some(engine) => Arc::new(fsdp.with_engine(engine.for_rank(local_rank))),
+                    None => Arc::new(fsdp),
+                }
             }
         })
     }

@@ -15,17 +15,21 @@ use burn_fabric::fabric_collective::fused::{FloatKind, Path, sum_cast};
 use burn_fabric::fabric_core::backend::{BackendDevices, DevicePool};
 use burn_fabric::fabric_core::config::Accelerator;
 
-fn client() -> Option<ComputeClient<WgpuRuntime>> {
-    let device = match Wgpu::device_pool(Accelerator::Wgpu) {
-        Ok(DevicePool::Shared(device)) => device,
-        Ok(DevicePool::Countable(devices)) => devices.into_iter().next()?,
+/// The Wgpu device, or `None` (and why, printed) when there is no Vulkan driver.
+fn device() -> Option<<Wgpu as burn::tensor::backend::Backend>::Device> {
+    match Wgpu::device_pool(Accelerator::Wgpu) {
+        Ok(DevicePool::Shared(device)) => Some(device),
+        Ok(DevicePool::Countable(devices)) => devices.into_iter().next(),
         Err(err) if std::env::var_os("FABRIC_REQUIRE_WGPU").is_some() => panic!("{err}"),
         Err(err) => {
             println!("skipped: {err}");
-            return None;
+            None
         }
-    };
-    Some(WgpuRuntime::client(&device))
+    }
+}
+
+fn client() -> Option<ComputeClient<WgpuRuntime>> {
+    Some(WgpuRuntime::client(&device()?))
 }
 
 /// Deterministic values in [-4, 4) (a 64-bit LCG; the kernel's inputs need no better).
@@ -163,13 +167,8 @@ fn shared_device_engine_equals_the_host_engine() {
     use burn_fabric::fabric_collective::shared_device;
     use burn_fabric::fabric_collective::{Collective, ReduceOp};
 
-    if client().is_none() {
+    let Some(device) = device() else {
         return;
-    }
-    let device = match Wgpu::device_pool(Accelerator::Wgpu) {
-        Ok(DevicePool::Shared(device)) => device,
-        Ok(DevicePool::Countable(devices)) => devices[0].clone(),
-        Err(err) => panic!("{err}"),
     };
     assert!(shared_device::engine::<Wgpu>(std::slice::from_ref(&device)).is_none());
     assert!(shared_device::engine::<burn::backend::Flex>(&[Default::default(); 2]).is_none());
@@ -288,4 +287,98 @@ fn mixed_operands_and_divisor_match_the_reference() {
             }
         }
     }
+}
+
+/// FSDP's exchanges on the engine for ranks sharing the Wgpu device: the all-gather
+/// concatenates every rank's buffer in rank order (bit for bit the host engine's, f32 and f16),
+/// and each rank's reduce-scatter part equals the host engine's within a rounding of the same
+/// f32 sum; a length the world size does not divide is the host engines' typed error.
+#[test]
+fn shared_device_engine_gathers_and_reduce_scatters_like_the_host() {
+    use burn::tensor::{DType, Tensor, TensorData};
+    use burn_fabric::fabric_collective::launcher::{ThreadLaunch, launch_threads};
+    use burn_fabric::fabric_collective::shared_device;
+    use burn_fabric::fabric_collective::{Collective, ReduceOp};
+
+    let Some(device) = device() else {
+        return;
+    };
+    let world = 3;
+    let engine = shared_device::engine::<Wgpu>(&vec![device.clone(); world])
+        .expect("ranks sharing a Wgpu device get the fused engine");
+    let launch = ThreadLaunch {
+        world_size: world,
+        first_rank: 0,
+        timeout: std::time::Duration::from_secs(60),
+        threads_per_rank: None,
+    };
+    let text = |e: burn_fabric::CollectiveError| e.to_string();
+    launch_threads(&launch, |rank, host| {
+        let mine = engine.for_rank(rank);
+        for (round, (len, dtype)) in [
+            (1031, DType::F32),
+            (258, DType::F16),
+            (3 * 4099, DType::F32),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data = TensorData::new(values(len, (10 * round + rank) as u64), [len])
+                .convert_dtype(dtype);
+            let tensor = Tensor::<Wgpu, 1>::from_data(data.clone(), (&device, dtype));
+            let whole = mine
+                .all_gather(&host, tensor.clone())
+                .map_err(text)?
+                .into_data();
+            let expected = host.all_gather_flat(data.clone()).map_err(text)?;
+            if whole.dtype != dtype || whole.shape.to_vec() != [len * world] {
+                return Err(format!(
+                    "round {round}: gathered {:?} {:?}",
+                    whole.dtype, whole.shape
+                ));
+            }
+            if whole.as_bytes() != expected.as_bytes() {
+                return Err(format!(
+                    "round {round}: the gathered bytes differ from the host's"
+                ));
+            }
+            if len % world != 0 {
+                continue;
+            }
+            let part = mine
+                .reduce_scatter(&host, tensor, ReduceOp::Mean)
+                .map_err(text)?
+                .into_data();
+            let expected = host.reduce_scatter(data, ReduceOp::Mean).map_err(text)?;
+            let got: Vec<f64> = part
+                .convert::<f64>()
+                .to_vec()
+                .map_err(|e| format!("{e:?}"))?;
+            let want: Vec<f64> = expected
+                .convert::<f64>()
+                .to_vec()
+                .map_err(|e| format!("{e:?}"))?;
+            if got.len() != len / world {
+                return Err(format!("round {round}: a part of {} elements", got.len()));
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let ulp = match dtype {
+                    DType::F16 => w.abs() / 1024.0,
+                    _ => w.abs() * f64::from(f32::EPSILON),
+                };
+                if (g - w).abs() > ulp {
+                    return Err(format!("rank {rank} round {round} at {i}: {g} vs host {w}"));
+                }
+            }
+        }
+        let odd = Tensor::<Wgpu, 1>::zeros([10], &device);
+        match mine.reduce_scatter(&host, odd, ReduceOp::Mean) {
+            Err(err) if err.to_string().contains("multiple of the world size 3") => Ok(()),
+            other => Err(format!(
+                "a length of 10 over 3 ranks gave {:?}",
+                other.map(|t| t.dims())
+            )),
+        }
+    })
+    .unwrap_or_else(|err| panic!("{err}"));
 }

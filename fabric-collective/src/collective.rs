@@ -173,13 +173,24 @@ pub(crate) fn flat_len(
     rank: usize,
     multiple_of: Option<usize>,
 ) -> Result<usize, CollectiveError> {
-    if let DType::QFloat(_) = data.dtype {
+    flat_len_of(&data.shape, data.dtype, operation, rank, multiple_of)
+}
+
+/// [`flat_len`] of a buffer of `shape` and `dtype` wherever it lies (the device engines').
+pub(crate) fn flat_len_of(
+    shape: &[usize],
+    dtype: DType,
+    operation: &'static str,
+    rank: usize,
+    multiple_of: Option<usize>,
+) -> Result<usize, CollectiveError> {
+    if let DType::QFloat(_) = dtype {
         return Err(CollectiveError::UnsupportedDtype {
             operation,
-            dtype: format!("{:?}", data.dtype),
+            dtype: format!("{dtype:?}"),
         });
     }
-    let shape = data.shape.to_vec();
+    let shape = shape.to_vec();
     let world = multiple_of.unwrap_or(1).max(1);
     match shape.as_slice() {
         [n] if n.is_multiple_of(world) => Ok(*n),

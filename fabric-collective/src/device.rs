@@ -1,8 +1,9 @@
-//! Collectives on tensors where they lie (device memory), for engines that reduce without a
-//! round trip through the host: NCCL on CUDA (feature `cuda`). The host [`Collective`] stays
-//! the engine for everything else (the façade's collectives, CPU ranks, MPI processes); DDP asks
-//! for a [`DeviceEngine`] at configuration time and, where there is one, averages its gradient
-//! buckets through it.
+//! Collectives on tensors where they lie (device memory), for engines that exchange without a
+//! round trip through the host: NCCL on CUDA (feature `cuda`), the fused kernel for ranks that
+//! share one device. The host [`Collective`] stays the engine for everything else (the façade's
+//! collectives, CPU ranks, MPI processes); DDP and FSDP ask for a [`DeviceEngine`] at
+//! configuration time and, where there is one, DDP averages its gradient buckets and FSDP
+//! gathers and reduce-scatters its shards through it.
 //!
 //! [`Collective`]: crate::Collective
 
@@ -26,13 +27,42 @@ pub trait DeviceCollective<B: Backend>: Send + Sync {
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError>;
 
-    /// Returns once every reduction this rank issued has finished, so the results can be read
+    /// Concatenates every rank's `tensor` (the same length and dtype on every rank) in rank
+    /// order (PyTorch's `all_gather_into_tensor`). By default through the host
+    /// ([`Collective::all_gather_flat`]); engines that move device buffers override it.
+    fn all_gather(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (device, dtype) = (tensor.device(), tensor.dtype());
+        let whole = host.all_gather_flat(tensor.into_data())?;
+        Ok(Tensor::from_data(whole, (&device, dtype)))
+    }
+
+    /// Combines `tensor` (its length a multiple of the world size, the same on every rank)
+    /// across the ranks with `op` and returns this rank's part: elements
+    /// `[rank * n / world, (rank + 1) * n / world)` (PyTorch's `reduce_scatter_tensor`). By
+    /// default through the host ([`Collective::reduce_scatter`]); engines that move device
+    /// buffers override it.
+    fn reduce_scatter(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<B, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (device, dtype) = (tensor.device(), tensor.dtype());
+        let part = host.reduce_scatter(tensor.into_data(), op)?;
+        Ok(Tensor::from_data(part, (&device, dtype)))
+    }
+
+    /// Returns once every collective this rank issued has finished, so the results can be read
     /// and written by whatever runs next.
     fn wait(&self) -> Result<(), CollectiveError>;
 }
 
 /// The device collective that goes through the host: the tensor is read into host memory,
-/// reduced by the rank's host collective and written back to its device. Engines fall back to
+/// exchanged by the rank's host collective and written back to its device. Engines fall back to
 /// it for what their kernels do not cover (`f64` buffers, say); tests use it to run device-path
 /// logic on CPU backends.
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,21 +1,25 @@
-//! DDP's device engine for ranks that share one CubeCL device (Wgpu's default adapter, Mesa's
-//! lavapipe on a CPU-only machine; several ranks on one GPU): the gradient buckets are averaged
-//! in device memory by the fused all-reduce-and-cast kernel, never copied to the host.
+//! The device engine for ranks that share one CubeCL device (Wgpu's default adapter, Mesa's
+//! lavapipe on a CPU-only machine; several ranks on one GPU): DDP's gradient buckets are
+//! averaged, and FSDP's shards gathered and reduce-scattered, in device memory, never copied to
+//! the host.
 //!
-//! Each rank hands its bucket's buffer to a mailbox and meets the others at a barrier of its host
-//! collective; rank 0 then folds the buffers in rank order with [`sum_scale_cast`] (an f32
-//! running sum, the last pass dividing by the world size and writing the bucket's dtype, as the
-//! host engine rounds) and posts the result, which every rank takes after a second barrier. The
-//! result is one buffer that the ranks share read-only: CubeCL copies before writing to a buffer
-//! with several owners. Buffers the kernel has no type for (`f64`) and operations other than sum
-//! and mean go through the host ([`ThroughHost`]).
+//! Each rank hands its buffer to a mailbox and meets the others at a barrier of its host
+//! collective; rank 0 then makes the result and posts it, which every rank takes after a second
+//! barrier. For a reduction rank 0 folds the buffers in rank order with [`sum_scale_cast`] (an
+//! f32 running sum, the last pass dividing by the world size and writing the bucket's dtype, as
+//! the host engine rounds); for a gather it concatenates them. The result is one buffer that the
+//! ranks share read-only: CubeCL copies before writing to a buffer with several owners; a
+//! reduce-scatter's rank keeps its block of the reduced buffer. Buffers the kernel has no type for
+//! (`f64`) and operations other than sum and mean go through the host ([`ThroughHost`]).
 
-use crate::cube::{CubeBackend, CubeRuntime, CubeTensor, from_cube, into_cube};
+use crate::collective::flat_len_of;
+use crate::cube::{CubeBackend, CubeRuntime, CubeTensor, FusionClient, from_cube, into_cube};
 use crate::device::same_type;
 use crate::fused::{FloatKind, Operand, Path, sum_scale_cast};
 use crate::{Collective, DeviceCollective, DeviceEngine, ReduceOp, ThroughHost};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Slice, Tensor};
+use burn_cubecl::kernel::into_contiguous;
 use burn_fusion::{Fusion, FusionBackend};
 use burn_ir::BackendIr;
 use fabric_core::CollectiveError;
@@ -83,11 +87,11 @@ where
     R: CubeRuntime,
     C: FusionBackend<FloatTensorPrimitive = CubeTensor<R>> + BackendIr,
 {
-    fn fail(&self, message: impl Into<String>) -> CollectiveError {
+    fn fail(&self, operation: &'static str, message: impl Into<String>) -> CollectiveError {
         CollectiveError::Engine {
             rank: self.rank,
             engine: "fused",
-            operation: "all_reduce",
+            operation,
             message: message.into(),
         }
     }
@@ -99,28 +103,10 @@ where
 
     /// Rank 0's part: the sum of every rank's buffer, folded in rank order, divided by the
     /// world size for a mean.
-    fn combine(&self, kind: FloatKind, op: ReduceOp) -> Result<CubeTensor<R>, CollectiveError> {
-        let inputs: Vec<CubeTensor<R>> = self
-            .lock(&self.mailbox.inputs)
-            .iter_mut()
-            .map(Option::take)
-            .collect::<Option<_>>()
-            .ok_or_else(|| self.fail("a rank's buffer is missing at the rendezvous"))?;
+    fn combine(&self, inputs: Vec<CubeTensor<R>>, kind: FloatKind, op: ReduceOp) -> CubeTensor<R> {
         let first = &inputs[0];
         let shape = first.meta.shape();
         let len = shape.num_elements();
-        if let Some(other) = inputs
-            .iter()
-            .find(|t| t.meta.shape() != shape || t.dtype != first.dtype)
-        {
-            return Err(self.fail(format!(
-                "ranks passed different buffers: {:?} {:?} and {:?} {:?}",
-                shape,
-                first.dtype,
-                other.meta.shape(),
-                other.dtype
-            )));
-        }
         let world = inputs.len();
         let client = &first.client;
         let mut sum = (first.handle.clone(), kind);
@@ -152,13 +138,92 @@ where
                 out,
             );
         }
-        Ok(CubeTensor::new_contiguous(
+        CubeTensor::new_contiguous(
             client.clone(),
             first.device.clone(),
             shape.clone(),
             sum.0,
             first.dtype,
-        ))
+        )
+    }
+}
+
+impl<B, C, R> RankEngine<B, C, R>
+where
+    B: Backend,
+    R: CubeRuntime,
+    C: FusionBackend<FloatTensorPrimitive = CubeTensor<R>> + BackendIr,
+{
+    /// Posts `tensor`'s buffer, lets rank 0 make the result from every rank's with `combine`
+    /// once all have posted, and returns that result, which the ranks share read-only (with
+    /// the fusion client `tensor` came from).
+    fn rendezvous(
+        &self,
+        host: &dyn Collective,
+        operation: &'static str,
+        tensor: Tensor<B, 1>,
+        combine: impl FnOnce(Vec<CubeTensor<R>>) -> Result<CubeTensor<R>, CollectiveError>,
+    ) -> Result<(CubeTensor<R>, FusionClient<C>), CollectiveError> {
+        let not_fusion = || self.fail(operation, "the tensor is not of the engine's backend");
+        let tensor = same_type::<_, Tensor<Fusion<C>, 1>>(tensor).ok_or_else(not_fusion)?;
+        let (cube, client) = into_cube::<R, C>(tensor);
+        self.lock(&self.mailbox.inputs)[self.rank] = Some(cube);
+        host.barrier()?;
+        if self.rank == 0 {
+            let inputs: Vec<CubeTensor<R>> = self
+                .lock(&self.mailbox.inputs)
+                .iter_mut()
+                .map(Option::take)
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    self.fail(operation, "a rank's buffer is missing at the rendezvous")
+                })?;
+            let first = &inputs[0];
+            if let Some(other) = inputs
+                .iter()
+                .find(|t| t.meta.shape() != first.meta.shape() || t.dtype != first.dtype)
+            {
+                let message = format!(
+                    "ranks passed different buffers: {:?} {:?} and {:?} {:?}",
+                    first.meta.shape(),
+                    first.dtype,
+                    other.meta.shape(),
+                    other.dtype
+                );
+                return Err(self.fail(operation, message));
+            }
+            let combined = combine(inputs)?;
+            *self.lock(&self.mailbox.result) = Some(combined);
+        }
+        // Rank 0 posts the next result only after the next first barrier, which every rank
+        // reaches after taking this one.
+        host.barrier()?;
+        let combined = self
+            .lock(&self.mailbox.result)
+            .clone()
+            .ok_or_else(|| self.fail(operation, "rank 0 posted no result"))?;
+        Ok((combined, client))
+    }
+
+    /// `cube` back as a tensor of `B`.
+    fn back(
+        &self,
+        operation: &'static str,
+        client: &FusionClient<C>,
+        cube: CubeTensor<R>,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        same_type::<_, Tensor<B, 1>>(from_cube::<R, C>(client, cube))
+            .ok_or_else(|| self.fail(operation, "the tensor is not of the engine's backend"))
+    }
+}
+
+/// The fused kernel's name for a float dtype it reduces, `None` for the others.
+fn float_kind(dtype: DType) -> Option<FloatKind> {
+    match dtype {
+        DType::F32 => Some(FloatKind::F32),
+        DType::F16 => Some(FloatKind::F16),
+        DType::BF16 => Some(FloatKind::BF16),
+        _ => None,
     }
 }
 
@@ -174,32 +239,52 @@ where
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let kind = match tensor.dtype() {
-            DType::F32 => Some(FloatKind::F32),
-            DType::F16 => Some(FloatKind::F16),
-            DType::BF16 => Some(FloatKind::BF16),
-            _ => None,
-        };
-        let (Some(kind), ReduceOp::Mean | ReduceOp::Sum) = (kind, op) else {
+        let (Some(kind), ReduceOp::Mean | ReduceOp::Sum) = (float_kind(tensor.dtype()), op) else {
             return ThroughHost.all_reduce(host, tensor, op);
         };
-        let not_fusion = || self.fail("the tensor is not of the engine's backend");
-        let tensor = same_type::<_, Tensor<Fusion<C>, 1>>(tensor).ok_or_else(not_fusion)?;
-        let (cube, client) = into_cube::<R, C>(tensor);
-        self.lock(&self.mailbox.inputs)[self.rank] = Some(cube);
-        host.barrier()?;
-        if self.rank == 0 {
-            let combined = self.combine(kind, op)?;
-            *self.lock(&self.mailbox.result) = Some(combined);
-        }
-        // Rank 0 posts the next result only after the next first barrier, which every rank
-        // reaches after taking this one.
-        host.barrier()?;
-        let combined = self
-            .lock(&self.mailbox.result)
-            .clone()
-            .ok_or_else(|| self.fail("rank 0 posted no result"))?;
-        same_type::<_, Tensor<B, 1>>(from_cube::<R, C>(&client, combined)).ok_or_else(not_fusion)
+        let (combined, client) = self.rendezvous(host, "all_reduce", tensor, |inputs| {
+            Ok(self.combine(inputs, kind, op))
+        })?;
+        self.back("all_reduce", &client, combined)
+    }
+
+    /// Rank 0 concatenates the ranks' buffers on the device; every rank shares the result.
+    fn all_gather(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (whole, client) = self.rendezvous(host, "all_gather", tensor, |inputs| {
+            Ok(into_contiguous(C::float_cat(inputs, 0)))
+        })?;
+        self.back("all_gather", &client, whole)
+    }
+
+    /// On one device the work of a reduce-scatter is the whole sum, made once by rank 0 as
+    /// for [`all_reduce`](Self::all_reduce); each rank then keeps its block of it.
+    fn reduce_scatter(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<B, 1>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (rank, world) = (host.rank(), host.world_size());
+        let len = flat_len_of(
+            &tensor.shape().dims::<1>(),
+            tensor.dtype(),
+            "reduce_scatter",
+            rank,
+            Some(world),
+        )? / world.max(1);
+        let (Some(kind), ReduceOp::Mean | ReduceOp::Sum) = (float_kind(tensor.dtype()), op) else {
+            return ThroughHost.reduce_scatter(host, tensor, op);
+        };
+        let (combined, client) = self.rendezvous(host, "reduce_scatter", tensor, |inputs| {
+            Ok(self.combine(inputs, kind, op))
+        })?;
+        let start = self.rank * len;
+        let part = into_contiguous(C::float_slice(combined, &[Slice::from(start..start + len)]));
+        self.back("reduce_scatter", &client, part)
     }
 
     fn wait(&self) -> Result<(), CollectiveError> {

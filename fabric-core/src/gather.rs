@@ -4,7 +4,9 @@
 //! rank's backward leaves it only its own part of each gradient, already averaged.
 //!
 //! The collective is behind [`ShardExchange`] (a strategy implements it), so this crate knows
-//! nothing of engines. The backward runs inside Burn's backward pass, where an error cannot be
+//! nothing of engines. An exchange moves host data, or, where its engine exchanges buffers where
+//! they lie (NCCL between GPUs, the fused engine for ranks sharing one), tensors
+//! ([`DeviceShards`]). The backward runs inside Burn's backward pass, where an error cannot be
 //! returned: an exchange records its first error itself and answers with zeros, and the strategy
 //! reports it when the backward pass ends.
 
@@ -48,6 +50,56 @@ pub trait ShardExchange: Send + Sync {
         let whole = self.gather(shard);
         Box::new(move || whole)
     }
+
+    /// The exchange on tensors where they lie, when its engine has such a path; the gather
+    /// operation tries it first. `None` (the default): everything goes through host data.
+    fn device(&self) -> Option<&dyn DeviceShards> {
+        None
+    }
+}
+
+/// [`ShardExchange::gather`] and [`ShardExchange::scatter`] on tensors where they lie (device
+/// memory), for the one backend the exchange was made for: the backend under autodiff whose
+/// tensors FSDP's parameters are.
+///
+/// A tensor travels in a slot, `&mut Option<Tensor<B, 1>>` as `&mut dyn Any`: the method takes
+/// it and puts the result in its place (`true`), or, when the slot is not of its backend (or
+/// the exchange has no device path for this operation), leaves it as it was (`false`) for the
+/// caller to go through the host. Failures are kept and answered with zeros, as on the host.
+pub trait DeviceShards: Send + Sync {
+    /// The whole flat parameter from the shard in `slot` (an all-gather).
+    fn gather(&self, slot: &mut dyn Any) -> bool;
+
+    /// This rank's part of the whole flat gradient in `slot`, averaged over the ranks (a
+    /// reduce-scatter); never delivered later.
+    fn scatter(&self, slot: &mut dyn Any) -> bool;
+}
+
+/// `op` of `exchange`'s device path on `tensor`: `Ok` with the result when it ran there, `Err`
+/// with `tensor` unchanged when the exchange has no device path for it.
+fn on_device<B: Backend>(
+    exchange: &dyn ShardExchange,
+    tensor: FloatTensor<B>,
+    op: impl FnOnce(&dyn DeviceShards, &mut dyn Any) -> bool,
+) -> Result<FloatTensor<B>, FloatTensor<B>> {
+    let Some(device) = exchange.device() else {
+        return Err(tensor);
+    };
+    let mut slot = Some(Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(
+        tensor,
+    )));
+    let done = op(device, &mut slot);
+    match slot {
+        Some(tensor) if done => Ok(tensor.into_primitive().tensor()),
+        Some(tensor) => Err(tensor.into_primitive().tensor()),
+        None => unreachable!("a device path puts a tensor back in the slot it takes from"),
+    }
+}
+
+/// `exchange`'s gather of `shard`: on the device when the exchange can, else through host data.
+fn gather_whole<B: Backend>(exchange: &dyn ShardExchange, shard: FloatTensor<B>) -> FloatTensor<B> {
+    on_device::<B>(exchange, shard, |device, slot| device.gather(slot))
+        .unwrap_or_else(|shard| through_host::<B>(shard, |s| exchange.gather(s)))
 }
 
 /// A gather under way ([`ShardExchange::start_gather`]): call it to wait for the whole flat
@@ -141,8 +193,7 @@ pub fn gather_untracked<B: Backend>(
     shard: Tensor<B, 1>,
     exchange: &dyn ShardExchange,
 ) -> Tensor<B, 1> {
-    let shard = shard.into_primitive().tensor();
-    let whole = through_host::<B>(shard, |s| exchange.gather(s));
+    let whole = gather_whole::<B>(exchange, shard.into_primitive().tensor());
     Tensor::from_primitive(TensorPrimitive::Float(whole))
 }
 
@@ -288,6 +339,13 @@ impl<B: Backend> Backward<B, 2> for Scatter {
         let grad = grads.consume::<B>(&ops.node);
         if let Some(shard) = shard {
             let Exchange(exchange, id, len) = ops.state;
+            let grad = match on_device::<B>(&*exchange, grad, |device, slot| device.scatter(slot)) {
+                Ok(part) => {
+                    grads.register::<B>(shard.id, part);
+                    return;
+                }
+                Err(grad) => grad,
+            };
             let (device, dtype) = (B::float_device(&grad), grad.dtype());
             let grad = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(grad)).into_data();
             let part = match exchange.scatter(id, grad) {
@@ -323,8 +381,7 @@ impl<B: Backend> RetroForward for Regather<B> {
         if let Some(after) = &self.after {
             let _: FloatTensor<B> = states.get_state(after);
         }
-        let exchange = &self.exchange.0;
-        states.save(out, through_host::<B>(shard, |s| exchange.gather(s)));
+        states.save(out, gather_whole::<B>(&*self.exchange.0, shard));
     }
 }
 
@@ -348,7 +405,7 @@ impl<B: Backend, C: CheckpointStrategy> GatherParam for Autodiff<B, C> {
         let shard = shard.into_primitive().tensor();
         let len = shard.primitive.shape().num_elements();
         let exchange = Exchange(exchange, id, len);
-        let whole = through_host::<B>(shard.primitive.clone(), |s| exchange.0.gather(s));
+        let whole = gather_whole::<B>(&*exchange.0, shard.primitive.clone());
         let release = release && shard.is_tracked();
         // Without a unit's input the shard orders itself: no effect on when the step runs.
         let after = after.unwrap_or_else(|| shard.clone());

@@ -8,6 +8,11 @@
 //! the shards' parts to the gradients when backward ends ([`CollectiveExchange::deliver`]).
 //! Errors cannot be returned from inside module mapping and autodiff: the first is kept for
 //! the strategy, and the failed collective answers with zeros.
+//!
+//! With a device engine ([`CollectiveExchange::on_device`]: NCCL between GPUs, the fused engine
+//! for ranks sharing one), the gathers and reduce-scatters that stay within this process run on
+//! the tensors where they lie ([`OnDevice`]), on the rank's own thread: the engine orders them
+//! on the device, and a communication thread beside it would meet the other ranks out of order.
 
 use crate::comm_thread::{CommThread, stopped};
 use crate::fsdp::shard_group;
@@ -15,9 +20,10 @@ use crate::module::ParamSlot;
 use burn::module::ParamId;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use fabric_collective::{Collective, ReduceOp, slice_flat};
+use fabric_collective::{Collective, DeviceCollective, ReduceOp, slice_flat};
 use fabric_core::CollectiveError;
-use fabric_core::gather::{ShardExchange, Started};
+use fabric_core::gather::{DeviceShards, ShardExchange, Started};
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -34,6 +40,8 @@ pub(crate) struct CollectiveExchange {
     in_flight_bytes: usize,
     /// Reduce-scatters handed over, by parameter.
     scattered: Mutex<Scatters>,
+    /// The path on tensors where they lie, when there is a device engine.
+    device: Option<Box<dyn DeviceShards>>,
 }
 
 /// The reduce-scatters handed over since the last delivery, oldest first. Each travelling one
@@ -68,7 +76,23 @@ impl CollectiveExchange {
             overlap,
             in_flight_bytes,
             scattered: Mutex::default(),
+            device: None,
         }
+    }
+
+    /// The exchange that gathers and reduce-scatters through `engine` (the device engine of
+    /// this process's ranks, for tensors of backend `IB`) what stays within this process, on
+    /// the rank's thread: nothing is handed to the communication thread then, so backward's
+    /// reduce-scatters no longer travel while it goes on.
+    pub(crate) fn on_device<IB: Backend>(mut self, engine: Arc<dyn DeviceCollective<IB>>) -> Self {
+        self.overlap = false;
+        self.device = Some(Box::new(OnDevice {
+            engine,
+            collective: Arc::clone(&self.collective),
+            hybrid: self.hybrid,
+            error: Arc::clone(&self.error),
+        }));
+        self
     }
 
     /// The first error since the last call.
@@ -172,6 +196,87 @@ impl CollectiveExchange {
     }
 }
 
+/// FSDP's exchange on tensors of backend `IB` where they lie, through the device engine of this
+/// process's ranks: gathers when the ranks that share parameters are this process's (every rank
+/// of a one-process job, or `hybrid_shard`'s group), reduce-scatters when every rank is. What
+/// spans processes goes through the host.
+struct OnDevice<IB: Backend> {
+    engine: Arc<dyn DeviceCollective<IB>>,
+    collective: Arc<dyn Collective>,
+    hybrid: bool,
+    /// The exchange's first error.
+    error: Arc<Mutex<Option<CollectiveError>>>,
+}
+
+impl<IB: Backend> OnDevice<IB> {
+    /// The tensor in `slot` when it is one of `IB`.
+    fn take(slot: &mut dyn Any) -> Option<(&mut Option<Tensor<IB, 1>>, Tensor<IB, 1>)> {
+        let slot = slot.downcast_mut::<Option<Tensor<IB, 1>>>()?;
+        let tensor = slot.take()?;
+        Some((slot, tensor))
+    }
+
+    /// `result`'s tensor, or (the error kept unless one is already) `len` zeros of `dtype`.
+    fn settle(
+        &self,
+        result: Result<Tensor<IB, 1>, CollectiveError>,
+        len: usize,
+        device: &IB::Device,
+        dtype: DType,
+    ) -> Tensor<IB, 1> {
+        result.unwrap_or_else(|error| {
+            self.error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_or_insert(error);
+            Tensor::zeros([len], (device, dtype))
+        })
+    }
+}
+
+impl<IB: Backend> DeviceShards for OnDevice<IB> {
+    fn gather(&self, slot: &mut dyn Any) -> bool {
+        let across_processes = self.collective.within_process().is_some();
+        if across_processes && !self.hybrid {
+            return false;
+        }
+        let Some((slot, shard)) = Self::take(slot) else {
+            return false;
+        };
+        let group = shard_group(&*self.collective, self.hybrid);
+        let len = shard.shape().num_elements() * group.world_size();
+        let (device, dtype) = (shard.device(), shard.dtype());
+        let whole = self.engine.all_gather(group, shard);
+        *slot = Some(self.settle(whole, len, &device, dtype));
+        true
+    }
+
+    /// Reduces in f32 whatever the gradient's dtype, as the host path does.
+    fn scatter(&self, slot: &mut dyn Any) -> bool {
+        if self.collective.within_process().is_some() {
+            return false;
+        }
+        let Some((slot, grad)) = Self::take(slot) else {
+            return false;
+        };
+        let len = grad.shape().num_elements() / self.collective.world_size().max(1);
+        let (device, dtype) = (grad.device(), grad.dtype());
+        let grad = match dtype {
+            DType::F32 | DType::F64 => grad,
+            _ => grad.cast(FloatDType::F32),
+        };
+        let part = self
+            .engine
+            .reduce_scatter(&*self.collective, grad, ReduceOp::Mean)
+            .map(|part| match part.dtype() == dtype {
+                true => part,
+                false => part.cast(FloatDType::from(dtype)),
+            });
+        *slot = Some(self.settle(part, len, &device, dtype));
+        true
+    }
+}
+
 /// The data of an exchange's collective, or (when it failed, or the communication thread
 /// stopped: `None`) `len` zeros of `dtype`, the error kept in `kept` unless one is already.
 fn settle(
@@ -216,6 +321,10 @@ fn average(
 }
 
 impl ShardExchange for CollectiveExchange {
+    fn device(&self) -> Option<&dyn DeviceShards> {
+        self.device.as_deref()
+    }
+
     fn gather(&self, shard: TensorData) -> TensorData {
         let (len, dtype, op) = self.gather_op(shard);
         self.call("all_gather", len, dtype, op)
@@ -320,5 +429,88 @@ mod tests {
         let results: Vec<Vec<f32>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         // Each rank's part of the mean of [1; 4] and [2; 4], added to what backward left.
         assert_eq!(results, [vec![11.5, 21.5], vec![11.5, 21.5]]);
+    }
+
+    /// Counts the exchanges that reach it and runs them through the host.
+    struct Counting(Arc<[std::sync::atomic::AtomicUsize; 2]>);
+
+    impl DeviceCollective<Flex> for Counting {
+        fn all_reduce(
+            &self,
+            host: &dyn Collective,
+            tensor: Tensor<Flex, 1>,
+            op: ReduceOp,
+        ) -> Result<Tensor<Flex, 1>, CollectiveError> {
+            fabric_collective::ThroughHost.all_reduce(host, tensor, op)
+        }
+
+        fn all_gather(
+            &self,
+            host: &dyn Collective,
+            tensor: Tensor<Flex, 1>,
+        ) -> Result<Tensor<Flex, 1>, CollectiveError> {
+            self.0[0].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            fabric_collective::ThroughHost.all_gather(host, tensor)
+        }
+
+        fn reduce_scatter(
+            &self,
+            host: &dyn Collective,
+            tensor: Tensor<Flex, 1>,
+            op: ReduceOp,
+        ) -> Result<Tensor<Flex, 1>, CollectiveError> {
+            self.0[1].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            fabric_collective::ThroughHost.reduce_scatter(host, tensor, op)
+        }
+
+        fn wait(&self) -> Result<(), CollectiveError> {
+            Ok(())
+        }
+    }
+
+    /// With a device engine the gather operation hands the engine the tensors themselves, one
+    /// all-gather forward and one reduce-scatter backward per rank, and the shard's gradient is
+    /// there when backward returns (nothing is delivered later, even with overlap asked for).
+    #[test]
+    fn a_device_engine_gathers_and_scatters_the_tensors() {
+        use burn::backend::Autodiff;
+        use fabric_core::gather::GatherParam;
+        type B = Autodiff<Flex>;
+        let group = ThreadGroup::new(2, Duration::from_secs(5));
+        let counts: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::default();
+        let threads: Vec<_> = (0..2)
+            .map(|rank| {
+                let member: Arc<dyn Collective> = Arc::new(group.member(rank));
+                let engine: Arc<dyn DeviceCollective<Flex>> =
+                    Arc::new(Counting(Arc::clone(&counts)));
+                std::thread::spawn(move || {
+                    let exchange = CollectiveExchange::new(member, false, true, 1 << 20);
+                    let exchange: Arc<dyn ShardExchange> = Arc::new(exchange.on_device(engine));
+                    let device = Default::default();
+                    let r = rank as f32;
+                    let shard =
+                        Tensor::<B, 1>::from_floats([1. + r, 2. + r], &device).require_grad();
+                    let whole =
+                        B::gather_param(shard.clone(), ParamId::new(), None, exchange, false);
+                    let weights = Tensor::<B, 1>::from_floats([1., 2., 3., 4.], &device) * (r + 1.);
+                    let grads = (whole.clone() * weights).sum().backward();
+                    let values = |t: Tensor<Flex, 1>| t.into_data().to_vec::<f32>().unwrap();
+                    (values(whole.inner()), values(shard.grad(&grads).unwrap()))
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for (whole, _) in &results {
+            assert_eq!(whole, &[1., 2., 2., 3.]);
+        }
+        // The mean of [1, 2, 3, 4] and twice that, cut in two.
+        assert_eq!(results[0].1, [1.5, 3.]);
+        assert_eq!(results[1].1, [4.5, 6.]);
+        let count = |i: usize| counts[i].load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            (count(0), count(1)),
+            (2, 2),
+            "gathers and scatters through the engine"
+        );
     }
 }

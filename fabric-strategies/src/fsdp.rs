@@ -20,7 +20,7 @@ use crate::strategy::Strategy;
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
-use fabric_collective::Collective;
+use fabric_collective::{Collective, DeviceCollective};
 use fabric_core::FabricError;
 use fabric_core::checkpoint::{
     Entry, RowShards, cut_rows, error, read_consolidated, reshard_rows, shard_file_name,
@@ -65,13 +65,16 @@ pub struct Fsdp<B: AutodiffBackend> {
     exchange: Arc<CollectiveExchange>,
     shapes: Mutex<Arc<HashMap<ParamId, Vec<usize>>>>,
     prefetch: Option<Arc<UnitOrder>>,
+    overlap: bool,
+    /// The device engine of this process's ranks, when the shards are exchanged on the devices.
+    engine: Option<Arc<dyn DeviceCollective<Inner<B>>>>,
 }
 
 impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// FSDP with `sharding` (`full_shard` or `shard_grad_op`; `no_shard` is DDP) and the
     /// automatic units `auto_wrap` for the rank `state` describes.
     pub fn new(state: RankState<B>, sharding: ShardingStrategy, auto_wrap: AutoWrap) -> Self {
-        let exchange = exchange(&state, sharding, false);
+        let exchange = exchange(&state, sharding, false, None);
         Self {
             ddp: Ddp::new(state),
             sharding,
@@ -79,11 +82,14 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
             exchange,
             shapes: Mutex::new(Arc::default()),
             prefetch: None,
+            overlap: false,
+            engine: None,
         }
     }
 
     /// Whether a unit starts the gathers of the unit that followed it in the latest forward
-    /// pass before it runs (off by default).
+    /// pass before it runs (off by default). No effect with a device engine
+    /// ([`with_engine`](Self::with_engine)), whose gathers run on the rank's thread.
     pub fn forward_prefetch(mut self, enabled: bool) -> Self {
         self.prefetch = enabled.then(Arc::default);
         self
@@ -92,24 +98,44 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// Whether backward hands each parameter's reduce-scatter to the rank's communication
     /// thread and goes on, the results joining the gradients when it ends (off by default).
     /// The travelling ones hold at most `bucket_bytes` of whole gradients (or one gradient).
+    /// No effect on the reduce-scatters a device engine runs.
     pub fn overlap_backward(mut self, enabled: bool) -> Self {
-        self.exchange = exchange(self.rank_state(), self.sharding, enabled);
+        self.overlap = enabled;
+        self.rebuild_exchange()
+    }
+
+    /// Gathers and reduce-scatters the shards through `engine` (NCCL between the GPUs of this
+    /// process, the fused engine for ranks sharing one device) wherever the ranks involved are
+    /// this process's: every exchange of a one-process job, the gathers of `hybrid_shard`.
+    /// The rest goes through the host collective.
+    pub fn with_engine(mut self, engine: Box<dyn DeviceCollective<Inner<B>>>) -> Self {
+        self.engine = Some(Arc::from(engine));
+        self.rebuild_exchange()
+    }
+
+    fn rebuild_exchange(mut self) -> Self {
+        let engine = self.engine.clone();
+        self.exchange = exchange(self.rank_state(), self.sharding, self.overlap, engine);
         self
     }
 }
 
 /// The exchange behind the gathers of the rank `state` describes, under `sharding`, with
-/// backward's reduce-scatters overlapped or not.
+/// backward's reduce-scatters overlapped or not, on the devices through `engine` if there is
+/// one.
 fn exchange<B: AutodiffBackend>(
     state: &RankState<B>,
     sharding: ShardingStrategy,
     overlap: bool,
+    engine: Option<Arc<dyn DeviceCollective<Inner<B>>>>,
 ) -> Arc<CollectiveExchange> {
     let hybrid = sharding == ShardingStrategy::HybridShard;
     let (collective, in_flight) = (state.shared_collective(), state.bucket_bytes());
-    Arc::new(CollectiveExchange::new(
-        collective, hybrid, overlap, in_flight,
-    ))
+    let exchange = CollectiveExchange::new(collective, hybrid, overlap, in_flight);
+    Arc::new(match engine {
+        Some(engine) => exchange.on_device(engine),
+        None => exchange,
+    })
 }
 
 /// Rank `rank`'s shard of the flat parameter `value` of `shape`: its block of rows, padded with
@@ -192,7 +218,8 @@ impl<B: AutodiffBackend + GatherParam> Strategy<B> for Fsdp<B> {
             tracked: TrackedGather::of::<B>(),
             release: self.sharding != ShardingStrategy::ShardGradOp,
             auto_wrap: self.auto_wrap.clone(),
-            prefetch: self.prefetch.clone(),
+            // A device engine's gathers run on the rank's thread, in the order they are asked.
+            prefetch: self.prefetch.clone().filter(|_| self.engine.is_none()),
         })
     }
 
