@@ -263,7 +263,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// One line stating the resolved configuration:
     /// `backend=flex accelerator=cpu devices=2 num_nodes=1 world_size=2 strategy=ddp precision=32-true`,
     /// followed by ` gradient_sync=nccl` or ` gradient_sync=fused` where DDP averages gradients
-    /// in device memory (distinct GPUs; ranks sharing one Wgpu or Cuda device).
+    /// (and FSDP exchanges its shards) in device memory (distinct GPUs; ranks sharing one Wgpu
+    /// or Cuda device).
     pub fn describe(&self) -> String {
         self.connector.describe()
     }

@@ -125,9 +125,20 @@ where
     Ok(Some(out))
 }
 
-/// FSDP on this backend: shards gathered and gradients reduce-scattered through the host, the
-/// gather's autodiff operation on this backend's tensors; within the DDP tolerance of one rank.
+/// FSDP on this backend: shards gathered and gradients reduce-scattered by the gather's
+/// autodiff operation on this backend's tensors, through the host for CPU backends and on the
+/// devices for Wgpu (two ranks sharing its device: the fused engine) and Cuda (NCCL); within
+/// the DDP tolerance of one rank.
 fn fsdp_equals_one_rank<B: AutodiffBackend + BackendDevices>(atol: f32, rtol: f32) {
+    if let Some(fabric) = fabric::<B>(2, "fsdp", "32-true").unwrap() {
+        let line = fabric.describe();
+        let on_device = line.contains(" gradient_sync=");
+        assert_eq!(
+            on_device,
+            matches!(B::backend_name(), "wgpu" | "cuda"),
+            "{line}"
+        );
+    }
     let adam = || AdamConfig::new().init();
     let Some((single, _, _)) = train_with::<B, _, _>(1, "auto", "32-true", adam).unwrap() else {
         return;

@@ -16,7 +16,7 @@ use burn_fabric::fabric_core::backend::{BackendDevices, DevicePool};
 use burn_fabric::fabric_core::config::Accelerator;
 
 /// The Wgpu device, or `None` (and why, printed) when there is no Vulkan driver.
-fn device() -> Option<<Wgpu as burn::tensor::backend::Backend>::Device> {
+fn device() -> Option<burn::backend::wgpu::WgpuDevice> {
     match Wgpu::device_pool(Accelerator::Wgpu) {
         Ok(DevicePool::Shared(device)) => Some(device),
         Ok(DevicePool::Countable(devices)) => devices.into_iter().next(),
