@@ -91,11 +91,11 @@ impl<B: AutodiffBackend + BackendDevices> Connector<B> {
         // Gradients (and FSDP's shards) stay on the devices when the ranks that exchange them
         // are devices of this process: every rank of a one-process job, or the ranks that
         // `hybrid_shard` gathers within.
-        let on_device = match (strategy, &processes) {
-            (StrategyChoice::Ddp | StrategyChoice::Fsdp(_), None) => true,
-            (StrategyChoice::Fsdp(ShardingStrategy::HybridShard), Some(_)) => true,
-            _ => false,
-        };
+        let on_device = matches!(
+            (strategy, &processes),
+            (StrategyChoice::Ddp | StrategyChoice::Fsdp(_), None)
+                | (StrategyChoice::Fsdp(ShardingStrategy::HybridShard), Some(_))
+        );
         let engine = match on_device {
             true => device_engine::<B::InnerBackend>(&placement.devices)?,
             false => None,

@@ -8,8 +8,8 @@
 //! [`Collective`]: crate::Collective
 
 use crate::{Collective, ReduceOp};
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use fabric_core::CollectiveError;
 use std::sync::Arc;
 
@@ -35,9 +35,7 @@ pub trait DeviceCollective<B: Backend>: Send + Sync {
         host: &dyn Collective,
         tensor: Tensor<B, 1>,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let (device, dtype) = (tensor.device(), tensor.dtype());
-        let whole = host.all_gather_flat(tensor.into_data())?;
-        Ok(Tensor::from_data(whole, (&device, dtype)))
+        through_host(tensor, |data| host.all_gather_flat(data))
     }
 
     /// Combines `tensor` (its length a multiple of the world size, the same on every rank)
@@ -51,14 +49,24 @@ pub trait DeviceCollective<B: Backend>: Send + Sync {
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let (device, dtype) = (tensor.device(), tensor.dtype());
-        let part = host.reduce_scatter(tensor.into_data(), op)?;
-        Ok(Tensor::from_data(part, (&device, dtype)))
+        through_host(tensor, |data| host.reduce_scatter(data, op))
     }
 
     /// Returns once every collective this rank issued has finished, so the results can be read
     /// and written by whatever runs next.
     fn wait(&self) -> Result<(), CollectiveError>;
+}
+
+/// `exchange` of `tensor`'s data on the host, the result back on `tensor`'s device in its dtype.
+fn through_host<B: Backend>(
+    tensor: Tensor<B, 1>,
+    exchange: impl FnOnce(TensorData) -> Result<TensorData, CollectiveError>,
+) -> Result<Tensor<B, 1>, CollectiveError> {
+    let (device, dtype) = (tensor.device(), tensor.dtype());
+    Ok(Tensor::from_data(
+        exchange(tensor.into_data())?,
+        (&device, dtype),
+    ))
 }
 
 /// The device collective that goes through the host: the tensor is read into host memory,
@@ -75,9 +83,7 @@ impl<B: Backend> DeviceCollective<B> for ThroughHost {
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let (device, dtype) = (tensor.device(), tensor.dtype());
-        let reduced = host.all_reduce(tensor.into_data(), op)?;
-        Ok(Tensor::from_data(reduced, (&device, dtype)))
+        through_host(tensor, |data| host.all_reduce(data, op))
     }
 
     fn wait(&self) -> Result<(), CollectiveError> {

@@ -162,7 +162,7 @@ where
         host: &dyn Collective,
         operation: &'static str,
         tensor: Tensor<B, 1>,
-        combine: impl FnOnce(Vec<CubeTensor<R>>) -> Result<CubeTensor<R>, CollectiveError>,
+        combine: impl FnOnce(Vec<CubeTensor<R>>) -> CubeTensor<R>,
     ) -> Result<(CubeTensor<R>, FusionClient<C>), CollectiveError> {
         let not_fusion = || self.fail(operation, "the tensor is not of the engine's backend");
         let tensor = same_type::<_, Tensor<Fusion<C>, 1>>(tensor).ok_or_else(not_fusion)?;
@@ -192,7 +192,7 @@ where
                 );
                 return Err(self.fail(operation, message));
             }
-            let combined = combine(inputs)?;
+            let combined = combine(inputs);
             *self.lock(&self.mailbox.result) = Some(combined);
         }
         // Rank 0 posts the next result only after the next first barrier, which every rank
@@ -243,7 +243,7 @@ where
             return ThroughHost.all_reduce(host, tensor, op);
         };
         let (combined, client) = self.rendezvous(host, "all_reduce", tensor, |inputs| {
-            Ok(self.combine(inputs, kind, op))
+            self.combine(inputs, kind, op)
         })?;
         self.back("all_reduce", &client, combined)
     }
@@ -255,7 +255,7 @@ where
         tensor: Tensor<B, 1>,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
         let (whole, client) = self.rendezvous(host, "all_gather", tensor, |inputs| {
-            Ok(into_contiguous(C::float_cat(inputs, 0)))
+            into_contiguous(C::float_cat(inputs, 0))
         })?;
         self.back("all_gather", &client, whole)
     }
@@ -280,7 +280,7 @@ where
             return ThroughHost.reduce_scatter(host, tensor, op);
         };
         let (combined, client) = self.rendezvous(host, "reduce_scatter", tensor, |inputs| {
-            Ok(self.combine(inputs, kind, op))
+            self.combine(inputs, kind, op)
         })?;
         let start = self.rank * len;
         let part = into_contiguous(C::float_slice(combined, &[Slice::from(start..start + len)]));
