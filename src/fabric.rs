@@ -264,7 +264,8 @@ impl<B: AutodiffBackend + BackendDevices> Fabric<B> {
     /// `backend=flex accelerator=cpu devices=2 num_nodes=1 world_size=2 strategy=ddp precision=32-true`,
     /// followed by ` gradient_sync=nccl` or ` gradient_sync=fused` where DDP averages gradients
     /// (and FSDP exchanges its shards) in device memory (distinct GPUs; ranks sharing one Wgpu
-    /// or Cuda device).
+    /// or Cuda device). Under `fsdp_hybrid_shard` across processes only the gathers, within
+    /// each process, go through that engine; gradients are averaged through the host.
     pub fn describe(&self) -> String {
         self.connector.describe()
     }

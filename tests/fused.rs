@@ -292,7 +292,8 @@ fn mixed_operands_and_divisor_match_the_reference() {
 /// FSDP's exchanges on the engine for ranks sharing the Wgpu device: the all-gather
 /// concatenates every rank's buffer in rank order (bit for bit the host engine's, f32 and f16),
 /// and each rank's reduce-scatter part equals the host engine's within a rounding of the same
-/// f32 sum; a length the world size does not divide is the host engines' typed error.
+/// f32 sum; a length the world size does not divide is the host engines' typed error, and
+/// buffers that differ across ranks are an error on every rank, after which the ranks go on.
 #[test]
 fn shared_device_engine_gathers_and_reduce_scatters_like_the_host() {
     use burn::tensor::{DType, Tensor, TensorData};
@@ -373,10 +374,32 @@ fn shared_device_engine_gathers_and_reduce_scatters_like_the_host() {
         }
         let odd = Tensor::<Wgpu, 1>::zeros([10], &device);
         match mine.reduce_scatter(&host, odd, ReduceOp::Mean) {
-            Err(err) if err.to_string().contains("multiple of the world size 3") => Ok(()),
+            Err(err) if err.to_string().contains("multiple of the world size 3") => {}
+            other => {
+                return Err(format!(
+                    "a length of 10 over 3 ranks gave {:?}",
+                    other.map(|t| t.dims())
+                ));
+            }
+        }
+        // Ranks that pass different lengths all get rank 0's error, and stay in step: the
+        // next gather is whole.
+        let uneven = Tensor::<Wgpu, 1>::zeros([4 + rank], &device);
+        match mine.all_gather(&host, uneven) {
+            Err(err) if err.to_string().contains("ranks passed different buffers") => {}
+            other => {
+                return Err(format!(
+                    "rank {rank}: uneven buffers gave {:?}",
+                    other.map(|t| t.dims())
+                ));
+            }
+        }
+        let ones = Tensor::<Wgpu, 1>::ones([2], &device);
+        let whole = mine.all_gather(&host, ones).map_err(text)?.into_data();
+        match whole.to_vec::<f32>() {
+            Ok(values) if values == [1.0; 6] => Ok(()),
             other => Err(format!(
-                "a length of 10 over 3 ranks gave {:?}",
-                other.map(|t| t.dims())
+                "rank {rank}: the gather after an error gave {other:?}"
             )),
         }
     })

@@ -6,10 +6,13 @@
 //! group joining) and runs the reduction on a communication stream that waits for the compute
 //! stream, so the reduction follows the backward pass that produced the gradients. CubeCL has
 //! no all-gather or reduce-scatter, so for those each rank makes a communicator of its own on
-//! first use (`ncclCommInitRank` again, one unique id shared by the ranks of the engine) with a
-//! stream of its own: the rank waits for its device's queued work, hands the buffers' device
-//! pointers to `ncclAllGather`/`ncclReduceScatter` on that stream and waits for it, so each of
-//! these collectives is synchronous for the rank (no overlap with compute yet). This engine
+//! first use (`ncclCommInitRank` again, one unique id shared by the ranks of the engine, once
+//! the ranks have agreed through the host collective that each can join: NCCL's set-up has no
+//! timeout) with a stream of its own. The rank waits for the work queued on its thread's CubeCL
+//! stream (which produced FSDP's shards and gradients), hands the buffers' device pointers to
+//! `ncclAllGather`/`ncclReduceScatter` on its stream and waits for that, so each of these
+//! collectives is synchronous for the rank (no overlap with compute yet). Like NCCL itself,
+//! a collective a peer never joins waits without a timeout. This engine
 //! hands the buffers under Burn's fusion layer to NCCL and puts the results back in the fusion
 //! stream. NCCL spans the devices of one process; ranks in other processes are joined by MPI on
 //! the host.
@@ -22,7 +25,7 @@ use crate::device::{DeviceCollective, DeviceEngine, same_type};
 use burn::backend::Cuda;
 use burn::backend::cuda::CudaDevice;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{DType, Shape, Tensor, TensorData};
 use burn_cubecl::CubeBackend;
 use cubecl::Runtime;
 use cubecl::cuda::CudaRuntime;
@@ -211,14 +214,49 @@ impl Nccl {
     }
 
     /// This rank's communicator, made (every rank of the group joining) on first use.
+    ///
+    /// `ncclCommInitRank` waits for every rank of the group without a timeout, so the ranks
+    /// first agree through `host` (with its timeout) that each is ready to join: a rank that
+    /// cannot (no unique id, no context or stream on its device) makes every rank return an
+    /// error rather than leaving the others waiting in NCCL.
     fn rank_comm(
         &self,
+        host: &dyn Collective,
         operation: &'static str,
     ) -> Result<MutexGuard<'_, Option<RankComm>>, CollectiveError> {
         let mut guard = self.comm.lock().unwrap_or_else(PoisonError::into_inner);
         if guard.is_some() {
             return Ok(guard);
         }
+        let prepared = self.prepare(operation);
+        let ready = TensorData::new(vec![if prepared.is_ok() { 1.0f32 } else { 0.0 }], [1]);
+        let all_ready = host.all_reduce(ready, ReduceOp::Min)?;
+        let (id, stream) = prepared?;
+        if all_ready.as_slice::<f32>().ok() != Some(&[1.0]) {
+            let message = "another rank of the group could not prepare its NCCL communicator \
+                           (its own error says why)";
+            return Err(self.fail(operation, message.into()));
+        }
+        let (world, rank) = (self.group.len() as i32, self.rank as i32);
+        let mut comm = MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL before it is read; every rank of the group calls
+        // this with the same id and world size and its own rank, on its own device's context
+        // (bound to this thread by `prepare`).
+        let comm = unsafe {
+            cudarc::nccl::result::comm_init_rank(comm.as_mut_ptr(), world, id, rank)
+                .map_err(|e| self.fail(operation, format!("ncclCommInitRank failed: {e:?}")))?;
+            comm.assume_init()
+        };
+        *guard = Some(RankComm { comm, stream });
+        Ok(guard)
+    }
+
+    /// What this rank needs to join the group's communicator: the group's unique id and a
+    /// stream of its own on its device (whose context it binds to this thread).
+    fn prepare(
+        &self,
+        operation: &'static str,
+    ) -> Result<(ncclUniqueId, Arc<CudaStream>), CollectiveError> {
         let id = self
             .id
             .get_or_init(|| cudarc::nccl::result::get_uniqueid().map_err(|e| format!("{e:?}")))
@@ -232,18 +270,7 @@ impl Nccl {
         };
         let context = CudaContext::new(self.device.index).map_err(driver)?;
         let stream = context.new_stream().map_err(driver)?;
-        let (world, rank) = (self.group.len() as i32, self.rank as i32);
-        let mut comm = MaybeUninit::uninit();
-        // SAFETY: `comm` is written by NCCL before it is read; every rank of the group calls
-        // this with the same id and world size and its own rank, on its own device's context
-        // (bound to this thread by `CudaContext::new`).
-        let comm = unsafe {
-            cudarc::nccl::result::comm_init_rank(comm.as_mut_ptr(), world, id, rank)
-                .map_err(|e| self.fail(operation, format!("ncclCommInitRank failed: {e:?}")))?;
-            comm.assume_init()
-        };
-        *guard = Some(RankComm { comm, stream });
-        Ok(guard)
+        Ok((id, stream))
     }
 
     /// Runs `launch` from `tensor`'s buffer into a new buffer of `out_len` elements of its
@@ -251,6 +278,7 @@ impl Nccl {
     /// written it.
     fn exchange(
         &self,
+        host: &dyn Collective,
         operation: &'static str,
         tensor: Tensor<Cuda, 1>,
         out_len: usize,
@@ -272,7 +300,7 @@ impl Nccl {
             buffer,
             dtype,
         );
-        let guard = self.rank_comm(operation)?;
+        let guard = self.rank_comm(host, operation)?;
         let comm = guard
             .as_ref()
             .ok_or_else(|| self.fail(operation, "no communicator".into()))?;
@@ -303,7 +331,11 @@ impl Nccl {
         Ok(from_cube::<CudaRuntime, Cube>(&client, out))
     }
 
-    fn all_gather(&self, tensor: Tensor<Cuda, 1>) -> Result<Tensor<Cuda, 1>, CollectiveError> {
+    fn all_gather(
+        &self,
+        host: &dyn Collective,
+        tensor: Tensor<Cuda, 1>,
+    ) -> Result<Tensor<Cuda, 1>, CollectiveError> {
         let len = tensor.shape().num_elements();
         let world = self.group.len();
         let launch: Launch = Box::new(move |src, dst, dtype, comm, stream| {
@@ -311,11 +343,12 @@ impl Nccl {
             // this rank's device and alive until the stream is synchronised.
             unsafe { cudarc::nccl::result::all_gather(src, dst, len, dtype, comm, stream) }
         });
-        self.exchange("all_gather", tensor, len * world, launch)
+        self.exchange(host, "all_gather", tensor, len * world, launch)
     }
 
     fn reduce_scatter(
         &self,
+        host: &dyn Collective,
         tensor: Tensor<Cuda, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<Cuda, 1>, CollectiveError> {
@@ -335,7 +368,7 @@ impl Nccl {
             // this rank's device and alive until the stream is synchronised.
             unsafe { cudarc::nccl::result::reduce_scatter(src, dst, len, dtype, op, comm, stream) }
         });
-        self.exchange("reduce_scatter", tensor, len, launch)
+        self.exchange(host, "reduce_scatter", tensor, len, launch)
     }
 
     fn wait(&self) -> Result<(), CollectiveError> {
@@ -382,20 +415,20 @@ impl<B: Backend> DeviceCollective<B> for Generic<B> {
 
     fn all_gather(
         &self,
-        _host: &dyn Collective,
+        host: &dyn Collective,
         tensor: Tensor<B, 1>,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        self.on_cuda("all_gather", tensor, Nccl::all_gather)
+        self.on_cuda("all_gather", tensor, |nccl, t| nccl.all_gather(host, t))
     }
 
     fn reduce_scatter(
         &self,
-        _host: &dyn Collective,
+        host: &dyn Collective,
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
         self.on_cuda("reduce_scatter", tensor, |nccl, t| {
-            nccl.reduce_scatter(t, op)
+            nccl.reduce_scatter(host, t, op)
         })
     }
 

@@ -5,7 +5,8 @@
 //!
 //! Each rank hands its buffer to a mailbox and meets the others at a barrier of its host
 //! collective; rank 0 then makes the result and posts it, which every rank takes after a second
-//! barrier. For a reduction rank 0 folds the buffers in rank order with [`sum_scale_cast`] (an
+//! barrier (rank 0 posts its error too, so that every rank returns it and the ranks stay in
+//! step; the last rank to take the result empties the mailbox). For a reduction rank 0 folds the buffers in rank order with [`sum_scale_cast`] (an
 //! f32 running sum, the last pass dividing by the world size and writing the bucket's dtype, as
 //! the host engine rounds); for a gather it concatenates them. The result is one buffer that the
 //! ranks share read-only: CubeCL copies before writing to a buffer with several owners; a
@@ -68,10 +69,18 @@ where
     })
 }
 
-/// What the ranks of one engine exchange: each rank's bucket, then rank 0's result.
+/// What the ranks of one engine exchange: each rank's buffer, then rank 0's result.
 struct Mailbox<R: CubeRuntime> {
     inputs: Mutex<Vec<Option<CubeTensor<R>>>>,
-    result: Mutex<Option<CubeTensor<R>>>,
+    result: Mutex<Option<Posted<R>>>,
+}
+
+/// Rank 0's result of one operation (or why there is none), with the ranks yet to take it:
+/// the last one empties the mailbox, so that the result's buffer is held only by the ranks'
+/// tensors.
+struct Posted<R: CubeRuntime> {
+    result: Result<CubeTensor<R>, String>,
+    readers: usize,
 }
 
 /// One rank's side of the engine.
@@ -170,39 +179,53 @@ where
         self.lock(&self.mailbox.inputs)[self.rank] = Some(cube);
         host.barrier()?;
         if self.rank == 0 {
-            let inputs: Vec<CubeTensor<R>> = self
-                .lock(&self.mailbox.inputs)
-                .iter_mut()
-                .map(Option::take)
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    self.fail(operation, "a rank's buffer is missing at the rendezvous")
-                })?;
-            let first = &inputs[0];
-            if let Some(other) = inputs
-                .iter()
-                .find(|t| t.meta.shape() != first.meta.shape() || t.dtype != first.dtype)
-            {
-                let message = format!(
-                    "ranks passed different buffers: {:?} {:?} and {:?} {:?}",
-                    first.meta.shape(),
-                    first.dtype,
-                    other.meta.shape(),
-                    other.dtype
-                );
-                return Err(self.fail(operation, message));
-            }
-            let combined = combine(inputs);
-            *self.lock(&self.mailbox.result) = Some(combined);
+            // Posted even when it failed, so that every rank meets the second barrier and
+            // learns of it: the ranks stay in step for the next operation.
+            let readers = self.lock(&self.mailbox.inputs).len();
+            let result = self.gathered_inputs().map(combine);
+            *self.lock(&self.mailbox.result) = Some(Posted { result, readers });
         }
         // Rank 0 posts the next result only after the next first barrier, which every rank
         // reaches after taking this one.
         host.barrier()?;
-        let combined = self
-            .lock(&self.mailbox.result)
-            .clone()
-            .ok_or_else(|| self.fail(operation, "rank 0 posted no result"))?;
+        let mut posted = self.lock(&self.mailbox.result);
+        let result = match posted.as_mut() {
+            Some(mine) => {
+                mine.readers = mine.readers.saturating_sub(1);
+                mine.result.clone()
+            }
+            None => Err("rank 0 posted no result".into()),
+        };
+        if posted.as_ref().is_some_and(|p| p.readers == 0) {
+            *posted = None;
+        }
+        let combined = result.map_err(|message| self.fail(operation, message))?;
         Ok((combined, client))
+    }
+
+    /// Rank 0's part: every rank's posted buffer, in rank order, checked to agree in shape and
+    /// dtype.
+    fn gathered_inputs(&self) -> Result<Vec<CubeTensor<R>>, String> {
+        let inputs: Vec<CubeTensor<R>> = self
+            .lock(&self.mailbox.inputs)
+            .iter_mut()
+            .map(Option::take)
+            .collect::<Option<_>>()
+            .ok_or("a rank's buffer is missing at the rendezvous")?;
+        let first = &inputs[0];
+        if let Some(other) = inputs
+            .iter()
+            .find(|t| t.meta.shape() != first.meta.shape() || t.dtype != first.dtype)
+        {
+            return Err(format!(
+                "ranks passed different buffers: {:?} {:?} and {:?} {:?}",
+                first.meta.shape(),
+                first.dtype,
+                other.meta.shape(),
+                other.dtype
+            ));
+        }
+        Ok(inputs)
     }
 
     /// `cube` back as a tensor of `B`.

@@ -82,8 +82,9 @@ impl CollectiveExchange {
 
     /// The exchange that gathers and reduce-scatters through `engine` (the device engine of
     /// this process's ranks, for tensors of backend `IB`) what stays within this process, on
-    /// the rank's thread: nothing is handed to the communication thread then, so backward's
-    /// reduce-scatters no longer travel while it goes on.
+    /// the rank's thread: nothing is handed to the communication thread then, so no
+    /// reduce-scatter travels while backward goes on, not even those that still go through the
+    /// host.
     pub(crate) fn on_device<IB: Backend>(mut self, engine: Arc<dyn DeviceCollective<IB>>) -> Self {
         self.overlap = false;
         self.device = Some(Box::new(OnDevice {

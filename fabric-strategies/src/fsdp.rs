@@ -88,8 +88,8 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     }
 
     /// Whether a unit starts the gathers of the unit that followed it in the latest forward
-    /// pass before it runs (off by default). No effect with a device engine
-    /// ([`with_engine`](Self::with_engine)), whose gathers run on the rank's thread.
+    /// pass before it runs (off by default). Off with a device engine
+    /// ([`with_engine`](Self::with_engine)): every exchange then runs on the rank's thread.
     pub fn forward_prefetch(mut self, enabled: bool) -> Self {
         self.prefetch = enabled.then(Arc::default);
         self
@@ -98,7 +98,9 @@ impl<B: AutodiffBackend + GatherParam> Fsdp<B> {
     /// Whether backward hands each parameter's reduce-scatter to the rank's communication
     /// thread and goes on, the results joining the gradients when it ends (off by default).
     /// The travelling ones hold at most `bucket_bytes` of whole gradients (or one gradient).
-    /// No effect on the reduce-scatters a device engine runs.
+    /// Off with a device engine ([`with_engine`](Self::with_engine)), even for the
+    /// reduce-scatters that still go through the host (`hybrid_shard` across processes): the
+    /// communication thread and the engine would both use the rank's process group.
     pub fn overlap_backward(mut self, enabled: bool) -> Self {
         self.overlap = enabled;
         self.rebuild_exchange()
