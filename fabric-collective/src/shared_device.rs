@@ -6,7 +6,7 @@
 //! Each rank hands its buffer to a mailbox and meets the others at a barrier of its host
 //! collective; rank 0 then makes the result and posts it, which every rank takes after a second
 //! barrier (rank 0 posts its error too, so that every rank returns it and the ranks stay in
-//! step; the last rank to take the result empties the mailbox). For a reduction rank 0 folds the buffers in rank order with [`sum_scale_cast`] (an
+//! step). For a reduction rank 0 folds the buffers in rank order with [`sum_scale_cast`] (an
 //! f32 running sum, the last pass dividing by the world size and writing the bucket's dtype, as
 //! the host engine rounds); for a gather it concatenates them. The result is one buffer that the
 //! ranks share read-only: CubeCL copies before writing to a buffer with several owners; a
@@ -72,15 +72,12 @@ where
 /// What the ranks of one engine exchange: each rank's buffer, then rank 0's result.
 struct Mailbox<R: CubeRuntime> {
     inputs: Mutex<Vec<Option<CubeTensor<R>>>>,
-    result: Mutex<Option<Posted<R>>>,
-}
-
-/// Rank 0's result of one operation (or why there is none), with the ranks yet to take it:
-/// the last one empties the mailbox, so that the result's buffer is held only by the ranks'
-/// tensors.
-struct Posted<R: CubeRuntime> {
-    result: Result<CubeTensor<R>, String>,
-    readers: usize,
+    /// Rank 0's result of the latest operation (or why there is none). It stays here until
+    /// the next one is posted: while the mailbox holds the buffer, no rank's tensor is its only
+    /// owner, so no rank writes to it in place while another rank's queued kernels may still
+    /// read it (the ranks' streams are not ordered with each other). Emptying it as soon as
+    /// every rank had taken it made DDP's ranks diverge on Wgpu.
+    result: Mutex<Option<Result<CubeTensor<R>, String>>>,
 }
 
 /// One rank's side of the engine.
@@ -181,24 +178,16 @@ where
         if self.rank == 0 {
             // Posted even when it failed, so that every rank meets the second barrier and
             // learns of it: the ranks stay in step for the next operation.
-            let readers = self.lock(&self.mailbox.inputs).len();
             let result = self.gathered_inputs().map(combine);
-            *self.lock(&self.mailbox.result) = Some(Posted { result, readers });
+            *self.lock(&self.mailbox.result) = Some(result);
         }
         // Rank 0 posts the next result only after the next first barrier, which every rank
         // reaches after taking this one.
         host.barrier()?;
-        let mut posted = self.lock(&self.mailbox.result);
-        let result = match posted.as_mut() {
-            Some(mine) => {
-                mine.readers = mine.readers.saturating_sub(1);
-                mine.result.clone()
-            }
-            None => Err("rank 0 posted no result".into()),
-        };
-        if posted.as_ref().is_some_and(|p| p.readers == 0) {
-            *posted = None;
-        }
+        let result = self
+            .lock(&self.mailbox.result)
+            .clone()
+            .unwrap_or_else(|| Err("rank 0 posted no result".into()));
         let combined = result.map_err(|message| self.fail(operation, message))?;
         Ok((combined, client))
     }
