@@ -76,7 +76,9 @@ struct Mailbox<R: CubeRuntime> {
     /// the next one is posted: while the mailbox holds the buffer, no rank's tensor is its only
     /// owner, so no rank writes to it in place while another rank's queued kernels may still
     /// read it (the ranks' streams are not ordered with each other). Emptying it as soon as
-    /// every rank had taken it made DDP's ranks diverge on Wgpu.
+    /// every rank had taken it made DDP's and FSDP's ranks diverge on Wgpu in most runs. The
+    /// hold ends with the next operation, which in practice comes after the readers have run,
+    /// but nothing orders them: a copy per rank would be the guarantee.
     result: Mutex<Option<Result<CubeTensor<R>, String>>>,
 }
 
