@@ -19,7 +19,7 @@ use crate::device::same_type;
 use crate::fused::{FloatKind, Operand, Path, sum_scale_cast};
 use crate::{Collective, DeviceCollective, DeviceEngine, ReduceOp, ThroughHost};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Slice, Tensor};
+use burn::tensor::{DType, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_fusion::{Fusion, FusionBackend};
 use burn_ir::BackendIr;
@@ -219,6 +219,22 @@ where
         Ok(inputs)
     }
 
+    /// Every rank's `tensor` combined by the fused kernel (`kind` its dtype, `op` sum or mean),
+    /// shared by the ranks.
+    fn reduce(
+        &self,
+        host: &dyn Collective,
+        operation: &'static str,
+        tensor: Tensor<B, 1>,
+        kind: FloatKind,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, 1>, CollectiveError> {
+        let (combined, client) = self.rendezvous(host, operation, tensor, |inputs| {
+            self.combine(inputs, kind, op)
+        })?;
+        self.back(operation, &client, combined)
+    }
+
     /// `cube` back as a tensor of `B`.
     fn back(
         &self,
@@ -231,12 +247,14 @@ where
     }
 }
 
-/// The fused kernel's name for a float dtype it reduces, `None` for the others.
-fn float_kind(dtype: DType) -> Option<FloatKind> {
-    match dtype {
-        DType::F32 => Some(FloatKind::F32),
-        DType::F16 => Some(FloatKind::F16),
-        DType::BF16 => Some(FloatKind::BF16),
+/// The fused kernel's name for `dtype` when the kernel reduces it with `op` (sum or mean of
+/// f32, f16, bf16); `None` for what goes through the host.
+fn fused_kind(dtype: DType, op: ReduceOp) -> Option<FloatKind> {
+    match (dtype, op) {
+        (_, ReduceOp::Min | ReduceOp::Max) => None,
+        (DType::F32, _) => Some(FloatKind::F32),
+        (DType::F16, _) => Some(FloatKind::F16),
+        (DType::BF16, _) => Some(FloatKind::BF16),
         _ => None,
     }
 }
@@ -253,13 +271,10 @@ where
         tensor: Tensor<B, 1>,
         op: ReduceOp,
     ) -> Result<Tensor<B, 1>, CollectiveError> {
-        let (Some(kind), ReduceOp::Mean | ReduceOp::Sum) = (float_kind(tensor.dtype()), op) else {
+        let Some(kind) = fused_kind(tensor.dtype(), op) else {
             return ThroughHost.all_reduce(host, tensor, op);
         };
-        let (combined, client) = self.rendezvous(host, "all_reduce", tensor, |inputs| {
-            self.combine(inputs, kind, op)
-        })?;
-        self.back("all_reduce", &client, combined)
+        self.reduce(host, "all_reduce", tensor, kind, op)
     }
 
     /// Rank 0 concatenates the ranks' buffers on the device; every rank shares the result.
@@ -274,8 +289,8 @@ where
         self.back("all_gather", &client, whole)
     }
 
-    /// On one device the work of a reduce-scatter is the whole sum, made once by rank 0 as
-    /// for [`all_reduce`](Self::all_reduce); each rank then keeps its block of it.
+    /// On one device the work of a reduce-scatter is the whole sum, made once by rank 0 as for
+    /// [`all_reduce`](Self::all_reduce); each rank then keeps its block of it (a view).
     fn reduce_scatter(
         &self,
         host: &dyn Collective,
@@ -290,15 +305,12 @@ where
             rank,
             Some(world),
         )? / world.max(1);
-        let (Some(kind), ReduceOp::Mean | ReduceOp::Sum) = (float_kind(tensor.dtype()), op) else {
+        let Some(kind) = fused_kind(tensor.dtype(), op) else {
             return ThroughHost.reduce_scatter(host, tensor, op);
         };
-        let (combined, client) = self.rendezvous(host, "reduce_scatter", tensor, |inputs| {
-            self.combine(inputs, kind, op)
-        })?;
         let start = self.rank * len;
-        let part = into_contiguous(C::float_slice(combined, &[Slice::from(start..start + len)]));
-        self.back("reduce_scatter", &client, part)
+        let whole = self.reduce(host, "reduce_scatter", tensor, kind, op)?;
+        Ok(whole.narrow(0, start, len))
     }
 
     fn wait(&self) -> Result<(), CollectiveError> {

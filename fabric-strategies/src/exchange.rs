@@ -226,10 +226,7 @@ impl<IB: Backend> OnDevice<IB> {
         dtype: DType,
     ) -> Tensor<IB, 1> {
         result.unwrap_or_else(|error| {
-            self.error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert(error);
+            keep(&self.error, error);
             Tensor::zeros([len], (device, dtype))
         })
     }
@@ -278,6 +275,13 @@ impl<IB: Backend> DeviceShards for OnDevice<IB> {
     }
 }
 
+/// Keeps `error` in `kept` unless an earlier one is there: the strategy reports the first.
+fn keep(kept: &Mutex<Option<CollectiveError>>, error: CollectiveError) {
+    kept.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert(error);
+}
+
 /// The data of an exchange's collective, or (when it failed, or the communication thread
 /// stopped: `None`) `len` zeros of `dtype`, the error kept in `kept` unless one is already.
 fn settle(
@@ -293,9 +297,7 @@ fn settle(
         Some(Err(error)) => error,
         None => stopped(rank, "fsdp", operation),
     };
-    kept.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get_or_insert(error);
+    keep(kept, error);
     TensorData::zeros::<f32, _>([len]).convert_dtype(dtype)
 }
 
